@@ -1,0 +1,30 @@
+"""structprune: structured channel pruning for PyTorch CNNs.
+
+Stages, one module each: capture -> analyse -> score -> plan -> apply -> verify -> export ->
+bench. ``prune`` runs the first six in one call.
+"""
+
+from .analyse import Analysis, Group, analyse
+from .api import PruneResult, prune
+from .apply import apply_plan
+from .capture import Capture, capture
+from .errors import CaptureError, PlanError, StructPruneError, VerificationError
+from .plan import Plan, PlanSettings, make_plan
+from .rules import (
+    DEFAULT_REGISTRY,
+    register_function,
+    register_method,
+    register_module,
+    register_resizer,
+)
+from .score import score
+from .verify import masked_model, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_REGISTRY", "Analysis", "Capture", "CaptureError", "Group", "Plan", "PlanError",
+    "PlanSettings", "PruneResult", "StructPruneError", "VerificationError", "analyse",
+    "apply_plan", "capture", "make_plan", "masked_model", "prune", "register_function",
+    "register_method", "register_module", "register_resizer", "score", "verify",
+]

@@ -1,0 +1,469 @@
+"""Stage 2, analyse: find which channels are coupled and must be removed together.
+
+Every sliceable position of every parameter dimension is an *atom*. Each tensor in the graph
+carries zero or more :class:`ChannelMap`s: for the dims a map lives on, it says which atom
+each index belongs to. Rules (one small function per op, in :mod:`structprune.rules`) move
+maps from an op's inputs to its outputs and state facts about atoms:
+
+- ``unify(a, b)``: removing atom ``a`` requires removing ``b`` (residual add, BN after conv,
+  conv input and the previous conv's output, ...);
+- ``consume(...)``: the op's result with those channels deleted equals its result with them
+  zeroed at its input (conv, linear, matmul, sum); the verifier masks exactly there;
+- ``approx(...)``: removing the atoms changes the op's result (mean or softmax over channels,
+  LayerNorm over channels): allowed, but never under ``exact_only``;
+- ``block(...)``: the atoms must stay (they reach a model output, a size is hard-coded, the
+  op is unknown).
+
+After one pass over the graph, the connected components of the unify edges are the *units*
+of removal. Units touching the same set of parameter dimensions form a :class:`Group` (for
+example one conv's output channels together with its BN and the next conv's input columns).
+The engine knows no op by name: everything op-specific is in the rule registry.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .capture import Capture, TensorSpec
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelMap:
+    """Which atom each index of the dims ``dims`` of a tensor belongs to."""
+
+    dims: tuple[int, ...]
+    ids: np.ndarray  # shape == tuple(tensor.shape[d] for d in dims)
+
+
+@dataclass(frozen=True, eq=False)
+class TensorInfo:
+    """The analysis' view of a tensor: its shape and its channel maps."""
+
+    shape: tuple[int, ...]
+    maps: tuple[ChannelMap, ...] = ()
+    param: str | None = None  # set when the tensor is a parameter or buffer itself
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def map_on(self, dim: int) -> ChannelMap | None:
+        dim = dim % self.ndim if self.ndim else dim
+        for m in self.maps:
+            if dim in m.dims:
+                return m
+        return None
+
+
+@dataclass(frozen=True)
+class Consumption:
+    """A node input whose removed channels the verifier zeroes to build the masked model."""
+
+    node: str
+    arg: int | str
+    ndim: int
+    dims: tuple[int, ...]
+    ids: np.ndarray
+
+
+@dataclass
+class Group:
+    """Units touching the same parameter dimensions; the plan keeps or drops whole units."""
+
+    index: int
+    members: list[tuple[str, int]]
+    units: np.ndarray  # component ids, in channel order of the first member
+    width: int  # slots per unit in the narrowest member (e.g. channels per conv group)
+    blocked: np.ndarray  # per unit
+    approximate: np.ndarray  # per unit
+    reasons: dict[str, list[str]] = field(default_factory=dict)  # reason -> node names
+
+    @property
+    def size(self) -> int:
+        return len(self.units)
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index,
+            "members": [f"{name}:{dim}" for name, dim in self.members],
+            "units": int(self.size),
+            "width": self.width,
+            "blocked_units": int(self.blocked.sum()),
+            "approximate_units": int(self.approximate.sum()),
+            "reasons": {k: sorted(set(v)) for k, v in self.reasons.items()},
+        }
+
+
+@dataclass
+class Analysis:
+    """Output of :func:`analyse`: atoms, their components, parameter slots and groups."""
+
+    capture: Capture
+    component: np.ndarray  # atom -> component id
+    slots: dict[tuple[str, int], np.ndarray]  # (param, dim) -> atom per index
+    groups: list[Group]
+    consumptions: list[Consumption]
+    sizes: dict[str, tuple[int, ...]]  # param or buffer name -> dense shape
+
+    def removed_components(self, params: Iterable[dict]) -> np.ndarray:
+        """Components a plan's ``params`` entries remove (a bool per component)."""
+        removed = np.zeros(int(self.component.max()) + 1 if self.component.size else 0, bool)
+        for entry in params:
+            ids = self.slots.get((entry["name"], entry["dim"]))
+            if ids is None:
+                continue
+            drop = np.ones(len(ids), bool)
+            drop[np.asarray(entry["keep"], dtype=np.int64)] = False
+            removed[self.component[ids[drop]]] = True
+        return removed
+
+    def summary(self) -> dict:
+        prunable = sum(1 for g in self.groups if (~g.blocked).any())
+        return {
+            "capture": self.capture.method,
+            "groups": len(self.groups),
+            "prunable_groups": prunable,
+            "exact_groups": sum(1 for g in self.groups
+                                if (~g.blocked).any() and not g.approximate.any()),
+            "approximate_groups": sum(1 for g in self.groups if g.approximate.any()),
+            "blocked_groups": len(self.groups) - prunable,
+        }
+
+
+class AtomTable:
+    """Atoms and the facts rules state about them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self.blocked: list[tuple[np.ndarray, str, str]] = []
+        self.approx: list[tuple[np.ndarray, str, str]] = []
+        self.fixed: list[np.ndarray] = []
+
+    def fresh(self, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64))
+        ids = np.arange(self.count, self.count + n, dtype=np.int64).reshape(shape)
+        self.count += n
+        return ids
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.broadcast_arrays(a, b)
+        self._edges.append((a.ravel(), b.ravel()))
+
+    def unify_along(self, ids: np.ndarray, axes: Iterable[int]) -> np.ndarray:
+        """Make atoms equal along ``axes``; returns the ids with those axes reduced to size 1."""
+        axes = tuple(axes)
+        if not axes:
+            return ids
+        first = ids[tuple(slice(0, 1) if i in axes else slice(None) for i in range(ids.ndim))]
+        self.unify(ids, first)
+        return first
+
+    def components(self) -> np.ndarray:
+        if self.count == 0:
+            return np.zeros(0, np.int64)
+        if self._edges:
+            a = np.concatenate([e[0] for e in self._edges])
+            b = np.concatenate([e[1] for e in self._edges])
+        else:
+            a = b = np.zeros(0, np.int64)
+        graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(self.count, self.count))
+        _, labels = connected_components(graph, directed=False)
+        return labels.astype(np.int64)
+
+
+class RuleContext:
+    """What a rule sees of the engine: the node, its module, and the atom operations."""
+
+    def __init__(self, engine: _Engine, node: fx.Node, module: nn.Module | None):
+        self._engine = engine
+        self.node = node
+        self.module = module
+
+    # what the node produced in capture
+    @property
+    def output(self) -> Any:
+        return self._engine.capture.values[self.node.name]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        spec = self.output
+        assert isinstance(spec, TensorSpec), f"{self.node.name} has no single tensor output"
+        return spec.shape
+
+    def result(self, maps: Iterable[ChannelMap] = (), spec: Any = None) -> TensorInfo:
+        spec = self.output if spec is None else spec
+        kept = tuple(m for m in maps if m is not None and m.ids.size > 1)
+        return TensorInfo(spec.shape, kept)
+
+    def fresh(self, shape: tuple[int, ...]) -> np.ndarray:
+        return self._engine.atoms.fresh(shape)
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        self._engine.atoms.unify(a, b)
+
+    def unify_along(self, ids: np.ndarray, axes: Iterable[int]) -> np.ndarray:
+        return self._engine.atoms.unify_along(ids, axes)
+
+    def block(self, what: TensorInfo | ChannelMap | np.ndarray | None, reason: str) -> None:
+        for ids in _ids_of(what):
+            self._engine.atoms.blocked.append((ids, reason, self.node.name))
+
+    def fix(self, what: TensorInfo | ChannelMap | np.ndarray | None) -> None:
+        """These atoms are no channel axis at all (kernel taps): never pruned, never listed."""
+        self._engine.atoms.fixed.extend(_ids_of(what))
+
+    def approx(self, what: TensorInfo | ChannelMap | np.ndarray | None, reason: str) -> None:
+        for ids in _ids_of(what):
+            self._engine.atoms.approx.append((ids, reason, self.node.name))
+
+    def consume(self, arg: int | str, info: TensorInfo, cmap: ChannelMap | None) -> None:
+        if cmap is not None:
+            self._engine.consumptions.append(
+                Consumption(self.node.name, arg, info.ndim, cmap.dims, cmap.ids))
+
+    def param(self, name: str) -> TensorInfo:
+        return self._engine.param_info(name)
+
+    def module_param(self, attr: str) -> TensorInfo | None:
+        """The parameter or buffer ``attr`` of this node's module, or None if it is unset."""
+        tensor = getattr(self.module, attr, None)
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        return self._engine.param_info(self._engine.tensor_names[id(tensor)])
+
+    def is_literal(self, position: int | str) -> bool:
+        """Whether the node's raw argument at ``position`` is a constant in the traced code."""
+        raw = self.node.args[position] if isinstance(position, int) else self.node.kwargs[position]
+        return not isinstance(raw, fx.Node)
+
+    def raw_arg(self, position: int | str, default: Any = None) -> Any:
+        if isinstance(position, int):
+            return self.node.args[position] if position < len(self.node.args) else default
+        return self.node.kwargs.get(position, default)
+
+
+def _ids_of(what: Any) -> list[np.ndarray]:
+    if what is None:
+        return []
+    if isinstance(what, np.ndarray):
+        return [what]
+    if isinstance(what, ChannelMap):
+        return [what.ids]
+    if isinstance(what, TensorInfo):
+        return [m.ids for m in what.maps]
+    if isinstance(what, (list, tuple)):
+        return [ids for w in what for ids in _ids_of(w)]
+    if isinstance(what, dict):
+        return [ids for w in what.values() for ids in _ids_of(w)]
+    return []
+
+
+def tensor_infos(value: Any) -> list[TensorInfo]:
+    """All TensorInfos inside a (nested) argument value."""
+    if isinstance(value, TensorInfo):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensor_infos(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensor_infos(v)]
+    return []
+
+
+def _spec_to_info(spec: Any) -> Any:
+    if isinstance(spec, TensorSpec):
+        return TensorInfo(spec.shape)
+    if isinstance(spec, (list, tuple)) and not hasattr(spec, "_fields"):
+        return type(spec)(_spec_to_info(s) for s in spec)
+    if isinstance(spec, dict):
+        return {k: _spec_to_info(v) for k, v in spec.items()}
+    return spec
+
+
+def _has_tensor_spec(spec: Any) -> bool:
+    if isinstance(spec, TensorSpec):
+        return True
+    if isinstance(spec, (list, tuple)):
+        return any(_has_tensor_spec(s) for s in spec)
+    if isinstance(spec, dict):
+        return any(_has_tensor_spec(s) for s in spec.values())
+    return False
+
+
+class _Engine:
+    def __init__(self, capture: Capture, registry: Any):
+        self.capture = capture
+        self.registry = registry
+        self.atoms = AtomTable()
+        self.consumptions: list[Consumption] = []
+        self.slots: dict[tuple[str, int], np.ndarray] = {}
+        self._params: dict[str, TensorInfo] = {}
+        root = capture.graph_module
+        named = list(root.named_parameters()) + list(root.named_buffers())
+        self.tensors: dict[str, torch.Tensor] = dict(named)
+        self.tensor_names: dict[int, str] = {}
+        for name, tensor in named:
+            self.tensor_names.setdefault(id(tensor), name)
+        self.modules = dict(root.named_modules())
+
+    def param_info(self, name: str) -> TensorInfo:
+        info = self._params.get(name)
+        if info is None:
+            tensor = self.tensors[name]
+            maps = []
+            for dim, size in enumerate(tensor.shape):
+                if size > 1:
+                    ids = self.atoms.fresh((size,))
+                    self.slots[(name, dim)] = ids
+                    maps.append(ChannelMap((dim,), ids))
+            info = TensorInfo(tuple(tensor.shape), tuple(maps), param=name)
+            self._params[name] = info
+        return info
+
+    def get_attr(self, node: fx.Node) -> Any:
+        value: Any = self.capture.graph_module
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if isinstance(value, torch.Tensor):
+            name = self.tensor_names.get(id(value))
+            if name is not None:
+                return self.param_info(name)
+            return TensorInfo(tuple(value.shape))
+        return value
+
+    def run(self) -> dict[fx.Node, Any]:
+        env: dict[fx.Node, Any] = {}
+        values = self.capture.values
+        for node in self.capture.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = _spec_to_info(values.get(node.name))
+            elif node.op == "get_attr":
+                env[node] = self.get_attr(node)
+            elif node.op == "output":
+                ctx = RuleContext(self, node, None)
+                outputs = fx.node.map_arg(node.args, env.__getitem__)
+                ctx.block(tensor_infos(outputs), "reaches a model output")
+            else:
+                env[node] = self.call(node, env)
+        return env
+
+    def call(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        spec = self.capture.values[node.name]
+        inputs = tensor_infos((args, kwargs))
+        if not inputs:
+            return _spec_to_info(spec)  # sizes, shape arithmetic, factories
+        module = self.modules[node.target] if node.op == "call_module" else None
+        rule = self.registry.lookup(node, module)
+        ctx = RuleContext(self, node, module)
+        if rule is None:
+            return self.registry.unknown(ctx, args, kwargs)
+        if module is not None:
+            return rule(ctx, *args, **kwargs)
+        if node.op == "call_method":
+            return rule(ctx, *args, **kwargs)
+        return rule(ctx, *args, **kwargs)
+
+
+def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
+    """Group components by the set of parameter dimensions they touch."""
+    if not engine.slots:
+        return []
+    keys = list(engine.slots)
+    rng = np.random.default_rng(0x5eed)
+    key_hash = rng.integers(1, 2**62, size=len(keys), dtype=np.int64).astype(np.uint64)
+    n_comp = int(component.max()) + 1
+    pair_comp = []
+    pair_key = []
+    for k, key in enumerate(keys):
+        comps = np.unique(component[engine.slots[key]])
+        pair_comp.append(comps)
+        pair_key.append(np.full(len(comps), k, np.int64))
+    comp_of_pair = np.concatenate(pair_comp)
+    key_of_pair = np.concatenate(pair_key)
+    signature = np.zeros(n_comp, np.uint64)
+    np.add.at(signature, comp_of_pair, key_hash[key_of_pair])
+    has_slot = np.zeros(n_comp, bool)
+    has_slot[comp_of_pair] = True
+
+    blocked = np.zeros(n_comp, bool)
+    approximate = np.zeros(n_comp, bool)
+    reasons: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    comp_reasons: list[tuple[np.ndarray, str, str, str]] = []
+    for kind, records, flag in (("blocked", engine.atoms.blocked, blocked),
+                                ("approximate", engine.atoms.approx, approximate)):
+        for ids, reason, node in records:
+            comps = np.unique(component[ids.ravel()])
+            flag[comps] = True
+            comp_reasons.append((comps, kind, reason, node))
+
+    fixed = np.zeros(n_comp, bool)
+    for ids in engine.atoms.fixed:
+        fixed[component[ids.ravel()]] = True
+    has_slot &= ~(fixed & ~blocked & ~approximate)
+    blocked |= fixed
+    slot_comps = np.nonzero(has_slot)[0]
+    sig_values, group_of = np.unique(signature[slot_comps], return_inverse=True)
+    group_of_comp = np.full(n_comp, -1, np.int64)
+    group_of_comp[slot_comps] = group_of
+    for comps, kind, reason, node in comp_reasons:
+        for g in np.unique(group_of_comp[comps]):
+            if g >= 0:
+                reasons[int(g)][f"{kind}: {reason}"].append(node)
+
+    # members of each group and unit order
+    members: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    order: dict[int, np.ndarray] = {}
+    width: dict[int, int] = {}
+    for k, key in enumerate(keys):
+        for g in np.unique(group_of_comp[pair_comp[k]]):
+            if g >= 0:
+                members[int(g)].append(key)
+    groups = []
+    for g in range(len(sig_values)):
+        first = members[g][0]
+        ids = engine.slots[first]
+        comps_in_order = component[ids]
+        _, first_pos = np.unique(comps_in_order, return_index=True)
+        units = comps_in_order[np.sort(first_pos)]
+        units = units[group_of_comp[units] == g]
+        order[g] = units
+        per_member = []
+        for key in members[g]:
+            c = component[engine.slots[key]]
+            _, counts = np.unique(c[group_of_comp[c] == g], return_counts=True)
+            per_member.append(int(counts.min()))
+        width[g] = max(1, min(per_member))
+        groups.append(Group(
+            index=g, members=members[g], units=units, width=width[g],
+            blocked=blocked[units], approximate=approximate[units] & ~blocked[units],
+            reasons={k: v for k, v in reasons[g].items()},
+        ))
+    return groups
+
+
+def analyse(capture: Capture, registry: Any = None) -> Analysis:
+    """Find the pruning groups of a captured model."""
+    from .rules import DEFAULT_REGISTRY
+
+    engine = _Engine(capture, registry or DEFAULT_REGISTRY)
+    engine.run()
+    component = engine.atoms.components()
+    groups = _unit_groups(engine, component)
+    sizes = {name: tuple(t.shape) for name, t in engine.tensors.items()}
+    return Analysis(capture, component, engine.slots, groups, engine.consumptions, sizes)
+
+
+__all__ = ["Analysis", "AtomTable", "ChannelMap", "Consumption", "Group", "RuleContext",
+           "TensorInfo", "analyse", "tensor_infos"]

@@ -1,0 +1,136 @@
+"""One call for the whole pass: capture, analyse, score, plan, apply, verify."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from .analyse import Analysis, analyse
+from .apply import apply_plan
+from .capture import Capture, capture
+from .errors import VerificationError
+from .plan import Plan, PlanSettings, make_plan
+from .report import count_macs, count_params
+from .score import score
+from .verify import Verification, random_inputs, reference_outputs, verify
+
+
+@dataclass
+class PruneResult:
+    """The pruned model with its plan, analysis, figures and verification."""
+
+    model: nn.Module
+    plan: Plan
+    analysis: Analysis
+    figures: dict[str, Any] = field(default_factory=dict)
+    verification: Verification | None = None
+
+
+def exact_subplan(analysis: Analysis, plan: Plan) -> Plan:
+    """The part of ``plan`` that removes only units of exact (non-approximate) groups."""
+    removed = analysis.removed_components(plan.params)
+    for group in analysis.groups:
+        if group.approximate.any():
+            removed[group.units] = False
+    params = []
+    for (name, dim), ids in analysis.slots.items():
+        drop = removed[analysis.component[ids]]
+        if drop.any():
+            params.append({"name": name, "dim": dim, "size": len(ids),
+                           "keep": [int(i) for i in (~drop).nonzero()[0]]})
+    return Plan(params, plan.groups, plan.settings)
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | Any,
+    ratio: float = 0.5,
+    *,
+    importance: str = "l2",
+    global_ranking: bool = False,
+    round_to: int = 1,
+    min_width: int = 1,
+    ignore: Sequence[str] = (),
+    ratios: dict[str, float] | None = None,
+    exact_only: bool = False,
+    inplace: bool = False,
+    check: bool = True,
+    leaf_modules: Sequence[type] = (),
+    registry: Any = None,
+    tolerance: float = 1e-4,
+) -> PruneResult:
+    """Prune ``model`` and return it (a copy unless ``inplace``) with its plan and figures.
+
+    With ``check`` (the default) the pruned model is compared with the dense model whose
+    removed channels are masked; a mismatch raises :class:`VerificationError`. When
+    approximate groups were pruned, the check covers the exact part of the plan.
+    """
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    settings = PlanSettings(ratio=ratio, global_ranking=global_ranking, round_to=round_to,
+                            min_width=min_width, ignore=list(ignore), exact_only=exact_only,
+                            ratios=dict(ratios or {}))
+    settings.validate()
+    timings = {}
+    t0 = time.perf_counter()
+    cap: Capture = capture(model, example_inputs, leaf_modules, registry)
+    t1 = time.perf_counter()
+    analysis = analyse(cap, registry)
+    t2 = time.perf_counter()
+    scores = score(analysis, importance, [g for g in analysis.groups if (~g.blocked).any()])
+    t3 = time.perf_counter()
+    plan = make_plan(analysis, scores, settings)
+    t4 = time.perf_counter()
+
+    inputs = random_inputs(example_inputs, seed=1)
+    checked = exact_subplan(analysis, plan) if check else None
+    reference = reference_outputs(analysis, checked, inputs) if check else None
+    if check and inplace and checked.params != plan.params:
+        exact_model = apply_plan(model, checked, inplace=False, registry=registry)
+    t5 = time.perf_counter()
+    pruned = apply_plan(model, plan, inplace=inplace, registry=registry)
+    t6 = time.perf_counter()
+    timings = {"capture": t1 - t0, "analyse": t2 - t1, "score": t3 - t2, "plan": t4 - t3,
+               "apply": t6 - t5}
+    verification = None
+    if check:
+        if checked.params == plan.params:
+            exact_model = pruned
+        elif not inplace:
+            exact_model = apply_plan(model, checked, inplace=False, registry=registry)
+        verification = verify(analysis, checked, exact_model, inputs, tolerance, reference)
+        verification.exact_units_only = checked.params == plan.params
+        if not verification.ok:
+            raise VerificationError(
+                f"pruned model differs from the masked dense model (relative error "
+                f"{verification.max_rel_error:.2e} > {tolerance:.0e}); please report this model. "
+                "Use --exact-only or --ignore the modules involved")
+    figures = figures_for(cap, model if not inplace else None, pruned, example_inputs,
+                          leaf_modules, registry)
+    figures["seconds"] = timings
+    figures.update(analysis.summary())
+    approx_pruned = [g["index"] for g in plan.groups
+                     if g["status"] == "approximate" and g["kept"] < g["units"]]
+    figures["groups_pruned"] = sum(1 for g in plan.groups if g["kept"] < g["units"])
+    figures["approximate_groups_pruned"] = len(approx_pruned)
+    return PruneResult(pruned, plan, analysis, figures, verification)
+
+
+def figures_for(dense_capture: Capture, dense: nn.Module | None, pruned: nn.Module,
+                example_inputs: Sequence[Any], leaf_modules: Sequence[type] = (),
+                registry: Any = None) -> dict[str, Any]:
+    pruned_capture = capture(pruned, example_inputs, leaf_modules, registry)
+    dense_params = count_params(dense_capture.model)
+    dense_macs = count_macs(dense_capture)
+    pruned_macs = count_macs(pruned_capture)
+    pruned_params = count_params(pruned)
+    return {
+        "params_dense": dense_params, "params_pruned": pruned_params,
+        "macs_dense": dense_macs, "macs_pruned": pruned_macs,
+        "macs_ratio": pruned_macs / dense_macs if dense_macs else 1.0,
+        "params_ratio": pruned_params / dense_params if dense_params else 1.0,
+    }

@@ -1,0 +1,276 @@
+"""Stage 1, capture: trace a model with torch.fx and record every node's output shape.
+
+``capture(model, example_inputs)`` returns a :class:`Capture`: a ``GraphModule`` over the
+user's own submodules (no weights are copied) and, for every node, what it produced on the
+example inputs: a :class:`TensorSpec` for each tensor, plain Python values (sizes, ints) as
+they are.
+
+Shapes are propagated on the ``meta`` device, so no real arithmetic runs and the user's
+model is never touched. Ops whose output shape is plainly that of their input (activations,
+norms, elementwise arithmetic) skip the dispatcher altogether: on meta tensors they cost
+up to a millisecond each, which would dominate the whole pass on large graphs.
+
+Tracing treats as leaves the modules torch.fx treats as leaves (``torch.nn`` layers), plus
+every module type that has a rule in the registry and any type the caller names.
+"""
+
+from __future__ import annotations
+
+import operator
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.nn.utils import stateless
+
+from .errors import CaptureError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a tensor a node produced."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class Capture:
+    """A traced model and what each of its nodes produced on the example inputs."""
+
+    model: nn.Module
+    graph_module: fx.GraphModule
+    example_inputs: tuple[Any, ...]
+    values: dict[str, Any]
+    method: str = "fx"
+    leaf_types: tuple[type, ...] = field(default_factory=tuple)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    def spec(self, node: fx.Node) -> Any:
+        return self.values[node.name]
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type, ...], registry: Any):
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.registry = registry
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if type(m) in self.leaf_types:
+            return True
+        if self.registry is not None and self.registry.is_leaf(m):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost frame of the failing call that lies outside torch: the user's code."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" not in path and "/structprune/" not in path:
+            line = (frame.line or "").strip()
+            return f"{frame.filename}:{frame.lineno} `{line}`"
+    return "unknown location"
+
+
+def trace(model: nn.Module, leaf_types: Iterable[type] = (), registry: Any = None,
+          ) -> fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`CaptureError` naming the offending line."""
+    tracer = _Tracer(tuple(leaf_types), registry)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # noqa: BLE001 - any trace failure is reported the same way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"cannot trace {type(model).__name__} with torch.fx at {_user_frame(exc)}: {first}. "
+            "Mark the module that does this as a leaf (leaf_modules=[...]) and register a rule for it, "
+            "or use the torch.export capture"
+        ) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+# Ops whose output shape equals their first input's; checked before falling back to meta.
+_SAME_SHAPE_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity, nn.Hardtanh,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU, nn.SyncBatchNorm,
+)
+_F = torch.nn.functional
+_SAME_SHAPE_FUNCTIONS: set[Any] = {
+    torch.relu, torch.sigmoid, torch.tanh, _F.relu, _F.relu6, _F.silu, _F.gelu, _F.hardswish,
+    _F.hardsigmoid, _F.sigmoid, _F.tanh, _F.leaky_relu, _F.elu, _F.mish, _F.dropout,
+    _F.hardtanh, torch.nn.functional.softplus,
+}
+_SAME_SHAPE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone",
+                       "detach", "mul_", "add_", "clamp", "clamp_", "hardtanh_"}
+_BROADCAST_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
+                        operator.iadd, operator.imul, operator.isub, torch.add, torch.mul,
+                        torch.sub}
+_BROADCAST_METHODS = {"add", "mul", "sub", "div"}
+
+
+def _fast_shape(node: fx.Node, module: nn.Module | None, args: tuple, kwargs: dict):
+    """A meta tensor of the output's shape when it follows from the inputs alone, else None."""
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor):
+        return None
+    if node.op == "call_module":
+        same = type(module) in _SAME_SHAPE_MODULES
+    elif node.op == "call_function":
+        same = node.target in _SAME_SHAPE_FUNCTIONS and not kwargs.get("inplace", False)
+        if node.target in _BROADCAST_FUNCTIONS:
+            shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
+            if len(args) != 2 or kwargs:
+                return None
+            dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
+            if len(set(dtypes)) != 1:
+                return None
+            return torch.empty(torch.broadcast_shapes(*shapes), dtype=first.dtype, device="meta")
+    elif node.op == "call_method":
+        same = node.target in _SAME_SHAPE_METHODS and not kwargs
+        if node.target in _BROADCAST_METHODS and len(args) == 2 and not kwargs:
+            other = args[1]
+            shape = other.shape if isinstance(other, torch.Tensor) else ()
+            if isinstance(other, torch.Tensor) and other.dtype != first.dtype:
+                return None
+            return torch.empty(torch.broadcast_shapes(first.shape, shape), dtype=first.dtype,
+                               device="meta")
+    else:
+        return None
+    if same:
+        return torch.empty(first.shape, dtype=first.dtype, device="meta")
+    return None
+
+
+def _to_spec(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), value.dtype)
+    if isinstance(value, torch.Size):
+        return tuple(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_spec(v) for v in value) if not hasattr(value, "_fields") \
+            else type(value)(*(_to_spec(v) for v in value))
+    if isinstance(value, dict):
+        return {k: _to_spec(v) for k, v in value.items()}
+    return value
+
+
+def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], device: str) -> dict[str, Any]:
+    modules = dict(gm.named_modules())
+    env: dict[fx.Node, Any] = {}
+    values: dict[str, Any] = {}
+    placeholders = iter(inputs)
+
+    def load(a):
+        return env[a]
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            try:
+                value = next(placeholders)
+            except StopIteration:
+                value = node.args[0] if node.args else None
+        elif node.op == "output":
+            break
+        else:
+            args = fx.node.map_arg(node.args, load)
+            kwargs = fx.node.map_arg(node.kwargs, load)
+            module = modules.get(node.target) if node.op == "call_module" else None
+            value = _fast_shape(node, module, args, kwargs) if device == "meta" else None
+            if value is None:
+                value = _execute(gm, node, module, args, kwargs)
+        env[node] = value
+        values[node.name] = _to_spec(value)
+    return values
+
+
+def _execute(gm: fx.GraphModule, node: fx.Node, module, args, kwargs) -> Any:
+    if node.op == "call_module":
+        return module(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "get_attr":
+        value: Any = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+    raise AssertionError(node.op)
+
+
+def _state(gm: nn.Module, device: str) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if device == "meta":
+            state[name] = torch.empty_like(tensor, device="meta")
+        else:  # a real run must not update the user's BN statistics
+            state[name] = tensor.detach().clone()
+    return state
+
+
+def _as_device(value: Any, device: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta") if device == "meta" else value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _as_device(v, device) for k, v in value.items()}
+    return value
+
+
+def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, Any]:
+    """Record what every node of ``gm`` produces: on meta tensors, else on the real inputs."""
+    errors = []
+    for device in ("meta", "real"):
+        try:
+            with torch.no_grad(), stateless._reparametrize_module(gm, _state(gm, device)):
+                return _run_graph(gm, _as_device(tuple(example_inputs), device), device)
+        except Exception as exc:  # noqa: BLE001 - retried on real tensors, then reported
+            errors.append(exc)
+    exc = errors[-1]
+    raise CaptureError(
+        f"the model's forward fails on the example inputs at {_user_frame(exc)}: "
+        f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
+        "Check --input-shape (one per forward() input)"
+    ) from exc
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | Any,
+    leaf_modules: Iterable[type] = (),
+    registry: Any = None,
+) -> Capture:
+    """Trace ``model`` and propagate shapes of ``example_inputs`` through every node."""
+    from .rules import DEFAULT_REGISTRY
+
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    registry = registry or DEFAULT_REGISTRY
+    leaf_types = tuple(leaf_modules)
+    gm = trace(model, leaf_types, registry)
+    values = propagate(gm, example_inputs)
+    return Capture(model, gm, tuple(example_inputs), values, "fx", leaf_types)
+
+
+def example_inputs_from_shapes(shapes: Sequence[Sequence[int]], seed: int = 0) -> tuple:
+    """Random float inputs of the given shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=gen) for shape in shapes)
+
+
+__all__: list[str] = ["Capture", "TensorSpec", "capture", "trace", "propagate",
+                      "example_inputs_from_shapes"]

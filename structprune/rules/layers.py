@@ -1,0 +1,284 @@
+"""Layers with weights: convolutions, linear maps, matmul and normalisations, and resizers."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..analyse import ChannelMap, RuleContext, TensorInfo
+from .base import block_except, filled, passthrough, project
+from .registry import DEFAULT_REGISTRY as R
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_NO_INPUT = "input channels come from a tensor that cannot be pruned"
+
+
+def convolution(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: TensorInfo | None,
+                groups: int, transposed: bool, groups_resizable: bool) -> TensorInfo:
+    """Conv and transposed conv. Grouped convs lose whole groups (inputs and outputs)."""
+    cdim = x.ndim - (weight.ndim - 2) - 1  # 1 when batched, 0 when not
+    block_except(ctx, x, range(cdim + 1), "channels spread over a spatial axis")
+    for m in weight.maps:
+        if set(m.dims) - {0, 1}:
+            ctx.fix(m)
+    x_ids = project(ctx, x, cdim, "conv input")
+    w_in = project(ctx, weight, 0 if transposed else 1, "conv weight")
+    w_out = project(ctx, weight, 1 if transposed else 0, "conv weight")
+    b = project(ctx, bias, 0, "conv bias") if isinstance(bias, TensorInfo) else None
+    c_in, c_out = x.shape[cdim], ctx.out_shape[cdim]
+    ctx.consume(0, x, x.map_on(cdim))
+    if groups == 1:
+        if w_in is not None:
+            ctx.unify(filled(ctx, x_ids, c_in, _NO_INPUT), w_in)
+        out = w_out
+    elif not groups_resizable:
+        reason = f"conv with groups={groups} fixed in forward()"
+        for ids in (x_ids, w_in, w_out, b):
+            ctx.block(ids, reason)
+        return ctx.result([ChannelMap((cdim,), w_out)] if w_out is not None and not transposed
+                          else [])
+    else:
+        inputs = filled(ctx, x_ids, c_in, _NO_INPUT)
+        if transposed:  # W is [in, out/groups, ...]: dim 0 follows the input
+            ctx.block(w_out, "inside a conv group")
+            if w_in is not None:
+                ctx.unify(inputs, w_in)
+            out = ctx.fresh((c_out,))
+        else:  # W is [out, in/groups, ...]: dim 0 follows the output
+            ctx.block(w_in, "inside a conv group")
+            out = w_out if w_out is not None else ctx.fresh((c_out,))
+        group_atoms = ctx.unify_along(inputs.reshape(groups, c_in // groups), [1])
+        ctx.unify(out.reshape(groups, c_out // groups), group_atoms)
+    if b is not None:
+        ctx.unify(b, filled(ctx, out, c_out, "conv output"))
+    return ctx.result([ChannelMap((cdim,), out)] if out is not None else [])
+
+
+@R.module(*_CONVS, *_CONV_TRANSPOSES)
+def _conv_module(ctx: RuleContext, module: nn.Module, x: TensorInfo, *output_size) -> TensorInfo:
+    return convolution(ctx, x, ctx.module_param("weight"), ctx.module_param("bias"),
+                       module.groups, isinstance(module, _CONV_TRANSPOSES), True)
+
+
+@R.function(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+def _conv_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=None, stride=1,
+             padding=0, dilation=1, groups=1) -> TensorInfo:
+    return convolution(ctx, input, weight, bias, groups, False, False)
+
+
+@R.function(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+def _conv_t_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=None, stride=1,
+               padding=0, output_padding=0, groups=1, dilation=1) -> TensorInfo:
+    return convolution(ctx, input, weight, bias, groups, True, False)
+
+
+@R.resizer(*_CONVS)
+def _resize_conv(module: nn.Module) -> None:
+    out = module.weight.shape[0]
+    if module.groups > 1:
+        module.groups = module.groups * out // module.out_channels
+    module.out_channels = out
+    module.in_channels = module.weight.shape[1] * module.groups
+
+
+@R.resizer(*_CONV_TRANSPOSES)
+def _resize_conv_t(module: nn.Module) -> None:
+    c_in = module.weight.shape[0]
+    if module.groups > 1:
+        module.groups = module.groups * c_in // module.in_channels
+    module.in_channels = c_in
+    module.out_channels = module.weight.shape[1] * module.groups
+
+
+def linear(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: TensorInfo | None,
+           ) -> TensorInfo:
+    """``x @ W.T + b`` over the last axis; other axes pass through."""
+    x_ids = project(ctx, x, -1, "linear input")
+    w_in = project(ctx, weight, 1, "linear weight") if weight.ndim == 2 else None
+    w_out = project(ctx, weight, 0, "linear weight")
+    if w_in is not None:
+        ctx.unify(filled(ctx, x_ids, x.shape[-1], _NO_INPUT), w_in)
+    b = project(ctx, bias, 0, "linear bias") if bias is not None else None
+    if b is not None and w_out is not None:
+        ctx.unify(b, w_out)
+    ctx.consume(0, x, x.map_on(-1))
+    last = x.ndim - 1
+    maps = [m for m in x.maps if last not in m.dims]
+    if w_out is not None and weight.ndim == 2:
+        maps.append(ChannelMap((last,), w_out))
+    return ctx.result(maps)
+
+
+@R.module(nn.Linear, nn.LazyLinear)
+def _linear_module(ctx: RuleContext, module: nn.Linear, x: TensorInfo) -> TensorInfo:
+    return linear(ctx, x, ctx.module_param("weight"), ctx.module_param("bias"))
+
+
+@R.function(F.linear)
+def _linear_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=None) -> TensorInfo:
+    return linear(ctx, input, weight, bias)
+
+
+@R.resizer(nn.Linear)
+def _resize_linear(module: nn.Linear) -> None:
+    module.out_features, module.in_features = module.weight.shape
+
+
+@R.function(torch.matmul, operator.matmul, torch.mm, torch.bmm)
+@R.method("matmul", "mm", "bmm", "__matmul__")
+def _matmul(ctx: RuleContext, a: TensorInfo, b: TensorInfo) -> TensorInfo:
+    """Contraction over a's last and b's second-to-last axis: a sum, so masking is exact."""
+    if not isinstance(a, TensorInfo) or not isinstance(b, TensorInfo) or a.ndim < 2 or b.ndim < 2:
+        ctx.block([a, b], "matmul with a vector operand")
+        return ctx.result()
+    a_ids = project(ctx, a, -1, "matmul")
+    b_ids = project(ctx, b, -2, "matmul")
+    if a_ids is not None or b_ids is not None:
+        ctx.unify(filled(ctx, a_ids, a.shape[-1], _NO_INPUT), filled(ctx, b_ids, b.shape[-2], _NO_INPUT))
+    ctx.consume(0, a, a.map_on(-1))
+    n = len(ctx.out_shape)
+    maps = []
+    for m in a.maps:
+        if a.ndim - 1 not in m.dims:
+            maps.append(ChannelMap(tuple(d + n - a.ndim for d in m.dims), m.ids))
+    for m in b.maps:
+        if b.ndim - 2 not in m.dims:
+            dims = tuple(d + n - b.ndim for d in m.dims)
+            if any(d < n - 2 for d in dims):
+                ctx.block(m, "batched matmul over a channel axis")
+                continue
+            maps.append(ChannelMap(dims, m.ids))
+    return ctx.result(maps)
+
+
+
+# Normalisations
+
+
+def per_channel(ctx: RuleContext, x: TensorInfo, params: list[TensorInfo | None],
+                cdim: int = 1) -> np.ndarray | None:
+    """Unify the channel axis of ``x`` with dim 0 of every per-channel parameter."""
+    x_ids = project(ctx, x, cdim, "norm input") if x.ndim > cdim else None
+    for p in params:
+        p_ids = project(ctx, p, 0, "norm parameter") if p is not None else None
+        if p_ids is not None:
+            ctx.unify(filled(ctx, x_ids, x.shape[cdim], _NO_INPUT), p_ids)
+    return x_ids
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+@R.module(*_BATCH_NORMS)
+def _batch_norm(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
+    params = [ctx.module_param(a) for a in ("weight", "bias", "running_mean", "running_var")]
+    cdim = 1 if x.ndim > 1 and not (isinstance(module, nn.InstanceNorm1d) and x.ndim == 2) else 0
+    if isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+        spatial = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[type(module)]
+        cdim = x.ndim - spatial - 1
+    per_channel(ctx, x, params, cdim)
+    return passthrough(ctx, x)
+
+
+@R.function(F.batch_norm, F.instance_norm)
+def _batch_norm_fn(ctx: RuleContext, input: TensorInfo, running_mean=None, running_var=None,
+                   weight=None, bias=None, *rest, **kwargs) -> TensorInfo:
+    per_channel(ctx, input, [running_mean, running_var, weight, bias])
+    return passthrough(ctx, input)
+
+
+@R.resizer(*_BATCH_NORMS)
+def _resize_batch_norm(module: nn.Module) -> None:
+    for attr in ("weight", "running_mean"):
+        t = getattr(module, attr, None)
+        if isinstance(t, torch.Tensor):
+            module.num_features = t.shape[0]
+            return
+
+
+@R.module(nn.GroupNorm)
+def _group_norm(ctx: RuleContext, module: nn.GroupNorm, x: TensorInfo) -> TensorInfo:
+    weight, bias = ctx.module_param("weight"), ctx.module_param("bias")
+    x_ids = project(ctx, x, 1, "group norm")
+    groups = module.num_groups
+    if weight is None:
+        ctx.block(x_ids, "GroupNorm without affine parameters cannot be resized")
+    elif groups == 1:
+        ctx.approx(x_ids, "GroupNorm with one group normalises over all channels")
+        per_channel(ctx, x, [weight, bias])
+    elif x_ids is not None:
+        ctx.unify_along(x_ids.reshape(groups, -1), [1])  # whole groups only
+        per_channel(ctx, x, [weight, bias])
+    return passthrough(ctx, x)
+
+
+@R.resizer(nn.GroupNorm)
+def _resize_group_norm(module: nn.GroupNorm) -> None:
+    channels = module.weight.shape[0]
+    if module.num_groups > 1:
+        module.num_groups = module.num_groups * channels // module.num_channels
+    module.num_channels = channels
+
+
+def layer_norm(ctx: RuleContext, x: TensorInfo, n_axes: int, weight, bias,
+               what: str = "LayerNorm") -> TensorInfo:
+    """Normalises over the last ``n_axes`` axes: removing channels there changes the stats."""
+    first = x.ndim - n_axes
+    for m in x.maps:
+        if any(d >= first for d in m.dims):
+            if weight is None:
+                ctx.block(m, f"{what} without affine parameters cannot be resized")
+            else:
+                ctx.approx(m, f"{what} normalises over channels")
+    for p in (weight, bias):
+        if p is None:
+            continue
+        for axis in range(p.ndim):
+            p_ids = project(ctx, p, axis, what)
+            x_ids = project(ctx, x, first + axis, what)
+            if p_ids is not None:
+                ctx.unify(filled(ctx, x_ids, x.shape[first + axis], _NO_INPUT), p_ids)
+    return passthrough(ctx, x)
+
+
+@R.module(nn.LayerNorm, nn.RMSNorm)
+def _layer_norm(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
+    shape = module.normalized_shape
+    return layer_norm(ctx, x, len(shape), ctx.module_param("weight"), ctx.module_param("bias"))
+
+
+@R.function(F.layer_norm, F.rms_norm)
+def _layer_norm_fn(ctx: RuleContext, input: TensorInfo, normalized_shape, weight=None, bias=None,
+                   *rest, **kwargs) -> TensorInfo:
+    out = layer_norm(ctx, input, len(normalized_shape), weight,
+                     bias if isinstance(bias, TensorInfo) else None)
+    first = input.ndim - len(normalized_shape)
+    for m in input.maps:  # the size is a literal in forward(): it cannot shrink
+        if any(d >= first for d in m.dims):
+            ctx.block(m, "normalized_shape fixed in forward()")
+    return out
+
+
+@R.resizer(nn.LayerNorm, nn.RMSNorm)
+def _resize_layer_norm(module: nn.Module) -> None:
+    if getattr(module, "weight", None) is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+
+
+@R.module(nn.LocalResponseNorm, nn.CrossMapLRN2d)
+def _lrn(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
+    for m in x.maps:
+        if 1 in m.dims:
+            ctx.approx(m, "LocalResponseNorm mixes neighbouring channels")
+    return passthrough(ctx, x)
+
+
+@R.function(F.local_response_norm)
+def _lrn_fn(ctx: RuleContext, input: TensorInfo, *args, **kwargs) -> TensorInfo:
+    return _lrn(ctx, None, input)

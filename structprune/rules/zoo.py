@@ -1,0 +1,46 @@
+"""Rules for layers of model zoos (torchvision, timm) whose traced form would hide them.
+
+A LayerNorm over channels written as permute -> F.layer_norm -> permute bakes the channel
+count into the traced code; as a leaf with its own rule it stays resizable.
+"""
+
+from __future__ import annotations
+
+from ..analyse import RuleContext, TensorInfo
+from .layers import layer_norm
+from .registry import DEFAULT_REGISTRY as R
+from .shape import permute
+
+
+def layer_norm_2d(ctx: RuleContext, module, x: TensorInfo) -> TensorInfo:
+    """LayerNorm over dim 1 of an NCHW tensor (affine parameters of shape [C])."""
+    order = [0, *range(2, x.ndim), 1]
+    channels_last = permute(ctx, x, order)
+    layer_norm(ctx, channels_last, 1, ctx.module_param("weight"), ctx.module_param("bias"),
+               "LayerNorm over channels")
+    return ctx.result(x.maps)
+
+
+try:
+    from torchvision.models.convnext import LayerNorm2d as _TvLayerNorm2d
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    _TvLayerNorm2d = None
+
+if _TvLayerNorm2d is not None:
+    R.module(_TvLayerNorm2d)(layer_norm_2d)
+
+
+def _stochastic_depth(ctx: RuleContext, input: TensorInfo, *args, **kwargs) -> TensorInfo:
+    """Scales whole samples: channels pass through."""
+    return ctx.result(input.maps)
+
+
+try:
+    from torchvision.ops import StochasticDepth as _TvStochasticDepth
+    from torchvision.ops import stochastic_depth as _tv_stochastic_depth
+except ImportError:  # pragma: no cover
+    _tv_stochastic_depth = _TvStochasticDepth = None
+
+if _tv_stochastic_depth is not None:
+    R.function(_tv_stochastic_depth)(_stochastic_depth)
+    R.module(_TvStochasticDepth)(lambda ctx, module, x: _stochastic_depth(ctx, x))
