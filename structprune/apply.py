@@ -73,7 +73,7 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
         for name, dims in cuts.items():
             old = named[name]
             new = old.detach()
-            for dim, keep in dims:
+            for dim, keep in sorted(dims):  # leading axis first: contiguous copies
                 index = torch.as_tensor(keep, dtype=torch.long, device=old.device)
                 new = new.index_select(dim, index)
             new = new.contiguous()

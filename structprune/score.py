@@ -17,13 +17,25 @@ from .analyse import Analysis, Group
 Importance = Callable[[Analysis, Group], np.ndarray]
 
 
-def _slice_norms(tensor: torch.Tensor, dim: int, p: int) -> np.ndarray:
-    """Norm of every slice ``tensor.select(dim, i)``, reduced in place (no transposed copy)."""
-    others = [d for d in range(tensor.ndim) if d != dim]
+def _slice_norms(tensor: torch.Tensor, dim: int, p: int, rows: int = 64) -> np.ndarray:
+    """Norm of every slice ``tensor.select(dim, i)``.
+
+    Viewed as [before, size, after]; leading rows are reduced in cache-sized chunks, since a
+    strided reduction over the leading axis of a large weight is ten times slower.
+    """
     with torch.no_grad():
-        t = tensor.detach()
-        norms = torch.linalg.vector_norm(t, ord=p, dim=others) if others else t.abs()
-    return norms.float().cpu().numpy().astype(np.float64)
+        t = tensor.detach().float()
+        size = t.shape[dim]
+        before = int(np.prod(t.shape[:dim], dtype=np.int64))
+        if before == 1:
+            return torch.linalg.vector_norm(t.reshape(size, -1), ord=p, dim=1).double().numpy()
+        t = t.reshape(before, size, -1)
+        acc = torch.zeros(size)
+        for start in range(0, before, rows):
+            chunk = t[start:start + rows]
+            acc += (chunk.abs() if p == 1 else chunk * chunk).sum(dim=(0, 2))
+        norms = acc if p == 1 else acc.sqrt()
+    return norms.double().numpy()
 
 
 def magnitude(analysis: Analysis, group: Group, p: int = 2) -> np.ndarray:
