@@ -1,0 +1,225 @@
+"""Command line: ``structprune prune|analyze``. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import StructPruneError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="structprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", metavar="SPEC",
+                       help="torchvision:NAME, timm:NAME or path/to/file.py:FACTORY")
+        p.add_argument("--input-shape", action="append", default=None, metavar="N,C,H,W",
+                       help="shape of one forward() input; repeat for several (default 1,3,224,224)")
+        p.add_argument("--weights", help="state_dict file to load (read with weights_only=True)")
+        p.add_argument("--seed", type=int, default=0, help="seed for zoo models' random weights")
+
+    p = sub.add_parser("prune", help="prune a model and write plan, weights and ONNX files")
+    model_args(p)
+    p.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--exact-only", action="store_true",
+                   help="prune only groups whose removal is exact (no approximate groups)")
+    p.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="keep channel counts that are multiples of N")
+    p.add_argument("--ignore", action="append", default=[], metavar="NAME",
+                   help="module (or glob) whose parameters stay untouched; repeatable")
+    p.add_argument("--global", dest="global_ranking", action="store_true",
+                   help="rank channels across all groups instead of per group")
+    p.add_argument("--importance", choices=["l1", "l2"], default="l2")
+    p.add_argument("--min-width", type=int, default=1, help="fewest channels a group keeps")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX files")
+
+    a = sub.add_parser("analyze", help="list pruning groups and what is left unpruned, and why")
+    model_args(a)
+    a.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    return parser
+
+
+def _model_and_inputs(args: argparse.Namespace):
+    from .capture import example_inputs_from_shapes
+    from .models import build_model, load_weights, parse_shape
+
+    shapes = [parse_shape(s) for s in (args.input_shape or ["1,3,224,224"])]
+    model = build_model(args.spec, args.seed)
+    if args.weights:
+        load_weights(model, args.weights)
+    model.eval()
+    return model, example_inputs_from_shapes(shapes, args.seed)
+
+
+def _check_settings(args: argparse.Namespace) -> None:
+    if not 0 <= args.ratio < 1:
+        raise StructPruneError(f"--ratio {args.ratio} is outside [0, 1): pass e.g. --ratio 0.5")
+    if args.round_to < 1:
+        raise StructPruneError(f"--round-to {args.round_to} must be 1 or more")
+    if args.min_width < 1:
+        raise StructPruneError(f"--min-width {args.min_width} must be 1 or more")
+
+
+def _writable_dir(out: Path) -> Path:
+    """The parent to stage output in; fails early, before any work, if it is not writable."""
+    if out.exists() and not out.is_dir():
+        raise StructPruneError(f"--out {out} exists and is not a directory")
+    parent = out.parent if not out.exists() else out
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise StructPruneError(f"--out {out}: {probe} is not writable; choose another directory")
+    return probe
+
+
+def _commit(staging: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
+
+
+def _table(rows: list[tuple[str, str, str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                               for i, c in enumerate(row)))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .api import prune
+    from .export import export_onnx, onnx_parity
+
+    _check_settings(args)
+    out = Path(args.out)
+    root = _writable_dir(out)
+    model, inputs = _model_and_inputs(args)
+    steps = ["prune + verify"] + ([] if args.no_onnx else ["export dense.onnx",
+                                                           "export pruned.onnx"])
+    staging = Path(tempfile.mkdtemp(prefix=".structprune-", dir=root))
+    try:
+        bar = tqdm(steps, desc="structprune", unit="step", file=sys.stderr,
+                   disable=not sys.stderr.isatty())
+        bar.set_postfix_str(steps[0])
+        t0 = time.perf_counter()
+        result = prune(model, inputs, args.ratio, importance=args.importance,
+                       global_ranking=args.global_ranking, round_to=args.round_to,
+                       min_width=args.min_width, ignore=args.ignore, exact_only=args.exact_only)
+        bar.update()
+        from .io import save
+
+        save(result.model, staging, result.plan)
+        figures: dict[str, Any] = dict(result.figures)
+        figures["verification"] = result.verification.to_json() if result.verification else None
+        if not args.no_onnx:
+            bar.set_postfix_str(steps[1])
+            figures["exporter_dense"] = export_onnx(model, inputs, staging / "dense.onnx",
+                                                    args.exporter)
+            bar.update()
+            bar.set_postfix_str(steps[2])
+            figures["exporter_pruned"] = export_onnx(result.model, inputs,
+                                                     staging / "pruned.onnx", args.exporter)
+            figures["onnx_rel_error"] = onnx_parity(staging / "pruned.onnx", result.model, inputs)
+            bar.update()
+        bar.close()
+        figures["spec"] = args.spec
+        figures["input_shapes"] = [list(x.shape) for x in inputs]
+        figures["wall_seconds"] = time.perf_counter() - t0
+        (staging / "report.json").write_text(json.dumps(figures, indent=1, default=float) + "\n")
+        _commit(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _print_report(args.spec, figures, result, out)
+    return 0
+
+
+def _print_report(spec: str, f: dict[str, Any], result, out: Path) -> None:
+    rows = [("", "dense", "pruned"),
+            ("parameters", _human(f["params_dense"]), _human(f["params_pruned"])),
+            ("MACs", _human(f["macs_dense"]), _human(f["macs_pruned"])),
+            ("MACs kept", "100.0%", f"{100 * f['macs_ratio']:.1f}%"),
+            ("groups pruned", "", f"{f['groups_pruned']} of {f['prunable_groups']} prunable"),
+            ("approximate groups pruned", "", str(f["approximate_groups_pruned"]))]
+    print(f"structprune: {spec}")
+    print(_table(rows))
+    v = result.verification
+    scope = "whole plan" if v and v.exact_units_only else "exact part of the plan"
+    if v:
+        print(f"verification: {'OK' if v.ok else 'FAILED'} against the masked dense model "
+              f"({scope}), max relative error {v.max_rel_error:.1e}")
+    if "onnx_rel_error" in f:
+        print(f"ONNX: pruned.onnx matches torch in ONNX Runtime, relative error "
+              f"{f['onnx_rel_error']:.1e} ({f['exporter_pruned']} exporter)")
+    seconds = sum(f["seconds"].values())
+    print(f"pass time {seconds:.2f}s; wrote {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analyse import analyse
+    from .capture import capture
+
+    model, inputs = _model_and_inputs(args)
+    analysis = analyse(capture(model, inputs))
+    data = {"summary": analysis.summary(), "groups": [g.to_json() for g in analysis.groups]}
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    s = data["summary"]
+    print(f"structprune: {args.spec} (captured with {s['capture']})")
+    print(f"{s['groups']} groups: {s['exact_groups']} exact, {s['approximate_groups']} "
+          f"approximate, {s['blocked_groups']} left unpruned")
+    for g in analysis.groups:
+        status = ("unpruned" if g.blocked.all() else
+                  "approximate" if g.approximate.any() else "exact")
+        lead = ", ".join(f"{n}:{d}" for n, d in g.members[:3])
+        more = f" +{len(g.members) - 3}" if len(g.members) > 3 else ""
+        print(f"  [{g.index:3d}] {status:11s} {g.size:5d} units  {lead}{more}")
+        for reason, nodes in g.reasons.items():
+            print(f"        {reason} (at {', '.join(sorted(set(nodes))[:3])})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"prune": cmd_prune, "analyze": cmd_analyze}[args.command](args)
+    except StructPruneError as exc:
+        print(f"structprune: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())

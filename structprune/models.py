@@ -1,0 +1,113 @@
+"""Model specs on the command line: ``torchvision:NAME``, ``timm:NAME``, ``file.py:FACTORY``."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import StructPruneError
+
+
+def build_model(spec: str, seed: int = 0) -> nn.Module:
+    """Build the model a spec names, with random weights (seeded) for zoo models."""
+    kind, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise StructPruneError(f"model spec {spec!r} must look like torchvision:resnet18, "
+                               "timm:resnet18 or path/to/file.py:factory")
+    if kind == "torchvision":
+        return _torchvision(name, seed)
+    if kind == "timm":
+        return _timm(name, seed)
+    if spec.rsplit(":", 1)[0].endswith(".py"):
+        path, factory = spec.rsplit(":", 1)
+        return _factory(Path(path), factory)
+    raise StructPruneError(f"unknown model source {kind!r} in {spec!r}: use torchvision:, timm: "
+                           "or a path to a .py file")
+
+
+def _torchvision(name: str, seed: int) -> nn.Module:
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if name not in names:
+        close = [n for n in names if name.lower() in n][:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise StructPruneError(f"torchvision has no model {name!r}{hint}; "
+                               "see torchvision.models.list_models()")
+    builder = torchvision.models.get_model_builder(name)
+    kwargs = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None  # nothing may be downloaded
+    torch.manual_seed(seed)
+    return builder(**kwargs)
+
+
+def _timm(name: str, seed: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError as exc:
+        raise StructPruneError("timm is not installed: pip install 'structprune[timm]'") from exc
+    if name not in timm.list_models():
+        raise StructPruneError(f"timm has no model {name!r}; see timm.list_models()")
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False)
+
+
+def _factory(path: Path, factory: str) -> nn.Module:
+    if not path.is_file():
+        raise StructPruneError(f"model file {path} does not exist")
+    module_name = f"_structprune_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file; report in one line
+        raise StructPruneError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        raise StructPruneError(f"{path} has no function {factory!r}")
+    try:
+        model = fn()
+    except Exception as exc:  # noqa: BLE001
+        raise StructPruneError(f"{path}:{factory}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise StructPruneError(f"{path}:{factory}() returned {type(model).__name__}, "
+                               "not an nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a state dict saved with torch.save, without unpickling arbitrary objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise StructPruneError(f"weights file {path} does not exist") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt or unsafe file
+        raise StructPruneError(f"cannot read weights {path}: {str(exc).splitlines()[0]} "
+                               "(expected a state_dict saved with torch.save)") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise StructPruneError(f"weights file {path} holds no state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise StructPruneError(f"weights {path} do not fit the model: "
+                               f"{str(exc).splitlines()[0]}") from exc
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError as exc:
+        raise StructPruneError(f"input shape {text!r} must be comma-separated integers, "
+                               "e.g. 1,3,224,224") from exc
+    if not shape or any(s < 1 for s in shape):
+        raise StructPruneError(f"input shape {text!r} must have positive sizes")
+    return shape
