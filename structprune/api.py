@@ -33,9 +33,11 @@ class PruneResult:
 def exact_subplan(analysis: Analysis, plan: Plan) -> Plan:
     """The part of ``plan`` that removes only units of exact (non-approximate) groups."""
     removed = analysis.removed_components(plan.params)
-    for group in analysis.groups:
-        if group.approximate.any():
-            removed[group.units] = False
+    approximate = [g.units for g in analysis.groups if g.approximate.any()]
+    if not any(removed[units].any() for units in approximate):
+        return plan
+    for units in approximate:
+        removed[units] = False
     params = []
     for (name, dim), ids in analysis.slots.items():
         drop = removed[analysis.component[ids]]
@@ -89,7 +91,7 @@ def prune(
     inputs = random_inputs(example_inputs, seed=1)
     checked = exact_subplan(analysis, plan) if check else None
     reference = reference_outputs(analysis, checked, inputs) if check else None
-    if check and inplace and checked.params != plan.params:
+    if check and inplace and checked is not plan:
         exact_model = apply_plan(model, checked, inplace=False, registry=registry)
     t5 = time.perf_counter()
     pruned = apply_plan(model, plan, inplace=inplace, registry=registry)
@@ -98,12 +100,12 @@ def prune(
                "apply": t6 - t5}
     verification = None
     if check:
-        if checked.params == plan.params:
+        if checked is plan:
             exact_model = pruned
         elif not inplace:
             exact_model = apply_plan(model, checked, inplace=False, registry=registry)
         verification = verify(analysis, checked, exact_model, inputs, tolerance, reference)
-        verification.exact_units_only = checked.params == plan.params
+        verification.exact_units_only = checked is plan
         if not verification.ok:
             raise VerificationError(
                 f"pruned model differs from the masked dense model (relative error "

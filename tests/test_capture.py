@@ -1,0 +1,53 @@
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from structprune.capture import TensorSpec, capture
+from structprune.errors import CaptureError
+
+
+def test_meta_shapes_match_a_real_forward():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 64, 64)
+    cap = capture(model, (x,))
+    seen = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, o.shape))
+    model(x)
+    nodes = {n.target: n.name for n in cap.graph.nodes if n.op == "call_module"}
+    for name, shape in seen.items():
+        spec = cap.values[nodes[name]]
+        assert isinstance(spec, TensorSpec) and spec.shape == tuple(shape)
+
+
+def test_capture_does_not_touch_bn_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    before = model[1].running_mean.clone()
+    capture(model, (torch.randn(2, 3, 8, 8),))
+    assert torch.equal(model[1].running_mean, before)
+    assert model[1].num_batches_tracked.item() == 0
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on data: fx cannot trace it
+            return self.conv(x)
+        return x
+
+
+def test_untraceable_model_names_the_line():
+    with pytest.raises(CaptureError) as err:
+        capture(DataDependent(), (torch.randn(1, 3, 8, 8),))
+    assert "test_capture.py" in str(err.value) and "x.sum() > 0" in str(err.value)
+
+
+def test_forward_failure_on_wrong_shape():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(CaptureError, match="fails on the example inputs"):
+        capture(model, (torch.randn(1, 3, 9, 9),))
