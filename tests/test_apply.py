@@ -1,0 +1,71 @@
+import io
+
+import torch
+import torch.nn as nn
+import torchvision
+
+import structprune as sp
+from structprune.capture import capture
+
+from .oracles import randomize
+
+
+def test_pruned_module_is_consistent_and_usable(tmp_path):
+    model = randomize(torchvision.models.mobilenet_v2(num_classes=10))
+    x = torch.randn(2, 3, 32, 32)
+    result = sp.prune(model, (x,), 0.5)
+    pruned = result.model
+    assert type(pruned) is type(model)
+    for m in pruned.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.shape[0] == m.out_channels
+            assert m.weight.shape[1] * m.groups == m.in_channels
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.weight.shape[0] == m.num_features == m.running_var.shape[0]
+        if isinstance(m, nn.Linear):
+            assert m.weight.shape == (m.out_features, m.in_features)
+    assert "Conv2d" in repr(pruned)
+    capture(pruned, (x,))  # traces again
+    buffer = io.BytesIO()
+    torch.save(pruned, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(x), pruned.eval()(x))
+    pruned.train()
+    optimizer = torch.optim.SGD(pruned.parameters(), lr=0.1)
+    loss = pruned(x).logsumexp(1).mean()
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is not None for p in pruned.parameters())
+
+
+def test_copy_by_default_and_in_place_on_request():
+    model = randomize(torchvision.models.resnet18(num_classes=10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = (torch.randn(1, 3, 32, 32),)
+    result = sp.prune(model, x, 0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.model is not model
+    in_place = sp.prune(model, x, 0.5, inplace=True)
+    assert in_place.model is model and model.conv1.out_channels == 32
+    assert in_place.verification.ok
+
+
+def test_tied_weights_stay_tied():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 8)
+            self.b = nn.Linear(8, 6)
+            self.c = nn.Linear(6, 8)
+            self.c.weight = self.a.weight
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.a(x)) + torch.relu(self.c(torch.relu(self.b(self.a(x))))))
+
+    model = Tied()
+    result = sp.prune(model, (torch.randn(3, 6),), 0.5)
+    assert result.model.a.weight is result.model.c.weight
+    assert result.verification.ok
