@@ -51,6 +51,7 @@ RATIO = 0.5
 DEFAULT_MODELS = ("vgg16", "resnet50", "densenet121")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pass_time_cpu.json"
 STAGES = ("capture", "analyse", "score", "plan", "apply")
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 
 
 def cpu_model() -> str:
@@ -83,6 +84,7 @@ def machine() -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "torch_pruning": version("torch-pruning"),
         "structprune": structprune.__version__,
+        "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
     }
 
 

@@ -248,6 +248,16 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, An
     ) from exc
 
 
+def _check_input_count(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = sum(1 for n in placeholders if not n.args)
+    if not required <= len(example_inputs) <= len(placeholders):
+        wanted = f"{required}" if required == len(placeholders) else \
+            f"{required} to {len(placeholders)}"
+        raise CaptureError(f"the model's forward() takes {wanted} inputs but {len(example_inputs)} "
+                           "example inputs were given: pass one --input-shape per input")
+
+
 def capture(
     model: nn.Module,
     example_inputs: Sequence[Any] | Any,
@@ -262,6 +272,7 @@ def capture(
     registry = registry or DEFAULT_REGISTRY
     leaf_types = tuple(leaf_modules)
     gm = trace(model, leaf_types, registry)
+    _check_input_count(gm, example_inputs)
     values = propagate(gm, example_inputs)
     return Capture(model, gm, tuple(example_inputs), values, "fx", leaf_types)
 

@@ -1,0 +1,124 @@
+"""The command line: the files it writes, and one clear line (exit 2) for every user error."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import structprune as sp
+from structprune.cli import main
+
+DATA = Path(__file__).parent / "data" / "tiny_models.py"
+TINY = f"{DATA}:tiny_vgg"
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def test_prune_writes_plan_weights_and_onnx(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("prune", TINY, "--ratio", "0.5", "--out", out, "--input-shape", "1,3,16,16",
+               "--exporter", "torchscript") == 0
+    printed = capsys.readouterr().out
+    assert "MACs" in printed and "verification: OK" in printed
+    assert {p.name for p in out.iterdir()} == {"plan.json", "pruned.safetensors", "dense.onnx",
+                                               "pruned.onnx", "report.json"}
+    plan = sp.Plan.load(out / "plan.json")
+    model = sp.io.load(out, TINY)
+    assert model[0].out_channels == 8
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    session = ort.InferenceSession(str(out / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(x)).numpy()
+    assert got.shape == (5, 5) and np.allclose(got, want, rtol=1e-4, atol=1e-5)
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs_pruned"] < 0.5 * report["macs_dense"]
+    assert plan.params
+
+
+def test_two_inputs_and_analyze(tmp_path, capsys):
+    spec = f"{DATA}:two_inputs"
+    assert run("prune", spec, "--ratio", "0.5", "--out", tmp_path / "o", "--no-onnx",
+               "--input-shape", "1,3,8,8", "--input-shape", "1,1,8,8") == 0
+    assert run("analyze", spec, "--input-shape", "1,3,8,8", "--input-shape", "1,1,8,8") == 0
+    assert "exact" in capsys.readouterr().out
+
+
+def _bad_weights(tmp_path):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"\x80\x04garbage")
+    return path
+
+
+def _plan_dir_for_other_model(tmp_path):
+    return tmp_path
+
+
+CASES = {
+    "unknown spec": (["prune", "torchvision:resnet9000", "--ratio", "0.5"], "no model"),
+    "bad source": (["prune", "hub:thing", "--ratio", "0.5"], "unknown model source"),
+    "missing file": (["prune", "nope.py:f", "--ratio", "0.5"], "does not exist"),
+    "missing factory": (["prune", f"{DATA}:nothing", "--ratio", "0.5"], "no function"),
+    "factory raises": (["prune", f"{DATA}:raises", "--ratio", "0.5"], "factory exploded"),
+    "not a module": (["prune", f"{DATA}:not_a_module", "--ratio", "0.5"], "not an nn.Module"),
+    "ratio 1": (["prune", TINY, "--ratio", "1"], "outside [0, 1)"),
+    "ratio negative": (["prune", TINY, "--ratio", "-0.2"], "outside [0, 1)"),
+    "round-to 0": (["prune", TINY, "--ratio", "0.5", "--round-to", "0"], "--round-to"),
+    "ignore nothing": (["prune", TINY, "--ratio", "0.5", "--ignore", "zzz"], "matches no module"),
+    "shape not numeric": (["prune", TINY, "--ratio", "0.5", "--input-shape", "1,a,3"],
+                          "comma-separated"),
+    "shape wrong rank": (["prune", TINY, "--ratio", "0.5", "--input-shape", "3,16,16,1,1"],
+                         "fails on the example inputs"),
+    "shape wrong count": (["prune", TINY, "--ratio", "0.5", "--input-shape", "1,3,16,16",
+                           "--input-shape", "1,3,16,16"], "example inputs were given"),
+    "untraceable": (["prune", f"{DATA}:untraceable", "--ratio", "0.5", "--input-shape",
+                     "1,3,8,8"], "cannot trace"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_user_errors_exit_2_with_one_line_and_no_output(case, tmp_path, capsys):
+    args, message = CASES[case]
+    out = tmp_path / "out"
+    code = run(*args, "--out", out) if args[0] == "prune" else run(*args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".structprune")]
+
+
+def test_bad_weights_file(tmp_path, capsys):
+    code = run("prune", TINY, "--ratio", "0.5", "--out", tmp_path / "o", "--weights",
+               _bad_weights(tmp_path), "--input-shape", "1,3,16,16")
+    assert code == 2 and "cannot read weights" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_out(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert run("prune", TINY, "--ratio", "0.5", "--out", locked / "o") == 2
+
+
+def test_unwritable_out_as_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert run("prune", TINY, "--ratio", "0.5", "--out", target) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_console_script_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "structprune.cli", "prune", "torchvision:nope",
+                           "--ratio", "0.5", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("structprune: error:")
