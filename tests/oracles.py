@@ -21,8 +21,9 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
             for name, p in m.named_parameters(recurse=False):
-                if name == "bias" or (name == "weight" and p.ndim == 1):
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (name == "weight"))
+                vector_like = p.numel() == max(p.shape, default=1)  # biases, BN/LN, layer scales
+                if name == "bias" or vector_like:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (name != "bias"))
     return model
 
 

@@ -1,0 +1,41 @@
+"""Every torchvision CNN prunes at ratio 0.5: shapes unchanged, MACs cut by 40% or more,
+equal to the masked dense model under exact_only, and its ONNX export matches torch."""
+
+import pytest
+import torch
+import torchvision
+
+import structprune as sp
+from structprune.export import export_onnx, onnx_parity
+from structprune.models import build_model
+from structprune.verify import flatten_outputs
+
+from .oracles import check_pruned, outputs, randomize
+
+NOT_CNN = ("vit_", "swin_", "maxvit")
+MODELS = sorted(n for n in torchvision.models.list_models(module=torchvision.models)
+                if not n.startswith(NOT_CNN))
+INPUT = {"inception_v3": 96}  # smallest size each architecture allows; 64 elsewhere
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_cnn(name, tmp_path):
+    model = randomize(build_model(f"torchvision:{name}").eval())
+    size = INPUT.get(name, 64)
+    x = (torch.randn(1, 3, size, size),)
+    default = sp.prune(model, x, 0.5)
+    assert default.verification.ok
+    assert default.figures["macs_ratio"] <= 0.6, default.figures
+    dense_out = outputs(model, x)
+    pruned_out = outputs(default.model, x)
+    assert [t.shape for t in flatten_outputs(dense_out)] == \
+        [t.shape for t in flatten_outputs(pruned_out)]
+
+    exact = check_pruned(model, x, 0.5, exact_only=True)
+    assert exact.verification.exact_units_only
+    assert exact.figures["macs_ratio"] < 1.0
+
+    path = tmp_path / "pruned.onnx"
+    export_onnx(default.model, x, path, exporter="torchscript")
+    assert onnx_parity(path, default.model, x) < 1e-4
