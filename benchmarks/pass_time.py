@@ -23,6 +23,12 @@ structprune's median pass. Each tool's MACs ratio (pruned / dense) is recorded t
 structprune's from ``result.figures["macs_ratio"]``, Torch-Pruning's from
 ``tp.utils.count_ops_and_params`` before and after the step.
 
+The timings are only meaningful on an otherwise idle machine: with other processes busy on a
+small CPU, torch's OpenMP workers get descheduled and every small parallel op (such as the
+per-layer norms of the score stage) can stall for a scheduler slice, inflating both tools'
+times many-fold. The 1-minute load average before and after is recorded, and a warning is
+printed when the machine is not idle at the start.
+
 Usage: ``python benchmarks/pass_time.py [--models vgg16 resnet50 densenet121] [--out PATH]``
 """
 
@@ -194,11 +200,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool and model")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
+    if load_before[0] >= 0.5:
+        print(f"warning: load average {load_before[0]:.2f}; other processes are busy and the "
+              "timings will be inflated", flush=True)
     results = {name: bench_model(name, args.repeats) for name in args.models}
     report = {
         "what": "whole pruning pass time, ratio 0.5, L2 magnitude, input 1x3x224x224, CPU",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "ratio": RATIO,
         "repeats": args.repeats,
         "warmup": 1,

@@ -31,6 +31,17 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="state_dict file to load (read with weights_only=True)")
         p.add_argument("--seed", type=int, default=0, help="seed for zoo models' random weights")
 
+    def timing_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--batch", type=int, action="append", default=None,
+                       help="batch size; repeatable (default 1 and 32)")
+        p.add_argument("--threads", type=int, action="append", default=None,
+                       help="ONNX Runtime intra-op threads; repeatable (default 1 and all cores)")
+        p.add_argument("--repeats", type=int, default=10, help="timed pairs per cell")
+        p.add_argument("--warmup", type=int, default=2)
+        p.add_argument("--max-seconds", type=float, default=30.0,
+                       help="stop repeating a cell after this long (at least 3 pairs)")
+        p.add_argument("--no-torch", action="store_true", help="skip torch on CUDA")
+
     p = sub.add_parser("prune", help="prune a model and write plan, weights and ONNX files")
     model_args(p)
     p.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove")
@@ -47,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-width", type=int, default=1, help="fewest channels a group keeps")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX files")
+
+    b = sub.add_parser("bench", help="latency of dense.onnx against pruned.onnx in DIR")
+    b.add_argument("dir", metavar="DIR", help="output directory of `structprune prune`")
+    timing_args(b)
+
+    s = sub.add_parser("sweep", help="prune at several ratios, export, benchmark and plot")
+    model_args(s)
+    s.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--round-to", type=int, default=1, metavar="N")
+    s.add_argument("--exact-only", action="store_true")
+    s.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
+    timing_args(s)
 
     a = sub.add_parser("analyze", help="list pruning groups and what is left unpruned, and why")
     model_args(a)
@@ -152,6 +176,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             bar.update()
         bar.close()
         figures["spec"] = args.spec
+        figures["seed"] = args.seed
+        figures["weights"] = str(Path(args.weights).resolve()) if args.weights else None
         figures["input_shapes"] = [list(x.shape) for x in inputs]
         figures["wall_seconds"] = time.perf_counter() - t0
         (staging / "report.json").write_text(json.dumps(figures, indent=1, default=float) + "\n")
@@ -209,10 +235,129 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _timing(args: argparse.Namespace) -> dict[str, Any]:
+    for name in ("repeats", "warmup"):
+        if getattr(args, name) < (1 if name == "repeats" else 0):
+            raise StructPruneError(f"--{name} must be at least {1 if name == 'repeats' else 0}")
+    for b in args.batch or []:
+        if b < 1:
+            raise StructPruneError(f"--batch {b} must be 1 or more")
+    return {"repeats": args.repeats, "warmup": args.warmup, "max_seconds": args.max_seconds}
+
+
+def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str, Any]:
+    import torch as _torch
+
+    from . import bench
+    from .io import load
+    from .models import build_model
+
+    report_path = directory / "report.json"
+    if not report_path.is_file():
+        raise StructPruneError(f"{directory} has no report.json: run `structprune prune ... "
+                               f"--out {directory}` first")
+    report = json.loads(report_path.read_text())
+    for name in ("dense.onnx", "pruned.onnx"):
+        if not (directory / name).is_file():
+            raise StructPruneError(f"{directory / name} is missing: prune again without --no-onnx")
+    torch_models = None
+    if _torch.cuda.is_available() and not args.no_torch:
+        dense = build_model(report["spec"], report.get("seed", 0))
+        if report.get("weights"):
+            from .models import load_weights
+            load_weights(dense, report["weights"])
+        import copy
+        torch_models = (copy.deepcopy(dense), load(directory, dense))
+
+    def progress(text: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(text)
+            bar.update()
+
+    return bench.bench(directory / "dense.onnx", directory / "pruned.onnx",
+                       report["input_shapes"], report.get("macs_ratio"),
+                       batches=args.batch or (1, 32), threads=args.threads,
+                       torch_models=torch_models, progress=progress, **_timing(args))
+
+
+def _cells_expected(args: argparse.Namespace) -> int:
+    import torch as _torch
+
+    threads = args.threads or sorted({1, os.cpu_count() or 1})
+    n = len(threads) * len(args.batch or (1, 32))
+    if _torch.cuda.is_available() and not args.no_torch:
+        n += 4 * len(args.batch or (1, 32))
+    return n
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import bench
+
+    directory = Path(args.dir)
+    _timing(args)
+    bar = tqdm(total=_cells_expected(args), desc="bench", unit="cell", file=sys.stderr,
+               disable=not sys.stderr.isatty())
+    result = _bench_dir(directory, args, bar)
+    bar.close()
+    bench.write(result, directory)
+    print(bench.markdown(result), end="")
+    print(f"wrote {directory}/bench.json, bench.md, bench.png")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import bench
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError as exc:
+        raise StructPruneError(f"--ratios {args.ratios!r} must be comma-separated numbers") from exc
+    for r in ratios:
+        if not 0 <= r < 1:
+            raise StructPruneError(f"ratio {r} in --ratios is outside [0, 1)")
+    _timing(args)
+    out = Path(args.out)
+    _writable_dir(out)
+    points = []
+    for ratio in tqdm(ratios, desc="sweep", unit="ratio", file=sys.stderr,
+                      disable=not sys.stderr.isatty()):
+        sub_args = argparse.Namespace(**{**vars(args), "ratio": ratio,
+                                         "out": str(out / f"ratio_{ratio:.2f}"),
+                                         "ignore": [], "global_ranking": False,
+                                         "importance": "l2", "min_width": 1, "no_onnx": False})
+        _run_quietly(cmd_prune, sub_args)
+        result = _bench_dir(Path(sub_args.out), args)
+        bench.write(result, Path(sub_args.out))
+        points.append({"ratio": ratio, **result})
+    sweep = {"spec": args.spec, "points": points}
+    (out / "sweep.json").write_text(json.dumps(sweep, indent=1) + "\n")
+    bench.plot_sweep(sweep, out / "sweep.png")
+    for p in points:
+        for c in p["cells"]:
+            print(f"ratio {p['ratio']:.2f}  {c['runtime']:24s} t={c['threads'] or '-'} "
+                  f"b={c['batch']:<3d} speed-up {c['speedup']:.2f}x (ideal {p['ideal_speedup']:.2f}x)")
+    print(f"wrote {out}/sweep.json and sweep.png")
+    return 0
+
+
+def _run_quietly(fn, args) -> None:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        fn(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"prune": cmd_prune, "analyze": cmd_analyze, "bench": cmd_bench,
+                "sweep": cmd_sweep}
     try:
-        return {"prune": cmd_prune, "analyze": cmd_analyze}[args.command](args)
+        return commands[args.command](args)
     except StructPruneError as exc:
         print(f"structprune: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

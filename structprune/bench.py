@@ -1,0 +1,282 @@
+"""Stage 8, bench: dense against pruned latency on the runtimes present, side by side.
+
+For every runtime, thread count and batch size, both models are warmed up, then timed in
+interleaved pairs (dense, pruned, dense, ...), so drift and thermal effects hit both alike.
+Reported per cell: median, p10 and p90 of each model, and the speed-up (median of the
+per-pair ratios, with its p10-p90 spread) next to the ideal speed-up from the MACs ratio.
+
+Runtimes: ONNX Runtime CPU (always), ONNX Runtime CUDA/TensorRT when ``onnxruntime-gpu``
+provides them, and torch on CUDA (eager and CUDA graphs, fp32 and fp16, channels_last) when
+a GPU is present and the PyTorch models are given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Runner = Callable[[], None]
+
+
+@dataclass
+class Cell:
+    runtime: str
+    batch: int
+    threads: int | None
+    dense_ms: list[float]
+    pruned_ms: list[float]
+
+    def to_json(self, ideal: float | None) -> dict[str, Any]:
+        d, p = np.array(self.dense_ms), np.array(self.pruned_ms)
+        ratios = d / p
+        return {
+            "runtime": self.runtime, "batch": self.batch, "threads": self.threads,
+            "dense_ms": _stats(d), "pruned_ms": _stats(p),
+            "speedup": float(np.median(ratios)),
+            "speedup_p10": float(np.percentile(ratios, 10)),
+            "speedup_p90": float(np.percentile(ratios, 90)),
+            "ideal_speedup": ideal,
+            "repeats": len(d),
+        }
+
+
+def _stats(x: np.ndarray) -> dict[str, float]:
+    return {"median": float(np.median(x)), "p10": float(np.percentile(x, 10)),
+            "p90": float(np.percentile(x, 90)), "runs": [round(float(v), 4) for v in x]}
+
+
+def interleaved(dense: Runner, pruned: Runner, warmup: int = 2, repeats: int = 10,
+                max_seconds: float = 30.0, min_repeats: int = 3,
+                clock: Callable[[], float] = time.perf_counter,
+                sync: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
+    """Time ``dense`` and ``pruned`` alternately; milliseconds per call for each."""
+    for _ in range(warmup):
+        dense()
+        pruned()
+    sync()
+    d_ms, p_ms = [], []
+    start = clock()
+    for i in range(repeats):
+        for fn, out in ((dense, d_ms), (pruned, p_ms)) if i % 2 == 0 else \
+                ((pruned, p_ms), (dense, d_ms)):
+            t = clock()
+            fn()
+            sync()
+            out.append((clock() - t) * 1e3)
+        if i + 1 >= min_repeats and clock() - start > max_seconds:
+            break
+    return d_ms, p_ms
+
+
+def _ort_runner(path: Path, batch: int, shapes: Sequence[Sequence[int]], threads: int | None,
+                provider: str) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=[provider])
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.standard_normal((batch, *shape[1:])).astype(np.float32)
+             for i, shape in zip(session.get_inputs(), shapes, strict=False)}
+    return lambda: session.run(None, feeds)
+
+
+def ort_cells(dense: Path, pruned: Path, shapes: Sequence[Sequence[int]], batches: Sequence[int],
+              threads: Sequence[int], progress: Callable[[str], None] = lambda s: None,
+              **timing: Any) -> list[Cell]:
+    import onnxruntime as ort
+
+    cells = []
+    available = ort.get_available_providers()
+    plans = [("ort-cpu", "CPUExecutionProvider", t) for t in threads]
+    for provider, name in (("CUDAExecutionProvider", "ort-cuda"),
+                           ("TensorrtExecutionProvider", "ort-tensorrt")):
+        if provider in available:
+            plans.append((name, provider, None))
+    for runtime, provider, n in plans:
+        for batch in batches:
+            progress(f"{runtime} threads={n} batch={batch}")
+            d = _ort_runner(dense, batch, shapes, n, provider)
+            p = _ort_runner(pruned, batch, shapes, n, provider)
+            d_ms, p_ms = interleaved(d, p, **timing)
+            cells.append(Cell(runtime, batch, n, d_ms, p_ms))
+    return cells
+
+
+def torch_cuda_cells(dense_model: Any, pruned_model: Any, shapes: Sequence[Sequence[int]],
+                     batches: Sequence[int], progress: Callable[[str], None] = lambda s: None,
+                     **timing: Any) -> list[Cell]:
+    """torch on CUDA: eager and CUDA-graph replay, fp32 and fp16, channels_last."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    cells = []
+    for dtype, tag in ((torch.float32, "fp32"), (torch.float16, "fp16")):
+        models = []
+        for m in (dense_model, pruned_model):
+            m = m.eval().to("cuda", dtype).to(memory_format=torch.channels_last)
+            models.append(m)
+        for batch in batches:
+            inputs = [torch.randn((batch, *s[1:]), device="cuda", dtype=dtype)
+                      for s in shapes]
+            inputs = [x.to(memory_format=torch.channels_last) if x.ndim == 4 else x
+                      for x in inputs]
+            for mode in ("eager", "graph"):
+                progress(f"torch-cuda-{mode}-{tag} batch={batch}")
+                runners = [_torch_runner(m, inputs, mode == "graph") for m in models]
+                d_ms, p_ms = interleaved(*runners, sync=torch.cuda.synchronize, **timing)
+                cells.append(Cell(f"torch-cuda-{mode}-{tag}", batch, None, d_ms, p_ms))
+    return cells
+
+
+def _torch_runner(model: Any, inputs: list, graph: bool) -> Runner:
+    import torch
+
+    with torch.no_grad():
+        if not graph:
+            return lambda: model(*inputs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                model(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            model(*inputs)
+    return g.replay
+
+
+def machine() -> dict[str, Any]:
+    """The machine and library versions, for the record."""
+    import onnxruntime as ort
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "ort_providers": ort.get_available_providers(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return info
+
+
+def bench(dense_onnx: Path, pruned_onnx: Path, shapes: Sequence[Sequence[int]],
+          macs_ratio: float | None = None, batches: Sequence[int] = (1, 32),
+          threads: Sequence[int] | None = None, torch_models: tuple | None = None,
+          progress: Callable[[str], None] = lambda s: None, **timing: Any) -> dict[str, Any]:
+    """Benchmark dense against pruned on every runtime present; returns plain JSON data."""
+    threads = threads or sorted({1, os.cpu_count() or 1})
+    cells = ort_cells(dense_onnx, pruned_onnx, shapes, batches, threads, progress, **timing)
+    if torch_models is not None:
+        cells += torch_cuda_cells(*torch_models, shapes, batches, progress, **timing)
+    ideal = 1 / macs_ratio if macs_ratio else None
+    return {"machine": machine(), "macs_ratio": macs_ratio, "ideal_speedup": ideal,
+            "timing": {k: v for k, v in timing.items() if isinstance(v, (int, float))},
+            "cells": [c.to_json(ideal) for c in cells]}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']} ({m['cores']} cores)"
+             + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+             + f"; torch {m['torch']}, onnxruntime {m['onnxruntime']}", ""]
+    ideal = result.get("ideal_speedup")
+    lines.append("| runtime | threads | batch | dense ms (p10-p90) | pruned ms (p10-p90) | "
+                 "speed-up (p10-p90) | ideal (MACs) |")
+    lines.append("|---|---|---|---|---|---|---|")
+    ideal_text = f"{ideal:.2f}x" if ideal else "-"
+    for c in result["cells"]:
+        d, p = c["dense_ms"], c["pruned_ms"]
+        lines.append(
+            f"| {c['runtime']} | {c['threads'] or '-'} | {c['batch']} | "
+            f"{d['median']:.2f} ({d['p10']:.2f}-{d['p90']:.2f}) | "
+            f"{p['median']:.2f} ({p['p10']:.2f}-{p['p90']:.2f}) | "
+            f"{c['speedup']:.2f}x ({c['speedup_p10']:.2f}-{c['speedup_p90']:.2f}) | "
+            f"{ideal_text} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Bar chart of dense and pruned median latency per runtime and batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = result["cells"]
+    labels = [f"{c['runtime']}\n{'t=' + str(c['threads']) + ' ' if c['threads'] else ''}b={c['batch']}"
+              for c in cells]
+    x = np.arange(len(cells))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cells)), 4))
+    ax.bar(x - 0.2, [c["dense_ms"]["median"] for c in cells], 0.4, label="dense")
+    ax.bar(x + 0.2, [c["pruned_ms"]["median"] for c in cells], 0.4, label="pruned")
+    for i, c in enumerate(cells):
+        ax.annotate(f"{c['speedup']:.2f}x", (x[i] + 0.2, c["pruned_ms"]["median"]),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("median latency (ms, log)")
+    ax.set_title("dense vs pruned" + (f" (ideal {result['ideal_speedup']:.2f}x from MACs)"
+                                      if result.get("ideal_speedup") else ""))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: dict[str, Any], directory: Path) -> None:
+    (directory / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (directory / "bench.md").write_text(markdown(result))
+    plot(result, directory / "bench.png")
+
+
+
+
+def plot_sweep(sweep: dict[str, Any], path: Path) -> None:
+    """Speed-up against ratio for every runtime cell, with the ideal curve from MACs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sweep["points"]
+    ratios = [p["ratio"] for p in points]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(ratios, [p["ideal_speedup"] or 1 for p in points], "k--", label="ideal (MACs)")
+    keys = sorted({(c["runtime"], c["threads"], c["batch"]) for p in points for c in p["cells"]},
+                  key=str)
+    for runtime, threads, batch in keys:
+        ys = []
+        for p in points:
+            match = [c["speedup"] for c in p["cells"]
+                     if (c["runtime"], c["threads"], c["batch"]) == (runtime, threads, batch)]
+            ys.append(match[0] if match else np.nan)
+        label = f"{runtime}{' t=' + str(threads) if threads else ''} b={batch}"
+        ax.plot(ratios, ys, marker="o", label=label)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("pruning ratio")
+    ax.set_ylabel("speed-up (dense / pruned)")
+    ax.set_title(sweep["spec"])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

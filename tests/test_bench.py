@@ -1,0 +1,65 @@
+"""The benchmark's bookkeeping (not its timings)."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from structprune import bench
+from structprune.cli import main
+
+from .test_cli import TINY
+
+
+def test_interleaving_alternates_and_times_each_call():
+    calls = []
+    ticks = itertools.count()
+    clock = lambda: next(ticks) * 0.001  # noqa: E731 - 1 ms per clock read
+    d_ms, p_ms = bench.interleaved(lambda: calls.append("d"), lambda: calls.append("p"),
+                                   warmup=1, repeats=4, clock=clock)
+    assert calls == ["d", "p", "d", "p", "p", "d", "d", "p", "p", "d"]
+    assert d_ms == pytest.approx([1.0] * 4) and p_ms == pytest.approx([1.0] * 4)
+
+
+def test_time_budget_stops_after_the_minimum():
+    ticks = itertools.count()
+    d_ms, _ = bench.interleaved(lambda: None, lambda: None, warmup=0, repeats=50,
+                                max_seconds=0.0, min_repeats=3,
+                                clock=lambda: next(ticks) * 1.0)
+    assert len(d_ms) == 3
+
+
+def test_cell_statistics():
+    cell = bench.Cell("ort-cpu", 1, 2, [10, 12, 11, 30], [5, 6, 5.5, 10])
+    data = cell.to_json(ideal=4.0)
+    assert data["dense_ms"]["median"] == pytest.approx(11.5)
+    assert data["speedup"] == pytest.approx(np.median([2, 2, 2, 3]))
+    assert data["speedup_p10"] <= data["speedup"] <= data["speedup_p90"]
+    assert data["ideal_speedup"] == 4.0 and data["repeats"] == 4
+
+
+def test_bench_command_writes_consistent_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", TINY, "--ratio", "0.5", "--out", str(out), "--input-shape",
+                 "1,3,16,16", "--exporter", "torchscript"]) == 0
+    assert main(["bench", str(out), "--batch", "1", "--batch", "4", "--threads", "1",
+                 "--repeats", "3", "--warmup", "1"]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "bench.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    cpu = [c for c in data["cells"] if c["runtime"] == "ort-cpu"]
+    assert [(c["threads"], c["batch"]) for c in cpu] == [(1, 1), (1, 4)]
+    assert data["ideal_speedup"] == pytest.approx(1 / report["macs_ratio"])
+    for c in cpu:
+        assert c["repeats"] == 3 and len(c["dense_ms"]["runs"]) == 3
+        assert f"{c['speedup']:.2f}x" in printed
+        assert c["dense_ms"]["p10"] <= c["dense_ms"]["median"] <= c["dense_ms"]["p90"]
+    assert data["machine"]["cores"] >= 1 and data["machine"]["cpu"]
+    assert (out / "bench.png").stat().st_size > 1000
+    assert "| ort-cpu |" in (out / "bench.md").read_text()
+
+
+def test_bench_on_a_directory_without_a_prune(tmp_path, capsys):
+    assert main(["bench", str(tmp_path)]) == 2
+    assert "run `structprune prune" in capsys.readouterr().err
