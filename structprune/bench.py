@@ -53,30 +53,36 @@ def _stats(x: np.ndarray) -> dict[str, float]:
             "p90": float(np.percentile(x, 90)), "runs": [round(float(v), 4) for v in x]}
 
 
-def interleaved(dense: Runner, pruned: Runner, warmup: int = 2, repeats: int = 10,
-                max_seconds: float = 30.0, min_repeats: int = 3,
-                clock: Callable[[], float] = time.perf_counter,
-                sync: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
-    """Time ``dense`` and ``pruned`` alternately; milliseconds per call for each."""
+def interleaved_many(runners: Sequence[Runner], warmup: int = 2, repeats: int = 10,
+                     max_seconds: float = 30.0, min_repeats: int = 3,
+                     clock: Callable[[], float] = time.perf_counter,
+                     sync: Callable[[], None] = lambda: None) -> list[list[float]]:
+    """Time the runners in turn, reversing the order every round; ms per call for each."""
     for _ in range(warmup):
-        dense()
-        pruned()
+        for fn in runners:
+            fn()
     sync()
-    d_ms, p_ms = [], []
+    times: list[list[float]] = [[] for _ in runners]
+    order = list(range(len(runners)))
     start = clock()
     for i in range(repeats):
-        for fn, out in ((dense, d_ms), (pruned, p_ms)) if i % 2 == 0 else \
-                ((pruned, p_ms), (dense, d_ms)):
+        for k in order if i % 2 == 0 else order[::-1]:
             t = clock()
-            fn()
+            runners[k]()
             sync()
-            out.append((clock() - t) * 1e3)
+            times[k].append((clock() - t) * 1e3)
         if i + 1 >= min_repeats and clock() - start > max_seconds:
             break
+    return times
+
+
+def interleaved(dense: Runner, pruned: Runner, **timing: Any) -> tuple[list[float], list[float]]:
+    """Time ``dense`` and ``pruned`` alternately; milliseconds per call for each."""
+    d_ms, p_ms = interleaved_many([dense, pruned], **timing)
     return d_ms, p_ms
 
 
-def _ort_runner(path: Path, batch: int, shapes: Sequence[Sequence[int]], threads: int | None,
+def ort_runner(path: Path, batch: int, shapes: Sequence[Sequence[int]], threads: int | None,
                 provider: str) -> Runner:
     import onnxruntime as ort
 
@@ -107,8 +113,8 @@ def ort_cells(dense: Path, pruned: Path, shapes: Sequence[Sequence[int]], batche
     for runtime, provider, n in plans:
         for batch in batches:
             progress(f"{runtime} threads={n} batch={batch}")
-            d = _ort_runner(dense, batch, shapes, n, provider)
-            p = _ort_runner(pruned, batch, shapes, n, provider)
+            d = ort_runner(dense, batch, shapes, n, provider)
+            p = ort_runner(pruned, batch, shapes, n, provider)
             d_ms, p_ms = interleaved(d, p, **timing)
             cells.append(Cell(runtime, batch, n, d_ms, p_ms))
     return cells
@@ -135,13 +141,13 @@ def torch_cuda_cells(dense_model: Any, pruned_model: Any, shapes: Sequence[Seque
                       for x in inputs]
             for mode in ("eager", "graph"):
                 progress(f"torch-cuda-{mode}-{tag} batch={batch}")
-                runners = [_torch_runner(m, inputs, mode == "graph") for m in models]
+                runners = [torch_runner(m, inputs, mode == "graph") for m in models]
                 d_ms, p_ms = interleaved(*runners, sync=torch.cuda.synchronize, **timing)
                 cells.append(Cell(f"torch-cuda-{mode}-{tag}", batch, None, d_ms, p_ms))
     return cells
 
 
-def _torch_runner(model: Any, inputs: list, graph: bool) -> Runner:
+def torch_runner(model: Any, inputs: list, graph: bool) -> Runner:
     import torch
 
     with torch.no_grad():
