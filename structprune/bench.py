@@ -162,7 +162,10 @@ def torch_runner(model: Any, inputs: list, graph: bool) -> Runner:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             model(*inputs)
-    return g.replay
+
+    def replay(keep_alive=(model, inputs)) -> None:  # the graph reads their memory
+        g.replay()
+    return replay
 
 
 def machine() -> dict[str, Any]:
