@@ -48,8 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--exact-only", action="store_true",
                    help="prune only groups whose removal is exact (no approximate groups)")
-    p.add_argument("--round-to", type=int, default=1, metavar="N",
-                   help="keep channel counts that are multiples of N")
+    p.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+                   help="keep channel counts that are multiples of N; 'auto' measures "
+                        "1, 8, 16, 32, 64 on this machine's runtime and keeps the fastest")
+    p.add_argument("--tune-batch", type=int, default=1,
+                   help="batch size used to time candidates with --round-to auto")
     p.add_argument("--ignore", action="append", default=[], metavar="NAME",
                    help="module (or glob) whose parameters stay untouched; repeatable")
     p.add_argument("--global", dest="global_ranking", action="store_true",
@@ -78,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("must be an integer or 'auto'") from exc
+
+
 def _model_and_inputs(args: argparse.Namespace):
     from .capture import example_inputs_from_shapes
     from .models import build_model, load_weights, parse_shape
@@ -93,7 +105,7 @@ def _model_and_inputs(args: argparse.Namespace):
 def _check_settings(args: argparse.Namespace) -> None:
     if not 0 <= args.ratio < 1:
         raise StructPruneError(f"--ratio {args.ratio} is outside [0, 1): pass e.g. --ratio 0.5")
-    if args.round_to < 1:
+    if args.round_to != "auto" and args.round_to < 1:
         raise StructPruneError(f"--round-to {args.round_to} must be 1 or more")
     if args.min_width < 1:
         raise StructPruneError(f"--min-width {args.min_width} must be 1 or more")
@@ -155,9 +167,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    disable=not sys.stderr.isatty())
         bar.set_postfix_str(steps[0])
         t0 = time.perf_counter()
-        result = prune(model, inputs, args.ratio, importance=args.importance,
-                       global_ranking=args.global_ranking, round_to=args.round_to,
-                       min_width=args.min_width, ignore=args.ignore, exact_only=args.exact_only)
+        settings = dict(importance=args.importance, global_ranking=args.global_ranking,
+                        min_width=args.min_width, ignore=args.ignore, exact_only=args.exact_only)
+        if args.round_to == "auto":
+            from .tune import fastest_rounding
+            bar.set_postfix_str("timing round_to candidates")
+            result = fastest_rounding(model, inputs, args.ratio, batch=args.tune_batch,
+                                      **settings)
+        else:
+            result = prune(model, inputs, args.ratio, round_to=args.round_to, **settings)
         bar.update()
         from .io import save
 
@@ -198,6 +216,11 @@ def _print_report(spec: str, f: dict[str, Any], result, out: Path) -> None:
             ("approximate groups pruned", "", str(f["approximate_groups_pruned"]))]
     print(f"structprune: {spec}")
     print(_table(rows))
+    if "rounding" in f:
+        r = f["rounding"]
+        cands = ", ".join(f"{c['round_to']}: {c['speedup']:.2f}x" for c in r["candidates"])
+        print(f"round_to {r['chosen']} chosen by timing on {r['runtime']} batch {r['batch']} "
+              f"(speed-up over dense per candidate: {cands})")
     v = result.verification
     scope = "whole plan" if v and v.exact_units_only else "exact part of the plan"
     if v:
