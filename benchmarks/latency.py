@@ -31,7 +31,7 @@ import torch.nn as nn
 import torchvision
 
 import structprune as sp
-from structprune import bench
+from structprune import bench, tune
 from structprune.export import export_onnx
 from structprune.report import count_macs
 
@@ -56,15 +56,22 @@ def tp_prune(model: nn.Module, x: torch.Tensor, ratio: float, round_to: int | No
     return model.eval()
 
 
-def variants(name: str, ratio: float, x: torch.Tensor, with_tp: bool) -> dict[str, nn.Module]:
+def variants(name: str, ratio: float, x: torch.Tensor, with_tp: bool, auto: bool,
+             ) -> tuple[dict[str, nn.Module], dict]:
     dense = build(name)
     out = {"dense": dense,
            "structprune": sp.prune(dense, (x,), ratio, check=False).model,
            "structprune_r8": sp.prune(dense, (x,), ratio, round_to=8, check=False).model}
+    tuning = {}
+    if auto:  # round_to measured on this machine's runtime (GPU fp16 batch 64, else ORT CPU)
+        batch = 64 if torch.cuda.is_available() else 1
+        tuned = tune.fastest_rounding(dense, (x,), ratio, batch=batch)
+        out["structprune_auto"] = tuned.model
+        tuning = tuned.figures["rounding"]
     if with_tp:
         out["torch_pruning"] = tp_prune(dense, x, ratio, None)
         out["torch_pruning_r8"] = tp_prune(dense, x, ratio, 8)
-    return out
+    return out, tuning
 
 
 def macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -110,6 +117,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--cuda-repeats", type=int, default=50)
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    parser.add_argument("--no-auto", action="store_true", help="skip --round-to auto")
+    parser.add_argument("--threads", default=None,
+                        help="ORT CPU thread counts, comma-separated (default all cores and 1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     runtimes = args.runtimes.split(",")
@@ -130,11 +140,13 @@ def main() -> int:
         for name in args.models.split(","):
             for ratio in (float(r) for r in args.ratios.split(",")):
                 t0 = time.perf_counter()
-                models = variants(name, ratio, x, not args.no_tp)
-                row = {"model": name, "ratio": ratio,
+                models, tuning = variants(name, ratio, x, not args.no_tp, not args.no_auto)
+                row = {"model": name, "ratio": ratio, "rounding": tuning,
                        "macs": {k: macs(m, x) for k, m in models.items()}}
                 if "ort-cpu" in runtimes:
-                    for threads in sorted({os.cpu_count() or 1, 1}, reverse=True):
+                    counts = [int(t) for t in args.threads.split(",")] if args.threads else \
+                        sorted({os.cpu_count() or 1, 1}, reverse=True)
+                    for threads in counts:
                         row[f"ort_cpu{threads}_bs1_ms"] = time_ort(models, x, threads,
                                                                   args.repeats, Path(tmp))
                 if cuda:
