@@ -377,76 +377,79 @@ class _Engine:
 
 
 def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
-    """Group components by the set of parameter dimensions they touch."""
+    """Group components by the set of parameter dimensions they touch (vectorised)."""
     if not engine.slots:
         return []
     keys = list(engine.slots)
-    rng = np.random.default_rng(0x5eed)
-    key_hash = rng.integers(1, 2**62, size=len(keys), dtype=np.int64).astype(np.uint64)
+    n_keys = len(keys)
     n_comp = int(component.max()) + 1
-    pair_comp = []
-    pair_key = []
-    for k, key in enumerate(keys):
-        comps = np.unique(component[engine.slots[key]])
-        pair_comp.append(comps)
-        pair_key.append(np.full(len(comps), k, np.int64))
-    comp_of_pair = np.concatenate(pair_comp)
-    key_of_pair = np.concatenate(pair_key)
+    sizes = np.array([len(engine.slots[k]) for k in keys], np.int64)
+    slot_key = np.repeat(np.arange(n_keys, dtype=np.int64), sizes)
+    slot_pos = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes])
+    slot_comp = component[np.concatenate([engine.slots[k] for k in keys])]
+
+    # distinct (component, key) pairs, with how many slots each pair has
+    codes, counts = np.unique(slot_comp * n_keys + slot_key, return_counts=True)
+    pair_comp, pair_key = codes // n_keys, codes % n_keys
+    rng = np.random.default_rng(0x5eed)
+    key_hash = rng.integers(1, 2**62, size=n_keys, dtype=np.int64).astype(np.uint64)
     signature = np.zeros(n_comp, np.uint64)
-    np.add.at(signature, comp_of_pair, key_hash[key_of_pair])
+    np.add.at(signature, pair_comp, key_hash[pair_key])
     has_slot = np.zeros(n_comp, bool)
-    has_slot[comp_of_pair] = True
+    has_slot[pair_comp] = True
 
     blocked = np.zeros(n_comp, bool)
     approximate = np.zeros(n_comp, bool)
-    reasons: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    comp_reasons: list[tuple[np.ndarray, str, str, str]] = []
-    for kind, records, flag in (("blocked", engine.atoms.blocked, blocked),
+    records: list[tuple[np.ndarray, str, str, str]] = []
+    for kind, entries, flag in (("blocked", engine.atoms.blocked, blocked),
                                 ("approximate", engine.atoms.approx, approximate)):
-        for ids, reason, node in records:
-            comps = np.unique(component[ids.ravel()])
+        for ids, reason, node in entries:
+            comps = component[ids.ravel()]
             flag[comps] = True
-            comp_reasons.append((comps, kind, reason, node))
-
+            records.append((comps, kind, reason, node))
     fixed = np.zeros(n_comp, bool)
     for ids in engine.atoms.fixed:
         fixed[component[ids.ravel()]] = True
     has_slot &= ~(fixed & ~blocked & ~approximate)
     blocked |= fixed
-    slot_comps = np.nonzero(has_slot)[0]
-    sig_values, group_of = np.unique(signature[slot_comps], return_inverse=True)
+
+    slot_comps = np.flatnonzero(has_slot)
+    _, group_of = np.unique(signature[slot_comps], return_inverse=True)
+    n_groups = int(group_of.max()) + 1 if group_of.size else 0
     group_of_comp = np.full(n_comp, -1, np.int64)
     group_of_comp[slot_comps] = group_of
-    for comps, kind, reason, node in comp_reasons:
+
+    reasons: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for comps, kind, reason, node in records:
         for g in np.unique(group_of_comp[comps]):
             if g >= 0:
                 reasons[int(g)][f"{kind}: {reason}"].append(node)
 
-    # members of each group and unit order
-    members: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    order: dict[int, np.ndarray] = {}
-    width: dict[int, int] = {}
-    for k, key in enumerate(keys):
-        for g in np.unique(group_of_comp[pair_comp[k]]):
-            if g >= 0:
-                members[int(g)].append(key)
+    # members: distinct (group, key) pairs in key order; width: fewest slots per pair
+    pair_group = group_of_comp[pair_comp]
+    valid = pair_group >= 0
+    member_codes = np.unique(pair_key[valid] + n_keys * pair_group[valid])
+    width = np.full(n_groups, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(width, pair_group[valid], counts[valid])
+    members: list[list[tuple[str, int]]] = [[] for _ in range(n_groups)]
+    for code in member_codes.tolist():
+        members[code // n_keys].append(keys[code % n_keys])
+
+    # unit order: by first slot position in the group's first member (slots are laid out
+    # in (key, position) order, so a component's first occurrence is that slot)
+    comps_sorted, lead = np.unique(slot_comp, return_index=True)
+    lead_group = group_of_comp[comps_sorted]
+    keep = lead_group >= 0
+    comps_sorted, lead_group = comps_sorted[keep], lead_group[keep]
+    by_group = np.lexsort((slot_pos[lead][keep], lead_group))
+    units_all, groups_all = comps_sorted[by_group], lead_group[by_group]
+    bounds = np.searchsorted(groups_all, np.arange(n_groups + 1))
+
     groups = []
-    for g in range(len(sig_values)):
-        first = members[g][0]
-        ids = engine.slots[first]
-        comps_in_order = component[ids]
-        _, first_pos = np.unique(comps_in_order, return_index=True)
-        units = comps_in_order[np.sort(first_pos)]
-        units = units[group_of_comp[units] == g]
-        order[g] = units
-        per_member = []
-        for key in members[g]:
-            c = component[engine.slots[key]]
-            _, counts = np.unique(c[group_of_comp[c] == g], return_counts=True)
-            per_member.append(int(counts.min()))
-        width[g] = max(1, min(per_member))
+    for g in range(n_groups):
+        units = units_all[bounds[g]:bounds[g + 1]]
         groups.append(Group(
-            index=g, members=members[g], units=units, width=width[g],
+            index=g, members=members[g], units=units, width=max(1, int(width[g])),
             blocked=blocked[units], approximate=approximate[units] & ~blocked[units],
             reasons={k: v for k, v in reasons[g].items()},
         ))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -53,6 +54,71 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
                             "model or the model is already pruned")
 
 
+_PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device, torch.memory_format)
+
+
+def _plain(value) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(isinstance(v, _PLAIN) or (isinstance(v, tuple) and _plain(v)) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(v) or callable(v) for v in value.values())
+    # classes and functions (e.g. a block's norm_layer) are shared, as deepcopy would
+    return callable(value) and not isinstance(value, (nn.Module, torch.Tensor))
+
+
+def _copy_modules(model: nn.Module, shared: set[int]) -> nn.Module | None:
+    """Copy the module tree, cloning every tensor except those in ``shared`` (about to be
+    replaced). Modules holding anything but plain attributes return None: deepcopy them."""
+    memo: dict[int, object] = {}
+
+    def tensor(t):
+        if t is None or id(t) in shared:
+            return t
+        if id(t) not in memo:
+            clone = t.detach().clone()
+            memo[id(t)] = nn.Parameter(clone, t.requires_grad) if isinstance(t, nn.Parameter) \
+                else clone
+        return memo[id(t)]
+
+    def module(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        if hasattr(type(m), "__deepcopy__"):  # e.g. GraphModule: it knows best
+            raise _NotPlain
+        new = copy.copy(m)
+        memo[id(m)] = new
+        for key, value in m.__dict__.items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            if not _plain(value):
+                raise _NotPlain
+            if isinstance(value, (list, dict, set)):
+                new.__dict__[key] = copy.copy(value)
+        new._parameters = {k: tensor(v) for k, v in m._parameters.items()}
+        new._buffers = {k: tensor(v) for k, v in m._buffers.items()}
+        new._modules = {k: module(v) if v is not None else None for k, v in m._modules.items()}
+        return new
+
+    try:
+        return module(model)
+    except _NotPlain:
+        return None
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _take(tensor: torch.Tensor, dim: int, keep: list[int]) -> torch.Tensor:
+    """``index_select``; numpy's take when it can, which is several times faster on CPU."""
+    if tensor.device.type == "cpu" and tensor.dtype not in (torch.bfloat16, torch.float8_e4m3fn,
+                                                             torch.float8_e5m2):
+        return torch.from_numpy(np.take(tensor.numpy(), keep, axis=dim))
+    return tensor.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=tensor.device))
+
+
 def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=None) -> nn.Module:
     """Return ``model`` (a copy unless ``inplace``) with the plan's slices removed."""
     from .rules import DEFAULT_REGISTRY
@@ -64,8 +130,11 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
     for entry in plan.params:
         cuts[entry["name"]].append((entry["dim"], entry["keep"]))
     if not inplace:  # share the tensors about to be replaced instead of copying them
-        memo = {id(named[name]): named[name] for name in cuts}
-        model = copy.deepcopy(model, memo)
+        replaced = {id(named[name]) for name in cuts}
+        copied = _copy_modules(model, replaced)
+        if copied is None:
+            copied = copy.deepcopy(model, {i: named[n] for n in cuts for i in [id(named[n])]})
+        model = copied
         named = _named_tensors(model)
     holders = _holders(model)
     touched: dict[int, nn.Module] = {}
@@ -74,8 +143,7 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
             old = named[name]
             new = old.detach()
             for dim, keep in sorted(dims):  # leading axis first: contiguous copies
-                index = torch.as_tensor(keep, dtype=torch.long, device=old.device)
-                new = new.index_select(dim, index)
+                new = _take(new, dim, keep)
             new = new.contiguous()
             if isinstance(old, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=old.requires_grad)

@@ -232,7 +232,7 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
         if drop.any():
             keep = np.flatnonzero(~drop)
             params.append({"name": name, "dim": dim, "size": int(len(ids)),
-                           "keep": [int(i) for i in keep]})
+                           "keep": keep.tolist()})
     order = {name: i for i, name in enumerate(analysis.sizes)}
     params.sort(key=lambda p: (order[p["name"]], p["dim"]))
     return Plan(params, decisions, asdict(settings))

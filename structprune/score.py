@@ -27,6 +27,11 @@ def _slice_norms(tensor: torch.Tensor, dim: int, p: int, rows: int = 64) -> np.n
         t = tensor.detach().float()
         size = t.shape[dim]
         before = int(np.prod(t.shape[:dim], dtype=np.int64))
+        if t.numel() < 1 << 18 and t.device.type == "cpu":  # small: numpy has less overhead
+            a = t.numpy().reshape(before, size, -1)
+            a = np.abs(a) if p == 1 else a * a
+            sums = a.sum(axis=(0, 2), dtype=np.float64)
+            return sums if p == 1 else np.sqrt(sums)
         if before == 1:
             return torch.linalg.vector_norm(t.reshape(size, -1), ord=p, dim=1).double().numpy()
         t = t.reshape(before, size, -1)
@@ -38,31 +43,51 @@ def _slice_norms(tensor: torch.Tensor, dim: int, p: int, rows: int = 64) -> np.n
     return norms.double().numpy()
 
 
-def magnitude(analysis: Analysis, group: Group, p: int = 2) -> np.ndarray:
+class _Norms:
+    """Slice norms per (parameter, axis, p), computed once per scoring pass."""
+
+    def __init__(self, analysis: Analysis):
+        self.params = dict(analysis.capture.graph_module.named_parameters())
+        self.cache: dict[tuple[str, int, int], np.ndarray] = {}
+        self.position = np.full(int(analysis.component.max()) + 1, -1, np.int64)
+
+    def get(self, name: str, dim: int, p: int) -> np.ndarray | None:
+        key = (name, dim, p)
+        if key not in self.cache:
+            tensor = self.params.get(name)
+            if tensor is None:
+                self.cache[key] = None
+            else:
+                self.cache[key] = _slice_norms(tensor, dim, p)
+        return self.cache[key]
+
+
+def magnitude(analysis: Analysis, group: Group, p: int = 2, norms: _Norms | None = None,
+              ) -> np.ndarray:
     """Per-unit L1 (``p=1``) or L2 (``p=2``) magnitude, averaged over the group's members."""
-    params = dict(analysis.capture.graph_module.named_parameters())
-    position = np.full(int(analysis.component.max()) + 1, -1, np.int64)
+    norms = norms or _Norms(analysis)
+    position = norms.position
     position[group.units] = np.arange(group.size)
     total = np.zeros(group.size)
     counted = 0
     for name, dim in group.members:
-        tensor = params.get(name)
-        if tensor is None:
+        values = norms.get(name, dim, p)
+        if values is None:
             continue
-        ids = analysis.slots[(name, dim)]
-        where = position[analysis.component[ids]]
+        where = position[analysis.component[analysis.slots[(name, dim)]]]
         inside = where >= 0
-        np.add.at(total, where[inside], _slice_norms(tensor, dim, p)[inside])
+        total += np.bincount(where[inside], values[inside], minlength=group.size)
         counted += 1
+    position[group.units] = -1
     return total / max(counted, 1)
 
 
-def l1(analysis: Analysis, group: Group) -> np.ndarray:
-    return magnitude(analysis, group, 1)
+def l1(analysis: Analysis, group: Group, norms: _Norms | None = None) -> np.ndarray:
+    return magnitude(analysis, group, 1, norms)
 
 
-def l2(analysis: Analysis, group: Group) -> np.ndarray:
-    return magnitude(analysis, group, 2)
+def l2(analysis: Analysis, group: Group, norms: _Norms | None = None) -> np.ndarray:
+    return magnitude(analysis, group, 2, norms)
 
 
 IMPORTANCE: dict[str, Importance] = {"l1": l1, "l2": l2}
@@ -71,10 +96,13 @@ IMPORTANCE: dict[str, Importance] = {"l1": l1, "l2": l2}
 def score(analysis: Analysis, importance: str | Importance = "l2",
           groups: list[Group] | None = None) -> dict[int, np.ndarray]:
     """Normalised importance per unit, for each group (by group index)."""
-    fn = IMPORTANCE[importance] if isinstance(importance, str) else importance
+    builtin = isinstance(importance, str)
+    fn = IMPORTANCE[importance] if builtin else importance
+    norms = _Norms(analysis)  # a tensor feeds several groups: its norms are computed once
     scores = {}
     for group in analysis.groups if groups is None else groups:
-        s = np.asarray(fn(analysis, group), dtype=np.float64)
+        s = fn(analysis, group, norms) if builtin else fn(analysis, group)
+        s = np.asarray(s, dtype=np.float64)
         mean = s.mean() if s.size else 0.0
         scores[group.index] = s / mean if mean > 0 else s
     return scores
