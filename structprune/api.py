@@ -88,6 +88,7 @@ def prune(
     plan = make_plan(analysis, scores, settings)
     t4 = time.perf_counter()
 
+    dense_figures = {"params_dense": count_params(model), "macs_dense": count_macs(cap)}
     inputs = random_inputs(example_inputs, seed=1)
     checked = exact_subplan(analysis, plan) if check else None
     reference = reference_outputs(analysis, checked, inputs) if check else None
@@ -111,8 +112,7 @@ def prune(
                 f"pruned model differs from the masked dense model (relative error "
                 f"{verification.max_rel_error:.2e} > {tolerance:.0e}); please report this model. "
                 "Use --exact-only or --ignore the modules involved")
-    figures = figures_for(cap, model if not inplace else None, pruned, example_inputs,
-                          leaf_modules, registry)
+    figures = figures_for(dense_figures, pruned, example_inputs, leaf_modules, registry)
     figures["seconds"] = timings
     figures.update(analysis.summary())
     approx_pruned = [g["index"] for g in plan.groups
@@ -122,12 +122,11 @@ def prune(
     return PruneResult(pruned, plan, analysis, figures, verification)
 
 
-def figures_for(dense_capture: Capture, dense: nn.Module | None, pruned: nn.Module,
-                example_inputs: Sequence[Any], leaf_modules: Sequence[type] = (),
-                registry: Any = None) -> dict[str, Any]:
+def figures_for(dense: dict[str, int], pruned: nn.Module, example_inputs: Sequence[Any],
+                leaf_modules: Sequence[type] = (), registry: Any = None) -> dict[str, Any]:
+    """Parameters and MACs before (counted before surgery) and after."""
     pruned_capture = capture(pruned, example_inputs, leaf_modules, registry)
-    dense_params = count_params(dense_capture.model)
-    dense_macs = count_macs(dense_capture)
+    dense_params, dense_macs = dense["params_dense"], dense["macs_dense"]
     pruned_macs = count_macs(pruned_capture)
     pruned_params = count_params(pruned)
     return {

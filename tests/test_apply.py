@@ -1,5 +1,6 @@
 import io
 
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
@@ -50,6 +51,8 @@ def test_copy_by_default_and_in_place_on_request():
     in_place = sp.prune(model, x, 0.5, inplace=True)
     assert in_place.model is model and model.conv1.out_channels == 32
     assert in_place.verification.ok
+    assert in_place.figures["macs_ratio"] == pytest.approx(result.figures["macs_ratio"])
+    assert in_place.figures["params_dense"] == result.figures["params_dense"]
 
 
 def test_tied_weights_stay_tied():
