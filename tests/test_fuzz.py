@@ -1,0 +1,49 @@
+"""Property: on random architectures and settings, pruning either verifies (and its ONNX
+export matches torch) or refuses with a StructPruneError. Never a crash, never a mismatch.
+
+``STRUCTPRUNE_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py`` runs a long search.
+"""
+
+import os
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import structprune as sp
+from structprune.export import export_onnx, onnx_parity
+from structprune.verify import flatten_outputs
+
+from .fuzz_models import build, net_spec
+from .oracles import outputs, randomize, weight_masked
+
+EXAMPLES = int(os.environ.get("STRUCTPRUNE_FUZZ_EXAMPLES", "120"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=net_spec, ratio=st.floats(0.0, 0.95), round_to=st.sampled_from([1, 2, 4, 8]),
+       exact_only=st.booleans(), global_ranking=st.booleans(), data=st.data())
+def test_random_architectures(spec, ratio, round_to, exact_only, global_ranking, data):
+    torch.manual_seed(0)
+    model, inputs = build(spec)
+    randomize(model)
+    names = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()})
+    ignore = data.draw(st.lists(st.sampled_from(names), max_size=2, unique=True))
+    try:
+        result = sp.prune(model, inputs, ratio, round_to=round_to, exact_only=exact_only,
+                          global_ranking=global_ranking, ignore=ignore)
+    except sp.StructPruneError:
+        return  # a clear refusal is an allowed outcome
+    assert result.verification.ok
+    dense_out = flatten_outputs(outputs(model, inputs))
+    pruned_out = flatten_outputs(outputs(result.model, inputs))
+    assert [t.shape for t in dense_out] == [t.shape for t in pruned_out]
+    if result.verification.exact_units_only:
+        oracle = flatten_outputs(outputs(weight_masked(model, result.plan), inputs))
+        for o, p in zip(oracle, pruned_out, strict=True):
+            assert torch.allclose(o, p, rtol=1e-4, atol=1e-4 * float(o.abs().max() + 1e-6))
+    if data.draw(st.integers(0, 3)) == 0:  # ONNX on a quarter of the examples, for time
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fuzz_{os.getpid()}.onnx")
+        export_onnx(result.model, inputs, path, exporter="torchscript")
+        assert onnx_parity(path, result.model, inputs) < 1e-4
