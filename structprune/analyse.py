@@ -242,6 +242,13 @@ class RuleContext:
             return None
         return self._engine.param_info(self._engine.tensor_names[id(tensor)])
 
+    def owner(self, info: Any) -> nn.Module | None:
+        """The module that holds ``info`` when it is a parameter or buffer itself."""
+        if not isinstance(info, TensorInfo) or info.param is None:
+            return None
+        path = info.param.rsplit(".", 1)[0] if "." in info.param else ""
+        return self._engine.model_modules.get(path)
+
     def is_literal(self, position: int | str) -> bool:
         """Whether the node's raw argument at ``position`` is a constant in the traced code."""
         raw = self.node.args[position] if isinstance(position, int) else self.node.kwargs[position]
@@ -315,6 +322,8 @@ class _Engine:
         for name, tensor in named:
             self.tensor_names.setdefault(id(tensor), name)
         self.modules = dict(root.named_modules())
+        # owners by name in the user's model (an exported graph holds plain containers)
+        self.model_modules = dict(capture.model.named_modules())
 
     def param_info(self, name: str) -> TensorInfo:
         info = self._params.get(name)

@@ -64,6 +64,7 @@ def prune(
     leaf_modules: Sequence[type] = (),
     registry: Any = None,
     tolerance: float = 1e-4,
+    capture_method: str = "auto",
 ) -> PruneResult:
     """Prune ``model`` and return it (a copy unless ``inplace``) with its plan and figures.
 
@@ -79,7 +80,7 @@ def prune(
     settings.validate()
     timings = {}
     t0 = time.perf_counter()
-    cap: Capture = capture(model, example_inputs, leaf_modules, registry)
+    cap: Capture = capture(model, example_inputs, leaf_modules, registry, capture_method)
     t1 = time.perf_counter()
     analysis = analyse(cap, registry)
     t2 = time.perf_counter()
@@ -105,14 +106,21 @@ def prune(
             exact_model = pruned
         elif not inplace:
             exact_model = apply_plan(model, checked, inplace=False, registry=registry)
-        verification = verify(analysis, checked, exact_model, inputs, tolerance, reference)
+        try:
+            verification = verify(analysis, checked, exact_model, inputs, tolerance, reference)
+        except Exception as exc:  # noqa: BLE001 - a pruned model that cannot run is refused
+            raise VerificationError(
+                f"the pruned model fails to run ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}): a size it depends on is "
+                "fixed in forward(); --ignore the module involved") from exc
         verification.exact_units_only = checked is plan
         if not verification.ok:
             raise VerificationError(
                 f"pruned model differs from the masked dense model (relative error "
                 f"{verification.max_rel_error:.2e} > {tolerance:.0e}); please report this model. "
                 "Use --exact-only or --ignore the modules involved")
-    figures = figures_for(dense_figures, pruned, example_inputs, leaf_modules, registry)
+    figures = figures_for(dense_figures, pruned, example_inputs, leaf_modules, registry,
+                          cap.method)
     figures["seconds"] = timings
     figures.update(analysis.summary())
     approx_pruned = [g["index"] for g in plan.groups
@@ -123,9 +131,10 @@ def prune(
 
 
 def figures_for(dense: dict[str, int], pruned: nn.Module, example_inputs: Sequence[Any],
-                leaf_modules: Sequence[type] = (), registry: Any = None) -> dict[str, Any]:
+                leaf_modules: Sequence[type] = (), registry: Any = None, method: str = "auto",
+                ) -> dict[str, Any]:
     """Parameters and MACs before (counted before surgery) and after."""
-    pruned_capture = capture(pruned, example_inputs, leaf_modules, registry)
+    pruned_capture = capture(pruned, example_inputs, leaf_modules, registry, method)
     dense_params, dense_macs = dense["params_dense"], dense["macs_dense"]
     pruned_macs = count_macs(pruned_capture)
     pruned_params = count_params(pruned)

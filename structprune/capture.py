@@ -258,23 +258,80 @@ def _check_input_count(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Non
                            "example inputs were given: pass one --input-shape per input")
 
 
+def export_graph(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """The ATen-level graph of ``torch.export`` (params as get_attr under their own names)."""
+    from .verify import evaluation
+
+    try:
+        with evaluation(model):
+            program = torch.export.export(model, tuple(example_inputs), strict=False)
+        return program.module()
+    except Exception as exc:  # noqa: BLE001 - reported as one line with the user's location
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.export cannot capture {type(model).__name__} at "
+                           f"{_user_frame(exc)}: {first}") from exc
+
+
+def _meta_values(gm: fx.GraphModule) -> dict[str, Any]:
+    values = {}
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            values[node.name] = _to_spec(node.meta["val"])
+        elif node.op == "get_attr":
+            value: Any = gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            values[node.name] = _to_spec(value)
+        else:
+            values[node.name] = None
+    return values
+
+
+METHODS = ("auto", "fx", "export")
+
+
 def capture(
     model: nn.Module,
     example_inputs: Sequence[Any] | Any,
     leaf_modules: Iterable[type] = (),
     registry: Any = None,
+    method: str = "auto",
 ) -> Capture:
-    """Trace ``model`` and propagate shapes of ``example_inputs`` through every node."""
+    """Trace ``model`` and record what every node produces on ``example_inputs``.
+
+    ``method`` is ``"fx"`` (symbolic tracing, keeps module calls and size arithmetic),
+    ``"export"`` (torch.export's ATen graph, for models fx cannot trace) or ``"auto"``
+    (fx, then torch.export when tracing fails).
+    """
     from .rules import DEFAULT_REGISTRY
 
+    if method not in METHODS:
+        raise CaptureError(f"unknown capture method {method!r}: use one of {', '.join(METHODS)}")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     registry = registry or DEFAULT_REGISTRY
     leaf_types = tuple(leaf_modules)
-    gm = trace(model, leaf_types, registry)
-    _check_input_count(gm, example_inputs)
-    values = propagate(gm, example_inputs)
-    return Capture(model, gm, tuple(example_inputs), values, "fx", leaf_types)
+    if method in ("auto", "fx"):
+        try:
+            gm = trace(model, leaf_types, registry)
+        except CaptureError as fx_error:
+            if method == "fx":
+                raise
+            try:
+                return _capture_export(model, example_inputs, leaf_types)
+            except CaptureError as export_error:
+                raise CaptureError(f"{fx_error}; the torch.export fallback failed too: "
+                                   f"{export_error}") from export_error
+        _check_input_count(gm, example_inputs)
+        values = propagate(gm, example_inputs)
+        return Capture(model, gm, tuple(example_inputs), values, "fx", leaf_types)
+    return _capture_export(model, example_inputs, leaf_types)
+
+
+def _capture_export(model: nn.Module, example_inputs: Sequence[Any],
+                    leaf_types: tuple[type, ...]) -> Capture:
+    gm = export_graph(model, example_inputs)
+    return Capture(model, gm, tuple(example_inputs), _meta_values(gm), "export", leaf_types)
 
 
 def example_inputs_from_shapes(shapes: Sequence[Sequence[int]], seed: int = 0) -> tuple:

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="shape of one forward() input; repeat for several (default 1,3,224,224)")
         p.add_argument("--weights", help="state_dict file to load (read with weights_only=True)")
         p.add_argument("--seed", type=int, default=0, help="seed for zoo models' random weights")
+        p.add_argument("--capture", choices=["auto", "fx", "export"], default="auto",
+                       help="fx tracing, torch.export, or fx with torch.export as fallback")
 
     def timing_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--batch", type=int, action="append", default=None,
@@ -168,7 +170,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         bar.set_postfix_str(steps[0])
         t0 = time.perf_counter()
         settings = dict(importance=args.importance, global_ranking=args.global_ranking,
-                        min_width=args.min_width, ignore=args.ignore, exact_only=args.exact_only)
+                        min_width=args.min_width, ignore=args.ignore, exact_only=args.exact_only,
+                        capture_method=args.capture)
         if args.round_to == "auto":
             from .tune import fastest_rounding
             bar.set_postfix_str("timing round_to candidates")
@@ -214,7 +217,7 @@ def _print_report(spec: str, f: dict[str, Any], result, out: Path) -> None:
             ("MACs kept", "100.0%", f"{100 * f['macs_ratio']:.1f}%"),
             ("groups pruned", "", f"{f['groups_pruned']} of {f['prunable_groups']} prunable"),
             ("approximate groups pruned", "", str(f["approximate_groups_pruned"]))]
-    print(f"structprune: {spec}")
+    print(f"structprune: {spec} (captured with {f['capture']})")
     print(_table(rows))
     if "rounding" in f:
         r = f["rounding"]
@@ -238,7 +241,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .capture import capture
 
     model, inputs = _model_and_inputs(args)
-    analysis = analyse(capture(model, inputs))
+    analysis = analyse(capture(model, inputs, method=args.capture))
     data = {"summary": analysis.summary(), "groups": [g.to_json() for g in analysis.groups]}
     if args.json:
         print(json.dumps(data, indent=1))

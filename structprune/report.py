@@ -14,6 +14,11 @@ from .capture import Capture, TensorSpec
 _CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
                    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _MATMULS = {torch.matmul, operator.matmul, torch.mm, torch.bmm, F.linear}
+_aten = torch.ops.aten
+_CONV_FUNCTIONS |= {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
+                    _aten.convolution.default}
+_MATMULS |= {_aten.linear.default, _aten.mm.default, _aten.bmm.default, _aten.matmul.default,
+             _aten.addmm.default}
 
 
 def _spec(capture: Capture, arg) -> TensorSpec | None:
@@ -49,7 +54,7 @@ def count_macs(capture: Capture) -> int:
                 if w is not None:
                     total += n_out * math.prod(w.shape[1:])
             elif node.target in _MATMULS:
-                a = _spec(capture, node.args[0])
+                a = _spec(capture, node.args[1 if node.target is _aten.addmm.default else 0])
                 if a is not None:
                     total += n_out * a.shape[-1]
         elif node.op == "call_method" and node.target in ("matmul", "mm", "bmm"):

@@ -11,7 +11,7 @@ Extend it for your own module::
 
 from __future__ import annotations
 
-from . import elementwise, layers, reduce, shape, zoo  # noqa: F401 - registers the rules
+from . import aten, elementwise, layers, reduce, shape, zoo  # noqa: F401 - registers the rules
 from .base import (
     block_except,
     channel_passthrough,

@@ -65,16 +65,23 @@ def _conv_module(ctx: RuleContext, module: nn.Module, x: TensorInfo, *output_siz
                        module.groups, isinstance(module, _CONV_TRANSPOSES), True)
 
 
+def groups_owned(ctx: RuleContext, weight: TensorInfo, groups: int) -> bool:
+    """A literal ``groups`` is resizable when it is the weight's own conv module's attribute
+    (as in a Conv2d subclass calling F.conv2d, or any conv in a torch.export graph)."""
+    owner = ctx.owner(weight)
+    return isinstance(owner, nn.modules.conv._ConvNd) and owner.groups == groups
+
+
 @R.function(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
 def _conv_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=None, stride=1,
              padding=0, dilation=1, groups=1) -> TensorInfo:
-    return convolution(ctx, input, weight, bias, groups, False, False)
+    return convolution(ctx, input, weight, bias, groups, False, groups_owned(ctx, weight, groups))
 
 
 @R.function(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 def _conv_t_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=None, stride=1,
                padding=0, output_padding=0, groups=1, dilation=1) -> TensorInfo:
-    return convolution(ctx, input, weight, bias, groups, True, False)
+    return convolution(ctx, input, weight, bias, groups, True, groups_owned(ctx, weight, groups))
 
 
 @R.resizer(*_CONVS)
@@ -204,9 +211,13 @@ def _resize_batch_norm(module: nn.Module) -> None:
 
 @R.module(nn.GroupNorm)
 def _group_norm(ctx: RuleContext, module: nn.GroupNorm, x: TensorInfo) -> TensorInfo:
-    weight, bias = ctx.module_param("weight"), ctx.module_param("bias")
+    return _group_norm_channels(ctx, x, module.num_groups, ctx.module_param("weight"),
+                                ctx.module_param("bias"))
+
+
+def _group_norm_channels(ctx: RuleContext, x: TensorInfo, groups: int, weight, bias,
+                         ) -> TensorInfo:
     x_ids = project(ctx, x, 1, "group norm")
-    groups = module.num_groups
     if weight is None:
         ctx.block(x_ids, "GroupNorm without affine parameters cannot be resized")
     elif groups == 1:
@@ -258,11 +269,25 @@ def _layer_norm_fn(ctx: RuleContext, input: TensorInfo, normalized_shape, weight
                    *rest, **kwargs) -> TensorInfo:
     out = layer_norm(ctx, input, len(normalized_shape), weight,
                      bias if isinstance(bias, TensorInfo) else None)
+    owner = ctx.owner(weight)
+    if isinstance(owner, nn.LayerNorm | nn.RMSNorm) and \
+            tuple(owner.normalized_shape) == tuple(normalized_shape):
+        return out  # the shape is the module's attribute, which the resizer updates
     first = input.ndim - len(normalized_shape)
     for m in input.maps:  # the size is a literal in forward(): it cannot shrink
         if any(d >= first for d in m.dims):
             ctx.block(m, "normalized_shape fixed in forward()")
     return out
+
+
+@R.function(F.group_norm)
+def _group_norm_fn(ctx: RuleContext, input: TensorInfo, num_groups: int, weight=None, bias=None,
+                   eps: float = 1e-5) -> TensorInfo:
+    owner = ctx.owner(weight)
+    if isinstance(owner, nn.GroupNorm) and owner.num_groups == num_groups:
+        return _group_norm_channels(ctx, input, num_groups, weight, bias)
+    ctx.block(input.map_on(1) if input.ndim > 1 else None, "num_groups fixed in forward()")
+    return passthrough(ctx, input)
 
 
 @R.resizer(nn.LayerNorm, nn.RMSNorm)
