@@ -51,3 +51,42 @@ def test_forward_failure_on_wrong_shape():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     with pytest.raises(CaptureError, match="fails on the example inputs"):
         capture(model, (torch.randn(1, 3, 9, 9),))
+
+
+def test_export_fallback_gives_the_same_plan_as_fx():
+    import structprune as sp
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = (torch.randn(1, 3, 32, 32),)
+    via_fx = sp.prune(model, x, 0.5, capture_method="fx")
+    via_export = sp.prune(model, x, 0.5, capture_method="export")
+    assert via_fx.figures["capture"] == "fx" and via_export.figures["capture"] == "export"
+    assert via_fx.plan.params == via_export.plan.params
+    assert via_export.verification.ok
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape: fx cannot trace it, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = torch.relu(self.a(x))
+        else:
+            x = self.a(x)
+        return self.b(x)
+
+
+def test_auto_capture_falls_back_to_export():
+    import structprune as sp
+
+    with pytest.raises(CaptureError, match="cannot trace"):
+        capture(ShapeBranch(), (torch.randn(1, 3, 8, 8),), method="fx")
+    cap = capture(ShapeBranch(), (torch.randn(1, 3, 8, 8),))
+    assert cap.method == "export"
+    result = sp.prune(ShapeBranch(), (torch.randn(1, 3, 8, 8),), 0.5)
+    assert result.verification.ok and result.model.a.out_channels == 4
