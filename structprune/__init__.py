@@ -9,6 +9,7 @@ from .api import PruneResult, prune
 from .apply import apply_plan
 from .capture import Capture, capture
 from .errors import CaptureError, PlanError, StructPruneError, VerificationError
+from .io import load, save
 from .plan import Plan, PlanSettings, make_plan
 from .rules import (
     DEFAULT_REGISTRY,
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_REGISTRY", "Analysis", "Capture", "CaptureError", "Group", "Plan", "PlanError",
     "PlanSettings", "PruneResult", "StructPruneError", "VerificationError", "analyse",
-    "apply_plan", "capture", "make_plan", "masked_model", "prune", "register_function",
+    "apply_plan", "capture", "load", "make_plan", "save", "masked_model", "prune", "register_function",
     "register_method", "register_module", "register_resizer", "score", "verify",
 ]

@@ -17,7 +17,7 @@ PLAN = "plan.json"
 
 
 def save(model: nn.Module, directory: str | os.PathLike, plan: Plan) -> None:
-    """Write ``plan.json`` and the pruned weights (safetensors) into ``directory``."""
+    """Write ``plan.json`` and the pruned weights (safetensors, no pickle) into ``directory``."""
     from safetensors.torch import save_model
 
     directory = Path(directory)

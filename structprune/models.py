@@ -25,6 +25,7 @@ def build_model(spec: str, seed: int = 0) -> nn.Module:
         return _timm(name, seed)
     if spec.rsplit(":", 1)[0].endswith(".py"):
         path, factory = spec.rsplit(":", 1)
+        torch.manual_seed(seed)  # factories that initialise randomly are reproducible too
         return _factory(Path(path), factory)
     raise StructPruneError(f"unknown model source {kind!r} in {spec!r}: use torchvision:, timm: "
                            "or a path to a .py file")

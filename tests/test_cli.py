@@ -122,3 +122,10 @@ def test_console_script_entry_point(tmp_path):
                            "--ratio", "0.5", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("structprune: error:")
+
+
+def test_same_command_gives_a_byte_identical_plan(tmp_path):
+    for out in ("a", "b"):
+        assert run("prune", TINY, "--ratio", "0.4", "--out", tmp_path / out, "--no-onnx",
+                   "--input-shape", "1,3,16,16") == 0
+    assert (tmp_path / "a" / "plan.json").read_bytes() == (tmp_path / "b" / "plan.json").read_bytes()

@@ -39,3 +39,9 @@ def test_torchvision_cnn(name, tmp_path):
     path = tmp_path / "pruned.onnx"
     export_onnx(default.model, x, path, exporter="torchscript")
     assert onnx_parity(path, default.model, x) < 1e-4
+
+    sp.save(default.model, tmp_path / "saved", default.plan)  # round trip without pickle
+    loaded = sp.load(tmp_path / "saved", f"torchvision:{name}")
+    for a, b in zip(flatten_outputs(outputs(loaded, x)), flatten_outputs(pruned_out),
+                    strict=True):
+        assert torch.equal(a, b)
