@@ -16,8 +16,12 @@ every module type that has a rule in the registry and any type the caller names.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import operator
 import traceback
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,14 +266,19 @@ def export_graph(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphMod
     """The ATen-level graph of ``torch.export`` (params as get_attr under their own names)."""
     from .verify import evaluation
 
+    logging.disable(logging.WARNING)  # torch.export logs every guard it gives up on
     try:
-        with evaluation(model):
+        with evaluation(model), warnings.catch_warnings(), \
+                contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
             program = torch.export.export(model, tuple(example_inputs), strict=False)
         return program.module()
     except Exception as exc:  # noqa: BLE001 - reported as one line with the user's location
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export cannot capture {type(model).__name__} at "
                            f"{_user_frame(exc)}: {first}") from exc
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _meta_values(gm: fx.GraphModule) -> dict[str, Any]:

@@ -129,3 +129,15 @@ def test_same_command_gives_a_byte_identical_plan(tmp_path):
         assert run("prune", TINY, "--ratio", "0.4", "--out", tmp_path / out, "--no-onnx",
                    "--input-shape", "1,3,16,16") == 0
     assert (tmp_path / "a" / "plan.json").read_bytes() == (tmp_path / "b" / "plan.json").read_bytes()
+
+
+def test_analyze_reports_capture_path_groups_and_reasons(capsys):
+    assert run("analyze", f"{DATA}:hard_coded_view", "--input-shape", "1,3,4,4") == 0
+    out = capsys.readouterr().out
+    assert "captured with fx" in out
+    assert "unpruned" in out and "hard-coded" in out and "reaches a model output" in out
+    assert run("analyze", f"{DATA}:shape_branch", "--input-shape", "1,3,8,8") == 0
+    assert "captured with export" in capsys.readouterr().out
+    assert run("analyze", f"{DATA}:shape_branch", "--input-shape", "1,3,8,8", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["summary"]["capture"] == "export" and data["groups"]

@@ -1,5 +1,6 @@
 """Factories for CLI tests (``path/to/file.py:FACTORY`` specs)."""
 
+import torch
 import torch.nn as nn
 
 
@@ -46,3 +47,35 @@ class Untraceable(nn.Module):
 
 def untraceable():
     return Untraceable()
+
+
+class HardCodedView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(x)))
+        return self.fc(x.view(-1, 128))
+
+
+def hard_coded_view():
+    return HardCodedView()
+
+
+class ShapeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:  # fx cannot trace this; torch.export can
+            x = torch.relu(x)
+        return self.b(self.a(x))
+
+
+def shape_branch():
+    return ShapeBranch()
