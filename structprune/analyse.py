@@ -378,10 +378,6 @@ class _Engine:
         ctx = RuleContext(self, node, module)
         if rule is None:
             return self.registry.unknown(ctx, args, kwargs)
-        if module is not None:
-            return rule(ctx, *args, **kwargs)
-        if node.op == "call_method":
-            return rule(ctx, *args, **kwargs)
         return rule(ctx, *args, **kwargs)
 
 

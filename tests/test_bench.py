@@ -63,3 +63,17 @@ def test_bench_command_writes_consistent_files(tmp_path, capsys):
 def test_bench_on_a_directory_without_a_prune(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 2
     assert "run `structprune prune" in capsys.readouterr().err
+
+
+def test_sweep_command(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", TINY, "--ratios", "0.25,0.5", "--out", str(out), "--input-shape",
+                 "1,3,16,16", "--exporter", "torchscript", "--batch", "1", "--threads", "1",
+                 "--repeats", "3", "--warmup", "0"]) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    assert [p["ratio"] for p in data["points"]] == [0.25, 0.5]
+    ideal = [p["ideal_speedup"] for p in data["points"]]
+    assert ideal[0] < ideal[1]  # more pruning, fewer MACs
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert (out / "ratio_0.50" / "pruned.onnx").exists()
+    assert "speed-up" in capsys.readouterr().out

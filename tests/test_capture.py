@@ -6,6 +6,8 @@ import torchvision
 from structprune.capture import TensorSpec, capture
 from structprune.errors import CaptureError
 
+from .data.tiny_models import ShapeBranch
+
 
 def test_meta_shapes_match_a_real_forward():
     model = torchvision.models.resnet18().eval()
@@ -63,22 +65,6 @@ def test_export_fallback_gives_the_same_plan_as_fx():
     assert via_fx.figures["capture"] == "fx" and via_export.figures["capture"] == "export"
     assert via_fx.plan.params == via_export.plan.params
     assert via_export.verification.ok
-
-
-class ShapeBranch(nn.Module):
-    """Python control flow on a shape: fx cannot trace it, torch.export can."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        if x.shape[-1] > 4:
-            x = torch.relu(self.a(x))
-        else:
-            x = self.a(x)
-        return self.b(x)
 
 
 def test_auto_capture_falls_back_to_export():
