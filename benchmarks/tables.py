@@ -129,8 +129,42 @@ def scale() -> str:
     return "\n".join(lines)
 
 
+def plot_gpu_latency(path: Path) -> bool:
+    """Speed-up against ratio per tool on the GPU, one panel per model, ideal dashed."""
+    data = load("latency_h100.json")
+    if not data:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in data["rows"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), sharey=False)
+    for ax, model in zip(axes, models, strict=True):
+        rows = [r for r in data["rows"] if r["model"] == model]
+        ratios = [r["ratio"] for r in rows]
+        for key, label in VARIANTS:
+            ys = [r["gpu_fp16_bs64_ms"]["dense"]["median"] / r["gpu_fp16_bs64_ms"][key]["median"]
+                  for r in rows]
+            ax.plot(ratios, ys, marker="o", ms=3, label=label,
+                    lw=2.2 if key == "structprune_auto" else 1.2)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"{model}, H100 fp16 batch 64")
+        ax.set_xlabel("pruning ratio")
+    axes[0].set_ylabel("speed-up over dense")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def render() -> str:
-    parts = [pass_time(), capture_paths(), gpu_latency(), cpu_latency(), scale()]
+    gpu = gpu_latency()
+    if gpu and (RESULTS / "latency_h100.png").exists():
+        gpu += "\n\n![speed-up against ratio on the H100](benchmarks/results/latency_h100.png)"
+    parts = [pass_time(), capture_paths(), gpu, cpu_latency(), scale()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -142,6 +176,7 @@ def main() -> int:
     if not args.readme:
         print(text)
         return 0
+    plot_gpu_latency(RESULTS / "latency_h100.png")
     readme = ROOT.parent / "README.md"
     content = readme.read_text()
     head, _, rest = content.partition(START)

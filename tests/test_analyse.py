@@ -433,3 +433,13 @@ def test_user_registered_rule_for_a_leaf_module():
     assert not g.blocked.any()
     result = sp.prune(model, x4(), 0.5, registry=registry)
     assert result.verification.ok and result.model.out.in_channels == 4
+
+
+def test_leaf_module_without_a_rule_is_opaque():
+    model = randomize(WithCustomLeaf())
+    cap = capture(model, x4(), leaf_modules=[Gate])
+    assert any(n.op == "call_module" and n.target == "gate" for n in cap.graph.nodes)
+    g = group_with(sp.analyse(cap).groups, ("a.0.weight", 0))
+    assert g.blocked.all() and any("no channel rule for Gate" in r for r in g.reasons)
+    result = sp.prune(model, x4(), 0.5, leaf_modules=[Gate])
+    assert result.verification.ok and result.model.a[0].out_channels == 8
