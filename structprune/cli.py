@@ -1,4 +1,4 @@
-"""Command line: ``structprune prune|analyze``. User errors print one line and exit 2."""
+"""structprune: structured channel pruning. Commands: prune, bench, sweep, analyze."""
 
 from __future__ import annotations
 
