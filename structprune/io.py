@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def load(directory: str | os.PathLike, dense: nn.Module | Callable[[], nn.Module
          seed: int = 0) -> nn.Module:
     """Rebuild a pruned model: the dense architecture, the plan applied, the weights loaded."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     from .models import build_model
 
@@ -44,7 +45,19 @@ def load(directory: str | os.PathLike, dense: nn.Module | Callable[[], nn.Module
         dense = dense()
     model = apply_plan(dense, plan, inplace=True)
     try:
-        load_model(model, str(directory / WEIGHTS))
-    except (SafetensorError, OSError, RuntimeError) as exc:
+        state = load_file(str(directory / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
         raise PlanError(f"cannot load {directory / WEIGHTS}: {str(exc).splitlines()[0]}") from exc
+    own = model.state_dict(keep_vars=True)
+    ordered = OrderedDict(state)
+    ordered._metadata = getattr(model.state_dict(), "_metadata", None)  # layer versions
+    try:
+        result = model.load_state_dict(ordered, strict=False)
+    except RuntimeError as exc:
+        raise PlanError(f"cannot load {directory / WEIGHTS}: {str(exc).splitlines()[0]}") from exc
+    loaded = {id(own[k]) for k in state if k in own}
+    missing = [k for k in result.missing_keys if id(own[k]) not in loaded]  # not tied aliases
+    if missing or result.unexpected_keys:
+        raise PlanError(f"{directory / WEIGHTS} does not match the plan's model "
+                        f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
     return model

@@ -67,3 +67,15 @@ def check_pruned(model: nn.Module, inputs, ratio=0.5, weight_oracle=True, **sett
     return result
 
 
+
+
+def export_and_check(model: nn.Module, inputs, path) -> float:
+    """Export with the faster TorchScript exporter, or dynamo where TorchScript cannot
+    (e.g. adaptive pooling to a size that does not divide the input); returns the parity."""
+    from structprune.export import ExportError, export_onnx, onnx_parity
+
+    try:
+        export_onnx(model, inputs, path, exporter="torchscript")
+    except ExportError:
+        export_onnx(model, inputs, path, exporter="dynamo")
+    return onnx_parity(path, model, inputs)

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import structprune as sp
-from structprune.export import ExportError, export_onnx, onnx_parity
 from structprune.models import build_model
 from structprune.verify import flatten_outputs
 
-from .oracles import check_pruned, outputs, randomize
+from .oracles import check_pruned, export_and_check, outputs, randomize
 
 TIMM = ["resnet18", "resnet26d", "efficientnet_b0", "efficientnet_lite0", "mobilenetv2_100",
         "mobilenetv3_large_100", "regnetx_002", "densenet121", "convnext_atto", "inception_v3",
@@ -30,12 +29,7 @@ def _check(spec: str, size: int, tmp_path, max_macs: float = 0.95):
         [t.shape for t in flatten_outputs(pruned_out)]
     exact = check_pruned(model, x, 0.5, exact_only=True)
     assert exact.verification.exact_units_only and exact.figures["macs_ratio"] < 1.0
-    path = tmp_path / "pruned.onnx"
-    try:  # the TorchScript exporter is faster; some graphs need the dynamo exporter
-        export_onnx(default.model, x, path, exporter="torchscript")
-    except ExportError:
-        export_onnx(default.model, x, path, exporter="dynamo")
-    assert onnx_parity(path, default.model, x) < 1e-4
+    assert export_and_check(default.model, x, tmp_path / "pruned.onnx") < 1e-4
     return default
 
 

@@ -6,11 +6,10 @@ import torch
 import torchvision
 
 import structprune as sp
-from structprune.export import export_onnx, onnx_parity
 from structprune.models import build_model
 from structprune.verify import flatten_outputs
 
-from .oracles import check_pruned, outputs, randomize
+from .oracles import check_pruned, export_and_check, outputs, randomize
 
 NOT_CNN = ("vit_", "swin_", "maxvit")
 MODELS = sorted(n for n in torchvision.models.list_models(module=torchvision.models)
@@ -36,9 +35,7 @@ def test_torchvision_cnn(name, tmp_path):
     assert exact.verification.exact_units_only
     assert exact.figures["macs_ratio"] < 1.0
 
-    path = tmp_path / "pruned.onnx"
-    export_onnx(default.model, x, path, exporter="torchscript")
-    assert onnx_parity(path, default.model, x) < 1e-4
+    assert export_and_check(default.model, x, tmp_path / "pruned.onnx") < 1e-4
 
     sp.save(default.model, tmp_path / "saved", default.plan)  # round trip without pickle
     loaded = sp.load(tmp_path / "saved", f"torchvision:{name}")
