@@ -198,7 +198,8 @@ class RuleContext:
     @property
     def out_shape(self) -> tuple[int, ...]:
         spec = self.output
-        assert isinstance(spec, TensorSpec), f"{self.node.name} has no single tensor output"
+        if not isinstance(spec, TensorSpec):
+            raise TypeError(f"{self.node.name} has no single tensor output")
         return spec.shape
 
     def result(self, maps: Iterable[ChannelMap] = (), spec: Any = None) -> TensorInfo:
@@ -228,9 +229,20 @@ class RuleContext:
             self._engine.atoms.approx.append((ids, reason, self.node.name))
 
     def consume(self, arg: int | str, info: TensorInfo, cmap: ChannelMap | None) -> None:
-        if cmap is not None:
-            self._engine.consumptions.append(
-                Consumption(self.node.name, arg, info.ndim, cmap.dims, cmap.ids))
+        """Record that this node consumes ``info``'s channels ``cmap`` (maskable exactly).
+
+        ``arg`` is where the input usually sits; the argument actually holding ``info`` is
+        looked up, so keyword calls such as ``F.linear(input=x, ...)`` work too.
+        """
+        if cmap is None:
+            return
+        env = self._engine.env
+        for position, raw in list(enumerate(self.node.args)) + list(self.node.kwargs.items()):
+            if isinstance(raw, fx.Node) and env.get(raw) is info:
+                arg = position
+                break
+        self._engine.consumptions.append(
+            Consumption(self.node.name, arg, info.ndim, cmap.dims, cmap.ids))
 
     def param(self, name: str) -> TensorInfo:
         return self._engine.param_info(name)
@@ -240,7 +252,10 @@ class RuleContext:
         tensor = getattr(self.module, attr, None)
         if not isinstance(tensor, torch.Tensor):
             return None
-        return self._engine.param_info(self._engine.tensor_names[id(tensor)])
+        name = self._engine.tensor_names.get(id(tensor))
+        if name is None:  # computed on access (parametrizations, weight norm): not sliceable
+            return TensorInfo(tuple(tensor.shape))
+        return self._engine.param_info(name)
 
     def owner(self, info: Any) -> nn.Module | None:
         """The module that holds ``info`` when it is a parameter or buffer itself."""
@@ -316,11 +331,17 @@ class _Engine:
         self.slots: dict[tuple[str, int], np.ndarray] = {}
         self._params: dict[str, TensorInfo] = {}
         root = capture.graph_module
-        named = list(root.named_parameters()) + list(root.named_buffers())
+        # only the user's own parameters and buffers can be sliced: tensors fx stored as
+        # graph constants or copied plain attributes are constants
+        own = {n for n, _ in capture.model.named_parameters(remove_duplicate=False)}
+        own |= {n for n, _ in capture.model.named_buffers(remove_duplicate=False)}
+        named = [(n, t) for n, t in list(root.named_parameters()) + list(root.named_buffers())
+                 if n in own]
         self.tensors: dict[str, torch.Tensor] = dict(named)
         self.tensor_names: dict[int, str] = {}
         for name, tensor in named:
             self.tensor_names.setdefault(id(tensor), name)
+        self.env: dict[fx.Node, Any] = {}
         self.modules = dict(root.named_modules())
         # owners by name in the user's model (an exported graph holds plain containers)
         self.model_modules = dict(capture.model.named_modules())
@@ -352,6 +373,7 @@ class _Engine:
 
     def run(self) -> dict[fx.Node, Any]:
         env: dict[fx.Node, Any] = {}
+        self.env = env
         values = self.capture.values
         for node in self.capture.graph.nodes:
             if node.op == "placeholder":

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .analyse import Analysis, analyse
@@ -16,7 +17,15 @@ from .errors import VerificationError
 from .plan import Plan, PlanSettings, make_plan
 from .report import count_macs, count_params
 from .score import score
-from .verify import Verification, random_inputs, reference_outputs, verify
+from .verify import (
+    Verification,
+    compare,
+    evaluation,
+    flatten_outputs,
+    random_inputs,
+    reference_outputs,
+    verify,
+)
 
 
 @dataclass
@@ -78,7 +87,6 @@ def prune(
                             min_width=min_width, ignore=list(ignore), exact_only=exact_only,
                             ratios=dict(ratios or {}))
     settings.validate()
-    timings = {}
     t0 = time.perf_counter()
     cap: Capture = capture(model, example_inputs, leaf_modules, registry, capture_method)
     t1 = time.perf_counter()
@@ -91,34 +99,17 @@ def prune(
 
     dense_figures = {"params_dense": count_params(model), "macs_dense": count_macs(cap)}
     inputs = random_inputs(example_inputs, seed=1)
-    checked = exact_subplan(analysis, plan) if check else None
-    reference = reference_outputs(analysis, checked, inputs) if check else None
-    if check and inplace and checked is not plan:
-        exact_model = apply_plan(model, checked, inplace=False, registry=registry)
     t5 = time.perf_counter()
-    pruned = apply_plan(model, plan, inplace=inplace, registry=registry)
+    # with a check, in place happens last, once the plan has been checked on a copy
+    pruned = apply_plan(model, plan, inplace=inplace and not check, registry=registry)
     t6 = time.perf_counter()
     timings = {"capture": t1 - t0, "analyse": t2 - t1, "score": t3 - t2, "plan": t4 - t3,
                "apply": t6 - t5}
     verification = None
     if check:
-        if checked is plan:
-            exact_model = pruned
-        elif not inplace:
-            exact_model = apply_plan(model, checked, inplace=False, registry=registry)
-        try:
-            verification = verify(analysis, checked, exact_model, inputs, tolerance, reference)
-        except Exception as exc:  # noqa: BLE001 - a pruned model that cannot run is refused
-            raise VerificationError(
-                f"the pruned model fails to run ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}): a size it depends on is "
-                "fixed in forward(); --ignore the module involved") from exc
-        verification.exact_units_only = checked is plan
-        if not verification.ok:
-            raise VerificationError(
-                f"pruned model differs from the masked dense model (relative error "
-                f"{verification.max_rel_error:.2e} > {tolerance:.0e}); please report this model. "
-                "Use --exact-only or --ignore the modules involved")
+        verification = _check(analysis, plan, model, pruned, inputs, tolerance, registry)
+    if inplace and check:
+        pruned = apply_plan(model, plan, inplace=True, registry=registry)
     figures = figures_for(dense_figures, pruned, example_inputs, leaf_modules, registry,
                           cap.method)
     figures["seconds"] = timings
@@ -128,6 +119,37 @@ def prune(
     figures["groups_pruned"] = sum(1 for g in plan.groups if g["kept"] < g["units"])
     figures["approximate_groups_pruned"] = len(approx_pruned)
     return PruneResult(pruned, plan, analysis, figures, verification)
+
+
+def _check(analysis: Analysis, plan: Plan, model: nn.Module, pruned: nn.Module,
+           inputs: tuple, tolerance: float, registry: Any) -> Verification:
+    """Compare with the masked dense model: the whole plan when it is exact, else its exact
+    part; the pruned model itself must run and keep the dense output shapes either way."""
+    checked = exact_subplan(analysis, plan)
+    try:
+        reference = reference_outputs(analysis, checked, inputs)
+        exact_model = pruned if checked is plan else \
+            apply_plan(model, checked, inplace=False, registry=registry)
+        verification = verify(analysis, checked, exact_model, inputs, tolerance, reference)
+        if checked is not plan:
+            with torch.no_grad(), evaluation(pruned):
+                got = flatten_outputs(pruned(*inputs))
+            want = flatten_outputs(reference)
+            if [t.shape for t in got] != [t.shape for t in want]:
+                raise RuntimeError("output shapes changed")
+            verification.approximate_rel_error = compare(reference, pruned(*inputs)).max_rel_error
+    except Exception as exc:  # noqa: BLE001 - a pruned model that cannot run is refused
+        raise VerificationError(
+            f"the pruned model fails to run ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); please report this model, "
+            "and --ignore the modules involved meanwhile") from exc
+    verification.exact_units_only = checked is plan
+    if not verification.ok:
+        raise VerificationError(
+            f"pruned model differs from the masked dense model (relative error "
+            f"{verification.max_rel_error:.2e} > {tolerance:.0e}); please report this model. "
+            "Use --exact-only or --ignore the modules involved")
+    return verification
 
 
 def figures_for(dense: dict[str, int], pruned: nn.Module, example_inputs: Sequence[Any],

@@ -9,6 +9,7 @@ so the model prints, trains, saves and traces like any other.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import defaultdict
 
 import numpy as np
@@ -58,14 +59,16 @@ _PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device, torch.me
 
 
 def _plain(value) -> bool:
+    """Safe to share between the copy and the original: immutable data, classes, functions."""
     if isinstance(value, _PLAIN):
         return True
     if isinstance(value, (tuple, list, set, frozenset)):
-        return all(isinstance(v, _PLAIN) or (isinstance(v, tuple) and _plain(v)) for v in value)
+        return all(_plain(v) for v in value)
     if isinstance(value, dict):
-        return all(_plain(v) or callable(v) for v in value.values())
-    # classes and functions (e.g. a block's norm_layer) are shared, as deepcopy would
-    return callable(value) and not isinstance(value, (nn.Module, torch.Tensor))
+        return all(_plain(v) for v in value.values())
+    # classes and plain functions (e.g. a block's norm_layer) are shared, as deepcopy does;
+    # bound methods and partials may hold the original module, so they are not plain
+    return inspect.isclass(value) or inspect.isfunction(value) or inspect.isbuiltin(value)
 
 
 def _copy_modules(model: nn.Module, shared: set[int]) -> nn.Module | None:

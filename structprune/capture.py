@@ -266,7 +266,8 @@ def export_graph(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphMod
     """The ATen-level graph of ``torch.export`` (params as get_attr under their own names)."""
     from .verify import evaluation
 
-    logging.disable(logging.WARNING)  # torch.export logs every guard it gives up on
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))  # export logs every guard it gives up on
     try:
         with evaluation(model), warnings.catch_warnings(), \
                 contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
@@ -278,7 +279,7 @@ def export_graph(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphMod
         raise CaptureError(f"torch.export cannot capture {type(model).__name__} at "
                            f"{_user_frame(exc)}: {first}") from exc
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
 
 
 def _meta_values(gm: fx.GraphModule) -> dict[str, Any]:

@@ -55,6 +55,9 @@ class PlanSettings:
             raise PlanError(f"round_to {self.round_to} must be an integer >= 1")
         if self.min_width < 1:
             raise PlanError(f"min_width {self.min_width} must be >= 1")
+        if self.global_ranking and self.ratios:
+            raise PlanError("per-module ratios apply to per-group ranking: drop either the "
+                            "ratio overrides or global ranking")
 
 
 @dataclass
@@ -90,6 +93,9 @@ class Plan:
                     and all(isinstance(k, int) for k in entry["keep"])):
                 raise PlanError(f"malformed plan entry {str(entry)[:80]}: needs name, dim, size, keep")
             keep = entry["keep"]
+            if not keep:
+                raise PlanError(f"plan entry {entry['name']} keeps nothing: every axis keeps "
+                                "at least one index")
             if keep != sorted(set(keep)) or (keep and (keep[0] < 0 or keep[-1] >= entry["size"])):
                 raise PlanError(f"plan entry {entry['name']}: keep must be sorted unique indices "
                                 f"below size {entry['size']}")

@@ -49,7 +49,8 @@ class _Norms:
     def __init__(self, analysis: Analysis):
         self.params = dict(analysis.capture.graph_module.named_parameters())
         self.cache: dict[tuple[str, int, int], np.ndarray] = {}
-        self.position = np.full(int(analysis.component.max()) + 1, -1, np.int64)
+        n_comp = int(analysis.component.max()) + 1 if analysis.component.size else 0
+        self.position = np.full(n_comp, -1, np.int64)
 
     def get(self, name: str, dim: int, p: int) -> np.ndarray | None:
         key = (name, dim, p)

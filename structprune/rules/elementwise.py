@@ -28,7 +28,7 @@ _UNARY_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "neg", "sqrt",
     "rsqrt", "square", "sign", "clamp", "clamp_", "clip", "clamp_min", "clamp_max", "erf",
     "reciprocal", "floor", "ceil", "round", "detach", "clone", "contiguous", "float", "half",
-    "double", "bfloat16", "to", "type", "type_as", "cpu", "cuda", "requires_grad_", "hardtanh_",
+    "double", "bfloat16", "cpu", "cuda", "requires_grad_", "hardtanh_",
     "exp_", "nan_to_num", "sin", "cos", "pow_", "zero_", "fill_", "bool", "int", "long",
     "sigmoid", "abs_", "neg_", "clamp_min_", "new_zeros_like",
 ]
@@ -61,11 +61,15 @@ R.function(*_UNARY_FUNCTIONS, *_BINARY_FUNCTIONS)(elementwise)
 R.method(*_UNARY_METHODS, *_BINARY_METHODS)(elementwise)
 
 
-@R.method("expand_as", "view_as", "reshape_as")
-def _as_other(ctx: RuleContext, x: TensorInfo, other: TensorInfo) -> TensorInfo:
-    if tuple(x.shape) == tuple(other.shape):
-        return elementwise(ctx, x, other)
+@R.method("expand_as")
+def _expand_as(ctx: RuleContext, x: TensorInfo, other: TensorInfo) -> TensorInfo:
     return ctx.result(merge_elementwise(ctx, [x, other], ctx.out_shape))
+
+
+@R.method("to", "type_as", "type")
+def _convert(ctx: RuleContext, x: TensorInfo, *args, **kwargs) -> TensorInfo:
+    """Dtype/device conversion: another tensor argument only lends its dtype."""
+    return passthrough(ctx, x)
 
 
 @R.module(*_UNARY_MODULES)

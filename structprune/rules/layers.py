@@ -16,6 +16,7 @@ from .registry import DEFAULT_REGISTRY as R
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NO_INPUT = "input channels come from a tensor that cannot be pruned"
+_NOT_SLICEABLE = "the weight is computed, not a parameter that can be sliced"
 
 
 def convolution(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: TensorInfo | None,
@@ -35,6 +36,8 @@ def convolution(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: Tenso
     if groups == 1:
         if w_in is not None:
             ctx.unify(filled(ctx, x_ids, c_in, _NO_INPUT), w_in)
+        elif c_in > 1:
+            ctx.block(x_ids, _NOT_SLICEABLE)
         out = w_out
     elif not groups_resizable:
         reason = f"conv with groups={groups} fixed in forward()"
@@ -110,6 +113,8 @@ def linear(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: TensorInfo
     w_out = project(ctx, weight, 0, "linear weight")
     if w_in is not None:
         ctx.unify(filled(ctx, x_ids, x.shape[-1], _NO_INPUT), w_in)
+    elif weight.ndim == 2 and weight.shape[1] > 1:
+        ctx.block(x_ids, _NOT_SLICEABLE)
     b = project(ctx, bias, 0, "linear bias") if bias is not None else None
     if b is not None and w_out is not None:
         ctx.unify(b, w_out)
@@ -172,9 +177,13 @@ def per_channel(ctx: RuleContext, x: TensorInfo, params: list[TensorInfo | None]
     """Unify the channel axis of ``x`` with dim 0 of every per-channel parameter."""
     x_ids = project(ctx, x, cdim, "norm input") if x.ndim > cdim else None
     for p in params:
-        p_ids = project(ctx, p, 0, "norm parameter") if p is not None else None
+        if not isinstance(p, TensorInfo):
+            continue
+        p_ids = project(ctx, p, 0, "norm parameter")
         if p_ids is not None:
             ctx.unify(filled(ctx, x_ids, x.shape[cdim], _NO_INPUT), p_ids)
+        elif p.shape and p.shape[0] > 1:
+            ctx.block(x_ids, _NOT_SLICEABLE)
     return x_ids
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analyse import ChannelMap, RuleContext, TensorInfo
-from .base import channel_passthrough, passthrough
+from .base import channel_passthrough, elementwise, passthrough
 from .registry import DEFAULT_REGISTRY as R
 
 
@@ -41,6 +41,8 @@ def reduce(ctx: RuleContext, x: TensorInfo, dim: Any, keepdim: bool, exact: bool
 def _reducer(exact: bool, what: str):
     def rule(ctx: RuleContext, input: TensorInfo, dim: Any = None, keepdim: bool = False,
              *args: Any, **kwargs: Any) -> Any:
+        if isinstance(dim, TensorInfo) or isinstance(kwargs.get("other"), TensorInfo):
+            return elementwise(ctx, input, dim, kwargs.get("other"))  # torch.max(a, b)
         if isinstance(dim, torch.dtype):
             dim = None
         return reduce(ctx, input, dim, keepdim, exact, what)

@@ -66,6 +66,7 @@ def reshape(ctx: RuleContext, x: TensorInfo, fixed: set[int]) -> TensorInfo:
     out_shape = ctx.out_shape
     groups = reshape_groups(x.shape, out_shape)
     maps = []
+    taken: set[int] = set()
     for m in x.maps:
         touched = [g for g in groups if set(g[0]) & set(m.dims)]
         in_dims = list(range(min(touched[0][0]), max(touched[-1][0]) + 1))
@@ -85,7 +86,13 @@ def reshape(ctx: RuleContext, x: TensorInfo, fixed: set[int]) -> TensorInfo:
             ctx.block(m, "reshape scatters channels over several axes")
             continue
         axis = free[0]
-        ids = np.take(ids, np.arange(ids.shape[axis]), axis=axis)
+        if out_dims[axis] in taken:  # another map already lives there: they would mix
+            ctx.block(m, "reshape merges two channel axes")
+            for other in [o for o in maps if out_dims[axis] in o.dims]:
+                ctx.block(other, "reshape merges two channel axes")
+                maps.remove(other)
+            continue
+        taken.add(out_dims[axis])
         index = tuple(slice(None) if a == axis else 0 for a in range(ids.ndim))
         maps.append(ChannelMap((out_dims[axis],), np.ascontiguousarray(ids[index])))
     return ctx.result(maps)
@@ -102,6 +109,11 @@ def _fixed_dims(ctx: RuleContext, first: int, sizes: list[Any], packed: bool) ->
     if packed and isinstance(raw, fx.Node):  # the whole shape is computed at run time
         return set()
     return {i for i, r in enumerate(raw) if not isinstance(r, fx.Node) and r != -1}
+
+
+@R.method("view_as", "reshape_as")
+def _view_as(ctx: RuleContext, x: TensorInfo, other: TensorInfo) -> TensorInfo:
+    return reshape(ctx, x, set())
 
 
 @R.method("view", "reshape")
