@@ -50,11 +50,14 @@ def count_macs(capture: Capture) -> int:
                 total += n_out * m.in_features
         elif node.op == "call_function":
             if node.target in _CONV_FUNCTIONS:
-                w = _spec(capture, node.args[1] if len(node.args) > 1 else node.kwargs["weight"])
+                w = _spec(capture, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
                 if w is not None:
                     total += n_out * math.prod(w.shape[1:])
             elif node.target in _MATMULS:
-                a = _spec(capture, node.args[1 if node.target is _aten.addmm.default else 0])
+                position = 1 if node.target is _aten.addmm.default else 0
+                first = node.args[position] if len(node.args) > position else \
+                    node.kwargs.get("input")
+                a = _spec(capture, first)
                 if a is not None:
                     total += n_out * a.shape[-1]
         elif node.op == "call_method" and node.target in ("matmul", "mm", "bmm"):

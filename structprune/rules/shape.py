@@ -113,7 +113,9 @@ def _fixed_dims(ctx: RuleContext, first: int, sizes: list[Any], packed: bool) ->
 
 @R.method("view_as", "reshape_as")
 def _view_as(ctx: RuleContext, x: TensorInfo, other: TensorInfo) -> TensorInfo:
-    return reshape(ctx, x, set())
+    """Sizes come from ``other``: its axes without channel maps keep their size."""
+    fixed = {d for d in range(other.ndim) if other.map_on(d) is None and other.shape[d] > 1}
+    return reshape(ctx, x, fixed)
 
 
 @R.method("view", "reshape")

@@ -1,0 +1,143 @@
+"""Models and inputs that once slipped through or crashed: each must now prune correctly
+or be refused with a StructPruneError."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import structprune as sp
+from structprune.verify import compare
+
+from .oracles import randomize
+
+X = (torch.randn(2, 3, 8, 8),)
+
+
+def test_nan_and_inf_must_match_exactly():
+    assert not compare(torch.tensor([1.0, float("nan"), 3]), torch.tensor([100.0, float("nan"), -7])).ok
+    assert not compare(torch.tensor([1.0, -float("inf")]), torch.tensor([50.0, -float("inf")])).ok
+    assert compare(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("nan")])).ok
+    assert not compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, float("inf")])).ok
+
+
+class ConstantScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = torch.rand(1, 8, 1, 1)  # a plain attribute, not a buffer
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        ramp = torch.linspace(0, 1, 8).view(1, 8, 1, 1)
+        return self.out(self.a(x) * self.scale + ramp)
+
+
+def test_constants_pin_their_channels():
+    result = sp.prune(ConstantScale(), X, 0.5)
+    assert result.verification.ok and result.model.a.out_channels == 8
+
+
+def test_parametrized_weights_are_not_sliced():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 4, 1)))
+    result = sp.prune(model, X, 0.5)
+    assert result.verification.ok and result.model[0].out_channels == 8
+
+
+class BoundMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 2, 1)
+        self.impl = self._impl
+
+    def _impl(self, x):
+        return self.c(torch.relu(self.a(x)))
+
+    def forward(self, x):
+        return self.impl(x)
+
+
+def test_copy_does_not_keep_bound_methods_of_the_original():
+    model = BoundMethod()
+    result = sp.prune(model, X, 0.5)
+    assert result.verification.ok and model.a.out_channels == 8
+    assert result.model(X[0]).shape == (2, 2, 8, 8)
+
+
+class Misc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.max(self.a(x), self.b(x)).to(x)
+        y = y.mean((2, 3), keepdim=True)
+        y = y.view_as(y.squeeze(-1).squeeze(-1))
+        return F.linear(input=y, weight=self.fc.weight, bias=self.fc.bias)
+
+
+class ViewAsConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.a(x).mean((2, 3)).view_as(torch.empty(2, 8)))
+
+
+def test_binary_max_conversions_and_keyword_inputs():
+    model = randomize(Misc())
+    result = sp.prune(model, X, 0.5)
+    assert result.verification.ok and result.model.fc.in_features == 4
+    pinned = sp.prune(randomize(ViewAsConstant()), X, 0.5)  # a constant's shape is fixed
+    assert pinned.verification.ok and pinned.model.fc.in_features == 8
+
+
+def test_bfloat16_model():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 2, 1)).to(torch.bfloat16)
+    result = sp.prune(model, (X[0].to(torch.bfloat16),), 0.5, tolerance=2e-2)
+    assert result.verification.ok and result.model[2].in_channels == 4
+
+
+def test_a_model_with_nothing_to_prune():
+    result = sp.prune(nn.Sequential(nn.ReLU()), X, 0.5)
+    assert result.plan.params == [] and result.verification.ok
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 5, 1)
+        self.fc = nn.Linear(20, 3)
+
+    def forward(self, x):
+        a, b = self.a(x).mean((2, 3)), self.b(x).mean((2, 3))
+        return self.fc((a.unsqueeze(2) * b.unsqueeze(1)).flatten(1))  # outer product
+
+
+def test_two_channel_axes_merged_by_a_reshape_are_kept():
+    result = sp.prune(randomize(Outer()), X, 0.5)
+    assert result.verification.ok
+    assert result.model.a.out_channels == 4 and result.model.b.out_channels == 5
+
+
+def test_global_ranking_with_ratio_overrides_is_refused():
+    with pytest.raises(sp.PlanError, match="global ranking"):
+        sp.prune(Misc(), X, 0.5, global_ranking=True, ratios={"a": 0.1})
+
+
+def test_failed_in_place_prune_leaves_the_model_intact(monkeypatch):
+    model = randomize(Misc())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    import structprune.api as api
+    monkeypatch.setattr(api, "verify", lambda *a, **k: sp.verify.Verification(1.0, 1.0, 1e-4))
+    with pytest.raises(sp.VerificationError):
+        sp.prune(model, X, 0.5, inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
