@@ -330,19 +330,19 @@ class _Engine:
         self.consumptions: list[Consumption] = []
         self.slots: dict[tuple[str, int], np.ndarray] = {}
         self._params: dict[str, TensorInfo] = {}
-        root = capture.graph_module
         # only the user's own parameters and buffers can be sliced: tensors fx stored as
         # graph constants or copied plain attributes are constants
-        own = {n for n, _ in capture.model.named_parameters(remove_duplicate=False)}
-        own |= {n for n, _ in capture.model.named_buffers(remove_duplicate=False)}
-        named = [(n, t) for n, t in list(root.named_parameters()) + list(root.named_buffers())
-                 if n in own]
+        model = capture.model
+        named = list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False))
         self.tensors: dict[str, torch.Tensor] = dict(named)
         self.tensor_names: dict[int, str] = {}
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            self.tensor_names.setdefault(id(tensor), name)  # tied tensors: one canonical name
         for name, tensor in named:
             self.tensor_names.setdefault(id(tensor), name)
+        self.modules: dict[str, nn.Module] = {}
         self.env: dict[fx.Node, Any] = {}
-        self.modules = dict(root.named_modules())
         # owners by name in the user's model (an exported graph holds plain containers)
         self.model_modules = dict(capture.model.named_modules())
 
@@ -366,6 +366,8 @@ class _Engine:
             value = getattr(value, part)
         if isinstance(value, torch.Tensor):
             name = self.tensor_names.get(id(value))
+            if name is None and node.target in self.tensors:  # torch.export: copies by name
+                name = self.tensor_names.get(id(self.tensors[node.target]), node.target)
             if name is not None:
                 return self.param_info(name)
             return TensorInfo(tuple(value.shape))
@@ -374,6 +376,7 @@ class _Engine:
     def run(self) -> dict[fx.Node, Any]:
         env: dict[fx.Node, Any] = {}
         self.env = env
+        self.modules = dict(self.capture.graph_module.named_modules())
         values = self.capture.values
         for node in self.capture.graph.nodes:
             if node.op == "placeholder":
@@ -489,6 +492,12 @@ def analyse(capture: Capture, registry: Any = None) -> Analysis:
 
     engine = _Engine(capture, registry or DEFAULT_REGISTRY)
     engine.run()
+    consumptions = list(engine.consumptions)
+    for other in capture.other_modes:  # couplings of training-only branches count too
+        engine.capture = other
+        engine.run()
+    engine.capture = capture
+    engine.consumptions = consumptions  # the verifier masks the main graph only
     component = engine.atoms.components()
     groups = _unit_groups(engine, component)
     sizes = {name: tuple(t.shape) for name, t in engine.tensors.items()}

@@ -52,6 +52,9 @@ class Capture:
     values: dict[str, Any]
     method: str = "fx"
     leaf_types: tuple[type, ...] = field(default_factory=tuple)
+    # the same model traced in the other train/eval mode, when that mode runs parameters
+    # this trace never touches (auxiliary training heads): analysed for coupling only
+    other_modes: list[Capture] = field(default_factory=list)
 
     @property
     def graph(self) -> fx.Graph:
@@ -334,8 +337,53 @@ def capture(
                                    f"{export_error}") from export_error
         _check_input_count(gm, example_inputs)
         values = propagate(gm, example_inputs)
-        return Capture(model, gm, tuple(example_inputs), values, "fx", leaf_types)
+        result = Capture(model, gm, tuple(example_inputs), values, "fx", leaf_types)
+        unused = unused_parameters(model, gm)
+        if unused:
+            result.other_modes.append(
+                _other_mode(model, example_inputs, leaf_types, registry, unused))
+        return result
     return _capture_export(model, example_inputs, leaf_types)
+
+
+def unused_parameters(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """Parameters of ``model`` that the traced graph never reads."""
+    used: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            used.add(node.target)
+        elif node.op == "call_module":
+            used.update(f"{node.target}.{n}" for n, _ in
+                        gm.get_submodule(node.target).named_parameters())
+    return [n for n, _ in model.named_parameters() if n not in used]
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool):
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(training)
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _other_mode(model: nn.Module, example_inputs: Sequence[Any], leaf_types: tuple[type, ...],
+                registry: Any, unused: list[str]) -> Capture:
+    """Trace the other mode too, so pruning cannot break what only it runs."""
+    mode = "training" if not model.training else "eval"
+    try:
+        with _mode(model, not model.training):
+            gm = trace(model, leaf_types, registry)
+            values = propagate(gm, example_inputs)
+    except CaptureError as exc:
+        modules = sorted({n.rsplit(".", 1)[0] for n in unused})
+        raise CaptureError(
+            f"{', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''} run only in {mode} "
+            f"mode, and the {mode}-mode forward fails on these example inputs ({exc}); "
+            "pass an input shape that mode accepts") from exc
+    return Capture(model, gm, tuple(example_inputs), values, "fx", leaf_types)
 
 
 def _capture_export(model: nn.Module, example_inputs: Sequence[Any],

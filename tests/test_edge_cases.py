@@ -141,3 +141,25 @@ def test_failed_in_place_prune_leaves_the_model_intact(monkeypatch):
     with pytest.raises(sp.VerificationError):
         sp.prune(model, X, 0.5, inplace=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class AuxHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.aux = nn.Conv2d(8, 2, 1)  # runs in training mode only
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        if self.training:
+            return self.b(y), self.aux(y)
+        return self.b(y)
+
+
+def test_training_only_branches_are_pruned_consistently():
+    model = AuxHead().eval()
+    result = sp.prune(model, X, 0.5)
+    assert result.verification.ok and result.model.aux.in_channels == 4
+    main, aux = result.model.train()(X[0])
+    assert main.shape == (2, 4, 8, 8) and aux.shape == (2, 2, 8, 8)

@@ -37,7 +37,7 @@ def _check(spec: str, size: int, tmp_path, max_macs: float = 0.95):
 @pytest.mark.parametrize("name", TIMM)
 def test_timm_model(name, tmp_path):
     pytest.importorskip("timm")
-    result = _check(f"timm:{name}", 96 if name == "inception_v3" else 64, tmp_path)
+    result = _check(f"timm:{name}", 96 if name == "inception_v3" else 64, tmp_path)  # no aux
     assert result.figures["capture"] == ("export" if name in NEEDS_EXPORT else "fx")
 
 
