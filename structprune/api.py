@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .analyse import Analysis, analyse
-from .apply import apply_plan
+from .apply import apply_plan, check_plan
 from .capture import Capture, capture
 from .errors import VerificationError
 from .plan import Plan, PlanSettings, make_plan
@@ -74,12 +74,14 @@ def prune(
     registry: Any = None,
     tolerance: float = 1e-4,
     capture_method: str = "auto",
+    plan: Plan | None = None,
 ) -> PruneResult:
     """Prune ``model`` and return it (a copy unless ``inplace``) with its plan and figures.
 
     With ``check`` (the default) the pruned model is compared with the dense model whose
     removed channels are masked; a mismatch raises :class:`VerificationError`. When
     approximate groups were pruned, the check covers the exact part of the plan.
+    A given ``plan`` (e.g. loaded from plan.json) is applied instead of making one.
     """
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
@@ -92,9 +94,13 @@ def prune(
     t1 = time.perf_counter()
     analysis = analyse(cap, registry)
     t2 = time.perf_counter()
-    scores = score(analysis, importance, [g for g in analysis.groups if (~g.blocked).any()])
-    t3 = time.perf_counter()
-    plan = make_plan(analysis, scores, settings)
+    if plan is None:
+        scores = score(analysis, importance, [g for g in analysis.groups if (~g.blocked).any()])
+        t3 = time.perf_counter()
+        plan = make_plan(analysis, scores, settings)
+    else:
+        check_plan(model, plan)
+        t3 = time.perf_counter()
     t4 = time.perf_counter()
 
     dense_figures = {"params_dense": count_params(model), "macs_dense": count_macs(cap)}

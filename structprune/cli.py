@@ -46,7 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and write plan, weights and ONNX files")
     model_args(p)
-    p.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of channels to remove")
+    p.add_argument("--plan", metavar="FILE", help="apply this plan.json instead of making one")
+    p.add_argument("--simplify", action="store_true",
+                   help="fold constants (BN into conv, ...) in the ONNX files")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--exact-only", action="store_true",
                    help="prune only groups whose removal is exact (no approximate groups)")
@@ -105,6 +108,12 @@ def _model_and_inputs(args: argparse.Namespace):
 
 
 def _check_settings(args: argparse.Namespace) -> None:
+    if args.ratio is None and not args.plan:
+        raise StructPruneError("give --ratio (e.g. --ratio 0.5) or --plan plan.json")
+    if args.plan and not Path(args.plan).is_file():
+        raise StructPruneError(f"--plan {args.plan} does not exist")
+    if args.ratio is None:
+        return
     if not 0 <= args.ratio < 1:
         raise StructPruneError(f"--ratio {args.ratio} is outside [0, 1): pass e.g. --ratio 0.5")
     if args.round_to != "auto" and args.round_to < 1:
@@ -172,7 +181,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         settings = dict(importance=args.importance, global_ranking=args.global_ranking,
                         min_width=args.min_width, ignore=args.ignore, exact_only=args.exact_only,
                         capture_method=args.capture)
-        if args.round_to == "auto":
+        if args.plan:
+            from .plan import Plan
+            result = prune(model, inputs, plan=Plan.load(args.plan), **settings)
+        elif args.round_to == "auto":
             from .tune import fastest_rounding
             bar.set_postfix_str("timing round_to candidates")
             result = fastest_rounding(model, inputs, args.ratio, batch=args.tune_batch,
@@ -188,11 +200,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if not args.no_onnx:
             bar.set_postfix_str(steps[1])
             figures["exporter_dense"] = export_onnx(model, inputs, staging / "dense.onnx",
-                                                    args.exporter)
+                                                    args.exporter, simplify=args.simplify)
             bar.update()
             bar.set_postfix_str(steps[2])
             figures["exporter_pruned"] = export_onnx(result.model, inputs,
-                                                     staging / "pruned.onnx", args.exporter)
+                                                     staging / "pruned.onnx", args.exporter,
+                                                     simplify=args.simplify)
             figures["onnx_rel_error"] = onnx_parity(staging / "pruned.onnx", result.model, inputs)
             bar.update()
         bar.close()
@@ -354,7 +367,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sub_args = argparse.Namespace(**{**vars(args), "ratio": ratio,
                                          "out": str(out / f"ratio_{ratio:.2f}"),
                                          "ignore": [], "global_ranking": False,
-                                         "importance": "l2", "min_width": 1, "no_onnx": False})
+                                         "importance": "l2", "min_width": 1, "no_onnx": False,
+                                         "plan": None, "simplify": False})
         _run_quietly(cmd_prune, sub_args)
         result = _bench_dir(Path(sub_args.out), args)
         bench.write(result, Path(sub_args.out))

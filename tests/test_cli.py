@@ -141,3 +141,27 @@ def test_analyze_reports_capture_path_groups_and_reasons(capsys):
     assert run("analyze", f"{DATA}:shape_branch", "--input-shape", "1,3,8,8", "--json") == 0
     data = json.loads(capsys.readouterr().out)
     assert data["summary"]["capture"] == "export" and data["groups"]
+
+
+def test_reapplying_a_plan_and_refusing_bad_ones(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert run("prune", TINY, "--ratio", "0.5", "--out", first, "--no-onnx",
+               "--input-shape", "1,3,16,16") == 0
+    again = tmp_path / "again"
+    assert run("prune", TINY, "--plan", first / "plan.json", "--out", again, "--input-shape",
+               "1,3,16,16", "--simplify", "--exporter", "torchscript") == 0
+    assert (again / "plan.json").read_bytes() == (first / "plan.json").read_bytes()
+    capsys.readouterr()
+
+    other = tmp_path / "other.json"
+    other.write_text((first / "plan.json").read_text().replace('"0.weight"', '"9.weight"'))
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text((first / "plan.json").read_text()[:300])
+    for plan, message in ((other, "different model"), (truncated, "not valid JSON"),
+                          (tmp_path / "missing.json", "does not exist")):
+        out = tmp_path / f"out_{plan.stem}"
+        assert run("prune", TINY, "--plan", plan, "--out", out, "--input-shape", "1,3,16,16") == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not out.exists()
+    assert run("prune", TINY, "--out", tmp_path / "x") == 2
+    assert "--ratio" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from structprune.verify import flatten_outputs
 from .fuzz_models import build, net_spec
 from .oracles import outputs, randomize, weight_masked
 
-EXAMPLES = int(os.environ.get("STRUCTPRUNE_FUZZ_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("STRUCTPRUNE_FUZZ_EXAMPLES", "300"))
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
