@@ -157,6 +157,25 @@ def plot_gpu_latency(path: Path) -> bool:
     return True
 
 
+def coverage() -> str:
+    data = load("coverage_torchvision.json")
+    if not data:
+        return ""
+    rows = data["rows"]
+    lines = [f"### Coverage of the torchvision CNN zoo ({data['models']} models, ratio 0.5)", "",
+             f"structprune (exact-only, equal to the masked dense model): "
+             f"{data['ok']['structprune']} of {data['models']}. Torch-Pruning (runs and keeps "
+             f"output shapes): {data['ok']['torch_pruning']} of {data['models']}."]
+    failed = [r for r in rows if not (r["structprune"]["ok"] and r["torch_pruning"]["ok"])]
+    if failed:
+        lines += ["", "| model | structprune | Torch-Pruning |", "|---|---|---|"]
+        for r in failed:
+            cells = ["ok" if r[t]["ok"] else r[t].get("error", "failed")[:90].replace("|", "/")
+                     for t in ("structprune", "torch_pruning")]
+            lines.append(f"| {r['model']} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def render() -> str:
     gpu = gpu_latency()
     if gpu and (RESULTS / "latency_h100.png").exists():
@@ -168,8 +187,8 @@ def render() -> str:
                 "each median.")
     cpu = "\n\n".join(t for t in (cpu_latency("latency_ort_cpu2.json", True),
                                    cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
-    parts = [pass_time(), capture_paths(), gpu, cpu + ("\n\n" + cpu_note if cpu else ""),
-             scale()]
+    parts = [pass_time(), capture_paths(), coverage(), gpu,
+             cpu + ("\n\n" + cpu_note if cpu else ""), scale()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

@@ -148,7 +148,7 @@ class AtomTable:
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []
         self.blocked: list[tuple[np.ndarray, str, str]] = []
         self.approx: list[tuple[np.ndarray, str, str]] = []
-        self.fixed: list[np.ndarray] = []
+        self.kernel_taps: list[np.ndarray] = []
 
     def fresh(self, shape: tuple[int, ...]) -> np.ndarray:
         n = int(np.prod(shape, dtype=np.int64))
@@ -220,9 +220,9 @@ class RuleContext:
         for ids in _ids_of(what):
             self._engine.atoms.blocked.append((ids, reason, self.node.name))
 
-    def fix(self, what: TensorInfo | ChannelMap | np.ndarray | None) -> None:
+    def kernel_taps(self, what: TensorInfo | ChannelMap | np.ndarray | None) -> None:
         """These atoms are no channel axis at all (kernel taps): never pruned, never listed."""
-        self._engine.atoms.fixed.extend(_ids_of(what))
+        self._engine.atoms.kernel_taps.extend(_ids_of(what))
 
     def approx(self, what: TensorInfo | ChannelMap | np.ndarray | None, reason: str) -> None:
         for ids in _ids_of(what):
@@ -437,11 +437,11 @@ def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
             comps = component[ids.ravel()]
             flag[comps] = True
             records.append((comps, kind, reason, node))
-    fixed = np.zeros(n_comp, bool)
-    for ids in engine.atoms.fixed:
-        fixed[component[ids.ravel()]] = True
-    has_slot &= ~(fixed & ~blocked & ~approximate)
-    blocked |= fixed
+    taps = np.zeros(n_comp, bool)
+    for ids in engine.atoms.kernel_taps:
+        taps[component[ids.ravel()]] = True
+    has_slot &= ~(taps & ~blocked & ~approximate)
+    blocked |= taps
 
     slot_comps = np.flatnonzero(has_slot)
     _, group_of = np.unique(signature[slot_comps], return_inverse=True)

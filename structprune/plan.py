@@ -159,11 +159,14 @@ def _step(round_to: int, width: int) -> int:
     return max(1, round_to // math.gcd(round_to, width))
 
 
-def _rounded_keep(n: int, n_remove: int, step: int, fixed: int, min_units: int) -> int:
+def _rounded_keep(n: int, n_remove: int, step: int, unprunable: int, min_units: int) -> int:
     keep = n - n_remove
     if step > 1:
         keep = max(step, int(math.floor(keep / step + 0.5)) * step)
-    return int(min(n, max(keep, fixed, min_units)))
+    keep = max(keep, unprunable, min_units)
+    if step > 1:  # the floors above may break the multiple: round up again
+        keep = -(-keep // step) * step
+    return int(min(n, keep))
 
 
 def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
@@ -218,10 +221,10 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
             entry["reasons"] = {k: sorted(set(v))[:5] for k, v in group.reasons.items()}
         kept = group.size
         if prunable is not None:
-            fixed = int((~prunable).sum())
+            unprunable = int((~prunable).sum())
             min_units = math.ceil(settings.min_width / group.width)
             keep = _rounded_keep(group.size, wanted[group.index],
-                                 _step(settings.round_to, group.width), fixed, min_units)
+                                 _step(settings.round_to, group.width), unprunable, min_units)
             n_remove = group.size - keep
             if n_remove > 0:
                 order = np.flatnonzero(prunable)

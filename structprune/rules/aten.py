@@ -128,8 +128,8 @@ def _softmax(ctx: RuleContext, input, dim, *rest, **kwargs):
 def _view(ctx: RuleContext, input, size):
     # a torch.export graph holds every size as a literal: the reshape can only stay exact
     # if it keeps the channel axis in place, so sizes of the input's own axes count as free
-    fixed = {i for i, s in enumerate(size) if s != -1 and s not in input.shape}
-    return shape.reshape(ctx, input, fixed)
+    literal = {i for i, s in enumerate(size) if s != -1 and s not in input.shape}
+    return shape.reshape(ctx, input, literal)
 
 
 @R.function(*_overloads("flatten"))
@@ -169,7 +169,7 @@ def _chunk(ctx: RuleContext, input, chunks, dim=0):
 
 @R.function(*_overloads("split", "split_with_sizes", "unsafe_split"))
 def _split(ctx: RuleContext, input, split_size, dim=0):
-    return shape._fixed_split(ctx, input, dim, "split sizes are fixed in the exported graph")
+    return shape._literal_split(ctx, input, dim, "split sizes are fixed in the exported graph")
 
 
 @R.function(*_overloads("pad", "constant_pad_nd"))

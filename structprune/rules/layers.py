@@ -26,7 +26,7 @@ def convolution(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: Tenso
     block_except(ctx, x, range(cdim + 1), "channels spread over a spatial axis")
     for m in weight.maps:
         if set(m.dims) - {0, 1}:
-            ctx.fix(m)
+            ctx.kernel_taps(m)
     x_ids = project(ctx, x, cdim, "conv input")
     w_in = project(ctx, weight, 0 if transposed else 1, "conv weight")
     w_out = project(ctx, weight, 1 if transposed else 0, "conv weight")

@@ -57,11 +57,11 @@ def _varying_axes(ids: np.ndarray) -> list[int]:
     return axes
 
 
-def reshape(ctx: RuleContext, x: TensorInfo, fixed: set[int]) -> TensorInfo:
+def reshape(ctx: RuleContext, x: TensorInfo, literal_dims: set[int]) -> TensorInfo:
     """Carry maps through a row-major reshape to ``ctx.out_shape``.
 
-    ``fixed`` are output dims whose size is a literal in the traced code: they cannot shrink,
-    so atoms along them are merged. A map left with no free dim to shrink is blocked.
+    ``literal_dims`` are output dims whose size is a literal in the traced code: they cannot
+    shrink, so atoms along them are merged. A map left with no free dim to shrink is blocked.
     """
     out_shape = ctx.out_shape
     groups = reshape_groups(x.shape, out_shape)
@@ -74,11 +74,11 @@ def reshape(ctx: RuleContext, x: TensorInfo, fixed: set[int]) -> TensorInfo:
         expand = [x.shape[d] if d in m.dims else 1 for d in in_dims]
         ids = np.broadcast_to(m.ids.reshape(expand), [x.shape[d] for d in in_dims])
         ids = ids.reshape([out_shape[d] for d in out_dims])
-        fixed_axes = [i for i, d in enumerate(out_dims) if d in fixed and out_shape[d] > 1]
-        ids = ctx.unify_along(ids, fixed_axes)
+        literal_axes = [i for i, d in enumerate(out_dims) if d in literal_dims and out_shape[d] > 1]
+        ids = ctx.unify_along(ids, literal_axes)
         ids = np.broadcast_to(ids, [out_shape[d] for d in out_dims])
         varying = _varying_axes(ids)
-        free = [a for a in varying if a not in fixed_axes]
+        free = [a for a in varying if a not in literal_axes]
         if not free:
             ctx.block(m, HARD_CODED)
             continue
@@ -104,7 +104,7 @@ def _size_args(args: tuple) -> tuple[list[Any], bool]:
     return list(args), False
 
 
-def _fixed_dims(ctx: RuleContext, first: int, sizes: list[Any], packed: bool) -> set[int]:
+def _literal_dims(ctx: RuleContext, first: int, sizes: list[Any], packed: bool) -> set[int]:
     raw = ctx.node.args[first] if packed else ctx.node.args[first:]
     if packed and isinstance(raw, fx.Node):  # the whole shape is computed at run time
         return set()
@@ -114,8 +114,8 @@ def _fixed_dims(ctx: RuleContext, first: int, sizes: list[Any], packed: bool) ->
 @R.method("view_as", "reshape_as")
 def _view_as(ctx: RuleContext, x: TensorInfo, other: TensorInfo) -> TensorInfo:
     """Sizes come from ``other``: its axes without channel maps keep their size."""
-    fixed = {d for d in range(other.ndim) if other.map_on(d) is None and other.shape[d] > 1}
-    return reshape(ctx, x, fixed)
+    literal = {d for d in range(other.ndim) if other.map_on(d) is None and other.shape[d] > 1}
+    return reshape(ctx, x, literal)
 
 
 @R.method("view", "reshape")
@@ -123,12 +123,12 @@ def _view(ctx: RuleContext, x: TensorInfo, *shape: Any) -> TensorInfo:
     sizes, packed = _size_args(shape)
     if len(sizes) == 1 and isinstance(sizes[0], torch.dtype):
         return passthrough(ctx, x)
-    return reshape(ctx, x, _fixed_dims(ctx, 1, sizes, packed))
+    return reshape(ctx, x, _literal_dims(ctx, 1, sizes, packed))
 
 
 @R.function(torch.reshape)
 def _reshape_fn(ctx: RuleContext, input: TensorInfo, shape: Any) -> TensorInfo:
-    return reshape(ctx, input, _fixed_dims(ctx, 1, list(shape), True))
+    return reshape(ctx, input, _literal_dims(ctx, 1, list(shape), True))
 
 
 @R.function(torch.flatten)
@@ -146,8 +146,8 @@ def _flatten_module(ctx: RuleContext, module: nn.Flatten, x: TensorInfo) -> Tens
 @R.function(torch.unflatten)
 def _unflatten(ctx: RuleContext, input: TensorInfo, dim: int, sizes: Sequence[int]) -> TensorInfo:
     dim = dim % input.ndim
-    fixed = {dim + i for i, s in enumerate(sizes) if s != -1}
-    return reshape(ctx, input, fixed)
+    literal = {dim + i for i, s in enumerate(sizes) if s != -1}
+    return reshape(ctx, input, literal)
 
 
 @R.module(nn.Unflatten)
@@ -263,7 +263,7 @@ def split_equal(ctx: RuleContext, x: TensorInfo, chunks: int, dim: int, why: str
                  for k, spec in enumerate(specs))
 
 
-def _fixed_split(ctx: RuleContext, x: TensorInfo, dim: int, why: str) -> tuple:
+def _literal_split(ctx: RuleContext, x: TensorInfo, dim: int, why: str) -> tuple:
     dim = dim % x.ndim
     own = x.map_on(dim)
     ctx.block(own, why)
@@ -286,12 +286,12 @@ def _split(ctx: RuleContext, tensor: TensorInfo, split_size_or_sections: Any, di
         return split_equal(ctx, tensor, len(ctx.output), dim, "split")
     sizes = [split_size_or_sections] if isinstance(split_size_or_sections, int) \
         else list(split_size_or_sections)
-    return _fixed_split(ctx, tensor, dim, f"split sizes {sizes} are hard-coded in forward()")
+    return _literal_split(ctx, tensor, dim, f"split sizes {sizes} are hard-coded in forward()")
 
 
 @R.method("split_with_sizes")
 def _split_sizes(ctx: RuleContext, tensor: TensorInfo, split_sizes: Any, dim: int = 0):
-    return _fixed_split(ctx, tensor, dim, "split sizes are hard-coded in forward()")
+    return _literal_split(ctx, tensor, dim, "split sizes are hard-coded in forward()")
 
 
 @R.function(torch.unbind)
