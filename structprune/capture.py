@@ -89,9 +89,18 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
+class _GraphHolder(fx.GraphModule):
+    """A GraphModule that skips code generation: the stages interpret its graph node by
+    node and never call it, and generating its forward() is a fifth of a ResNet's pass."""
+
+    def recompile(self):  # noqa: D102
+        return None
+
+
 def trace(model: nn.Module, leaf_types: Iterable[type] = (), registry: Any = None,
           ) -> fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`CaptureError` naming the offending line."""
+    before = set(vars(model))
     tracer = _Tracer(tuple(leaf_types), registry)
     try:
         graph = tracer.trace(model)
@@ -103,7 +112,11 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = (), registry: Any = Non
             "or use the torch.export capture"
         ) from exc
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    holder = _GraphHolder(tracer.root, graph, name)
+    for attr in set(vars(model)) - before:  # fx parks tensor constants on the root: undo
+        if attr.startswith("_tensor_constant"):
+            delattr(model, attr)
+    return holder
 
 
 # Ops whose output shape equals their first input's; checked before falling back to meta.
@@ -348,14 +361,16 @@ def capture(
 
 def unused_parameters(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     """Parameters of ``model`` that the traced graph never reads."""
-    used: set[str] = set()
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            used.add(node.target)
-        elif node.op == "call_module":
-            used.update(f"{node.target}.{n}" for n, _ in
-                        gm.get_submodule(node.target).named_parameters())
-    return [n for n, _ in model.named_parameters() if n not in used]
+    attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+    def used(name: str) -> bool:
+        if name in attrs:
+            return True
+        parts = name.split(".")
+        return any(".".join(parts[:k]) in called for k in range(1, len(parts)))
+
+    return [n for n, _ in model.named_parameters() if not used(n)]
 
 
 @contextlib.contextmanager
