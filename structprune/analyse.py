@@ -410,7 +410,16 @@ def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
     """Group components by the set of parameter dimensions they touch (vectorised)."""
     if not engine.slots:
         return []
-    keys = list(engine.slots)
+    all_keys = list(engine.slots)
+    # tensors sliced in lockstep (a BN's weight, bias and statistics) have identical
+    # component arrays: group one representative of each, then list all of them as members
+    representative: dict[bytes, int] = {}
+    rep_of: list[int] = []
+    for key in all_keys:
+        comps = component[engine.slots[key]]
+        rep_of.append(representative.setdefault(comps.tobytes() + bytes(str(comps.size), "ascii"),
+                                                len(representative)))
+    keys = [all_keys[rep_of.index(r)] for r in range(len(representative))]
     n_keys = len(keys)
     n_comp = int(component.max()) + 1
     sizes = np.array([len(engine.slots[k]) for k in keys], np.int64)
@@ -461,9 +470,13 @@ def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
     member_codes = np.unique(pair_key[valid] + n_keys * pair_group[valid])
     width = np.full(n_groups, np.iinfo(np.int64).max, np.int64)
     np.minimum.at(width, pair_group[valid], counts[valid])
-    members: list[list[tuple[str, int]]] = [[] for _ in range(n_groups)]
+    rep_groups: list[set[int]] = [set() for _ in range(n_keys)]
     for code in member_codes.tolist():
-        members[code // n_keys].append(keys[code % n_keys])
+        rep_groups[code % n_keys].add(code // n_keys)
+    members: list[list[tuple[str, int]]] = [[] for _ in range(n_groups)]
+    for key, rep in zip(all_keys, rep_of, strict=True):
+        for g in sorted(rep_groups[rep]):
+            members[g].append(key)
 
     # unit order: by first slot position in the group's first member (slots are laid out
     # in (key, position) order, so a component's first occurrence is that slot)
