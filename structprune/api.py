@@ -14,7 +14,7 @@ from .analyse import Analysis, analyse
 from .apply import apply_plan, check_plan
 from .capture import Capture, capture
 from .errors import VerificationError
-from .plan import Plan, PlanSettings, make_plan
+from .plan import Plan, PlanSettings, make_plan, sliced_params
 from .report import count_macs, count_params
 from .score import score
 from .verify import (
@@ -47,13 +47,7 @@ def exact_subplan(analysis: Analysis, plan: Plan) -> Plan:
         return plan
     for units in approximate:
         removed[units] = False
-    params = []
-    for (name, dim), ids in analysis.slots.items():
-        drop = removed[analysis.component[ids]]
-        if drop.any():
-            params.append({"name": name, "dim": dim, "size": len(ids),
-                           "keep": [int(i) for i in (~drop).nonzero()[0]]})
-    return Plan(params, plan.groups, plan.settings)
+    return Plan(sliced_params(analysis, removed), plan.groups, plan.settings)
 
 
 def prune(

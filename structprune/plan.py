@@ -169,6 +169,20 @@ def _rounded_keep(n: int, n_remove: int, step: int, unprunable: int, min_units: 
     return int(min(n, keep))
 
 
+def sliced_params(analysis: Analysis, removed: np.ndarray) -> list[dict[str, Any]]:
+    """The plan's ``params`` entries for removing the components flagged in ``removed``,
+    in state_dict order."""
+    params = []
+    for (name, dim), ids in analysis.slots.items():
+        drop = removed[analysis.component[ids]]
+        if drop.any():
+            params.append({"name": name, "dim": dim, "size": int(len(ids)),
+                           "keep": np.flatnonzero(~drop).tolist()})
+    order = {name: i for i, name in enumerate(analysis.sizes)}
+    params.sort(key=lambda p: (order[p["name"]], p["dim"]))
+    return params
+
+
 def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
               settings: PlanSettings | None = None) -> Plan:
     """Choose the units each group keeps and list the resulting tensor slices."""
@@ -235,13 +249,5 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
         entry["kept"] = kept
         decisions.append(entry)
 
-    params = []
-    for (name, dim), ids in analysis.slots.items():
-        drop = removed[analysis.component[ids]]
-        if drop.any():
-            keep = np.flatnonzero(~drop)
-            params.append({"name": name, "dim": dim, "size": int(len(ids)),
-                           "keep": keep.tolist()})
-    order = {name: i for i, name in enumerate(analysis.sizes)}
-    params.sort(key=lambda p: (order[p["name"]], p["dim"]))
+    params = sliced_params(analysis, removed)
     return Plan(params, decisions, asdict(settings))
