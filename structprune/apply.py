@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
                             "model or the model is already pruned")
 
 
+_FAST_COPY = (list, dict, set, OrderedDict)
 _PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device, torch.memory_format)
 
 
@@ -90,15 +91,23 @@ def _copy_modules(model: nn.Module, shared: set[int]) -> nn.Module | None:
             return memo[id(m)]
         if hasattr(type(m), "__deepcopy__"):  # e.g. GraphModule: it knows best
             raise _NotPlain
-        new = copy.copy(m)
+        cls = type(m)
+        if (cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__
+                or hasattr(cls, "__copy__") or cls.__getstate__ is not nn.Module.__getstate__):
+            raise _NotPlain  # it copies itself its own way
+        new = cls.__new__(cls)  # what copy.copy does for a Module, without its overhead
+        state = m.__getstate__()
         memo[id(m)] = new
-        for key, value in m.__dict__.items():
+        for key, value in state.items():
             if key in ("_parameters", "_buffers", "_modules"):
                 continue
             if not _plain(value):
                 raise _NotPlain
-            if isinstance(value, (list, dict, set)):
-                new.__dict__[key] = copy.copy(value)
+            if type(value) in _FAST_COPY:
+                state[key] = value.copy()
+            elif isinstance(value, (list, dict, set)):
+                state[key] = copy.copy(value)
+        new.__setstate__(state)  # as copy.copy does
         new._parameters = {k: tensor(v) for k, v in m._parameters.items()}
         new._buffers = {k: tensor(v) for k, v in m._buffers.items()}
         new._modules = {k: module(v) if v is not None else None for k, v in m._modules.items()}

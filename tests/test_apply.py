@@ -72,3 +72,19 @@ def test_tied_weights_stay_tied():
     result = sp.prune(model, (torch.randn(3, 6),), 0.5)
     assert result.model.a.weight is result.model.c.weight
     assert result.verification.ok
+
+
+def test_the_copy_shares_no_mutable_state_with_the_original():
+    model = randomize(torchvision.models.resnet18(num_classes=10)).eval()
+    calls = []
+    model.conv1.register_forward_hook(lambda *_: calls.append("original"))
+    pruned = sp.prune(model, (torch.randn(1, 3, 32, 32),), 0.5).model
+    pruned.conv1.register_forward_hook(lambda *_: calls.append("copy"))
+    pruned.fc.extra = 1  # a new attribute on the copy only
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls == ["original"] and not hasattr(model.fc, "extra")
+    assert type(pruned.conv1) is nn.Conv2d and pruned.conv1.padding_mode == "zeros"
+    assert all(p.data_ptr() != q.data_ptr() for p, q in
+               zip(pruned.state_dict().values(), model.state_dict().values(), strict=True))
