@@ -10,18 +10,22 @@ What is timed:
   figures (a second trace of the pruned model to count MACs), which is not part of the pass,
   so two numbers are kept: the wall time of the whole call (``call``), and the sum of
   ``result.figures["seconds"]`` over capture, analyse, score, plan and apply (``pass``). The
-  pass sum is the one compared with Torch-Pruning. ``prune`` works on a copy of the model,
-  and that copy is part of its apply stage.
+  pass sum is the one compared with Torch-Pruning. It is timed twice: as ``prune`` runs by
+  default, on a copy of the model (the copy is part of its apply stage), and with
+  ``inplace=True``, which slices the given model as Torch-Pruning does (on a fresh deepcopy
+  each run, not timed).
 * Torch-Pruning: construction of ``tp.pruner.MagnitudePruner`` (which traces the model and
   builds its dependency graph) plus ``pruner.step()``, with ``MagnitudeImportance(p=2)``,
   ``pruning_ratio=0.5`` and the final classifier ``Linear`` ignored, on a fresh deepcopy of
   the model each run; the deepcopy is not timed.
 
-Each tool is warmed up once per model, then run ``--repeats`` times (default 3), the two
-tools interleaved; medians are reported. The speed-up is Torch-Pruning's median over
-structprune's median pass. Each tool's MACs ratio (pruned / dense) is recorded too:
+Each tool is warmed up once per model, then run ``--repeats`` times (default 5), the
+variants interleaved; medians are reported. The speed-up is Torch-Pruning's median over
+structprune's median pass. Each tool's MACs ratio (pruned / dense) is recorded too,
 structprune's from ``result.figures["macs_ratio"]``, Torch-Pruning's from
-``tp.utils.count_ops_and_params`` before and after the step.
+``tp.utils.count_ops_and_params`` before and after the step; and ``weights_read_once_s``,
+the time to read every weight once, a floor under any magnitude-scored pass (both tools
+read each weight along two axes).
 
 The timings are only meaningful on an otherwise idle machine: with other processes busy on a
 small CPU, torch's OpenMP workers get descheduled and every small parallel op (such as the
@@ -107,9 +111,10 @@ def final_classifier(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def run_structprune(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+def run_structprune(model: nn.Module, x: torch.Tensor, inplace: bool = False) -> dict[str, Any]:
+    work = copy.deepcopy(model) if inplace else model
     t0 = time.perf_counter()
-    result = structprune.prune(model, (x,), RATIO, check=False)
+    result = structprune.prune(work, (x,), RATIO, check=False, inplace=inplace)
     call = time.perf_counter() - t0
     stages = {k: result.figures["seconds"][k] for k in STAGES}
     return {"call": call, "pass": sum(stages.values()), "stages": stages,
@@ -127,9 +132,34 @@ def run_tp(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def weights_read_once(model: nn.Module, repeats: int) -> float:
+    """Median time to read every parameter once (one norm each): the memory floor of a pass
+    whose importance reads each weight, as both tools' magnitude scores do (along two axes)."""
+    params = [p.detach() for p in model.parameters()]
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for p in params:
+            torch.linalg.vector_norm(p)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+@torch.no_grad()
 def tp_macs(model: nn.Module, x: torch.Tensor) -> float:
     macs, _ = tp.utils.count_ops_and_params(model, x)
     return float(macs)
+
+
+def _summary(runs: list[dict[str, Any]], macs_ratio: float) -> dict[str, Any]:
+    return {
+        "pass_median_s": statistics.median(r["pass"] for r in runs),
+        "call_median_s": statistics.median(r["call"] for r in runs),
+        "pass_runs_s": [r["pass"] for r in runs],
+        "call_runs_s": [r["call"] for r in runs],
+        "stage_median_s": {k: statistics.median(r["stages"][k] for r in runs) for k in STAGES},
+        "macs_ratio": macs_ratio,
+    }
 
 
 def bench_model(name: str, repeats: int) -> dict[str, Any]:
@@ -138,55 +168,54 @@ def bench_model(name: str, repeats: int) -> dict[str, Any]:
 
     # Warm-up, one per tool; also gives the MACs ratios (not timed).
     sp = run_structprune(model, x)
+    run_structprune(model, x, inplace=True)
     tp_run = run_tp(model, x)
     dense_macs = tp_macs(model, x)
     tp_ratio = tp_macs(tp_run.pop("model"), x) / dense_macs
     print(f"{name}: warm-up done (structprune pass {sp['pass']:.3f}s, "
           f"Torch-Pruning {tp_run['pass']:.3f}s)", flush=True)
 
-    sp_runs, tp_runs = [], []
+    sp_runs, inplace_runs, tp_runs = [], [], []
     for i in range(repeats):
         sp_runs.append(run_structprune(model, x))
+        inplace_runs.append(run_structprune(model, x, inplace=True))
         r = run_tp(model, x)
         del r["model"]
         tp_runs.append(r)
         print(f"{name} run {i + 1}/{repeats}: structprune pass {sp_runs[-1]['pass']:.3f}s "
-              f"(call {sp_runs[-1]['call']:.3f}s), Torch-Pruning {r['pass']:.3f}s", flush=True)
+              f"(in place {inplace_runs[-1]['pass']:.3f}s), Torch-Pruning {r['pass']:.3f}s",
+              flush=True)
 
-    sp_pass = statistics.median(r["pass"] for r in sp_runs)
-    sp_call = statistics.median(r["call"] for r in sp_runs)
     tp_pass = statistics.median(r["pass"] for r in tp_runs)
+    copy_summary = _summary(sp_runs, sp["macs_ratio"])
+    inplace_summary = _summary(inplace_runs, sp["macs_ratio"])
     return {
-        "structprune": {
-            "pass_median_s": sp_pass,
-            "call_median_s": sp_call,
-            "pass_runs_s": [r["pass"] for r in sp_runs],
-            "call_runs_s": [r["call"] for r in sp_runs],
-            "stage_median_s": {k: statistics.median(r["stages"][k] for r in sp_runs)
-                               for k in STAGES},
-            "macs_ratio": sp["macs_ratio"],
-        },
+        "structprune": copy_summary,
+        "structprune_inplace": inplace_summary,
         "torch_pruning": {
             "pass_median_s": tp_pass,
             "pass_runs_s": [r["pass"] for r in tp_runs],
             "macs_ratio": tp_ratio,
         },
-        "speedup_pass": tp_pass / sp_pass,
-        "speedup_call": tp_pass / sp_call,
+        "speedup_pass": tp_pass / copy_summary["pass_median_s"],
+        "speedup_pass_inplace": tp_pass / inplace_summary["pass_median_s"],
+        "speedup_call": tp_pass / copy_summary["call_median_s"],
+        "weights_read_once_s": weights_read_once(model, repeats),
     }
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     rows = [
-        "| model | structprune pass (s) | structprune call (s) | Torch-Pruning (s) "
-        "| speed-up pass | speed-up call | MACs ratio sp | MACs ratio TP |",
+        "| model | structprune pass (s) | in place (s) | Torch-Pruning (s) "
+        "| speed-up | speed-up in place | MACs ratio sp | MACs ratio TP |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
-        sp, tpr = r["structprune"], r["torch_pruning"]
+        sp, ip, tpr = r["structprune"], r["structprune_inplace"], r["torch_pruning"]
         rows.append(
-            f"| {name} | {sp['pass_median_s']:.3f} | {sp['call_median_s']:.3f} "
-            f"| {tpr['pass_median_s']:.3f} | {r['speedup_pass']:.1f}x | {r['speedup_call']:.1f}x "
+            f"| {name} | {sp['pass_median_s']:.3f} | {ip['pass_median_s']:.3f} "
+            f"| {tpr['pass_median_s']:.3f} | {r['speedup_pass']:.1f}x "
+            f"| {r['speedup_pass_inplace']:.1f}x "
             f"| {sp['macs_ratio']:.3f} | {tpr['macs_ratio']:.3f} |")
     return "\n".join(rows)
 
@@ -197,7 +226,7 @@ def main() -> None:
                         help="torchvision model names (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="JSON output path (default: benchmarks/results/pass_time_cpu.json)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool and model")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per tool and model")
     args = parser.parse_args()
 
     load_before = os.getloadavg()

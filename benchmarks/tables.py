@@ -31,12 +31,17 @@ def pass_time() -> str:
     lines = [f"### Pass time against Torch-Pruning ({data['machine'].get('cpu', '?')}, "
              f"{data['machine'].get('cores', '?')} cores, ratio 0.5, 224x224, median of "
              f"{data.get('repeats', 3)} warm runs)", "",
-             "| model | structprune pass | Torch-Pruning | speed-up | MACs kept (sp / TP) |",
-             "|---|---:|---:|---:|---:|"]
+             "| model | structprune pass (copy) | in place | Torch-Pruning (in place) "
+             "| speed-up (copy / in place) | MACs kept (sp / TP) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, row in data["models"].items():
         sp_, tp = row["structprune"], row["torch_pruning"]
-        lines.append(f"| {name} | {sp_['pass_median_s']:.3f} s | {tp['pass_median_s']:.3f} s | "
-                     f"{row['speedup_pass']:.1f}x | {sp_['macs_ratio']:.3f} / {tp['macs_ratio']:.3f} |")
+        inplace = row.get("structprune_inplace")
+        inplace_s = f"{inplace['pass_median_s']:.3f} s" if inplace else "-"
+        inplace_x = f" / {row['speedup_pass_inplace']:.1f}x" if inplace else ""
+        lines.append(f"| {name} | {sp_['pass_median_s']:.3f} s | {inplace_s} "
+                     f"| {tp['pass_median_s']:.3f} s | {row['speedup_pass']:.1f}x{inplace_x} "
+                     f"| {sp_['macs_ratio']:.3f} / {tp['macs_ratio']:.3f} |")
     return "\n".join(lines)
 
 
