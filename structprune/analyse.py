@@ -264,6 +264,22 @@ class RuleContext:
         path = info.param.rsplit(".", 1)[0] if "." in info.param else ""
         return self._engine.model_modules.get(path)
 
+    def maintained_sizes(self, sizes: Any) -> str | None:
+        """The attribute (``path.attr``) holding ``sizes`` in the module this op runs in, when
+        that module's resizer recomputes it after pruning; None when the sizes are fixed."""
+        if not isinstance(sizes, (list, tuple)):
+            return None
+        stack = self.node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""  # empty: the root's own forward
+        module = self._engine.model_modules.get(path)
+        if module is None:
+            return None
+        for attr in self._engine.registry.maintained_attributes(module):
+            value = getattr(module, attr, None)
+            if isinstance(value, (list, tuple)) and list(value) == list(sizes):
+                return f"{path}.{attr}" if path else attr
+        return None
+
     def is_literal(self, position: int | str) -> bool:
         """Whether the node's raw argument at ``position`` is a constant in the traced code."""
         raw = self.node.args[position] if isinstance(position, int) else self.node.kwargs[position]

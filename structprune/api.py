@@ -97,7 +97,7 @@ def prune(
         t3 = time.perf_counter()
     t4 = time.perf_counter()
 
-    dense_figures = {"params_dense": count_params(model), "macs_dense": count_macs(cap)}
+    dense_figures = {"params_dense": count_params(model), "macs_dense": count_macs(cap, registry)}
     inputs = random_inputs(example_inputs, seed=1)
     t5 = time.perf_counter()
     # with a check, in place happens last, once the plan has been checked on a copy
@@ -158,7 +158,7 @@ def figures_for(dense: dict[str, int], pruned: nn.Module, example_inputs: Sequen
     """Parameters and MACs before (counted before surgery) and after."""
     pruned_capture = capture(pruned, example_inputs, leaf_modules, registry, method)
     dense_params, dense_macs = dense["params_dense"], dense["macs_dense"]
-    pruned_macs = count_macs(pruned_capture)
+    pruned_macs = count_macs(pruned_capture, registry)
     pruned_params = count_params(pruned)
     return {
         "params_dense": dense_params, "params_pruned": pruned_params,

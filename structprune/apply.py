@@ -162,8 +162,24 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
             for module, attr, is_param in holders[id(old)]:
                 (module._parameters if is_param else module._buffers)[attr] = new
                 touched[id(module)] = module
-    for module in touched.values():
+    for module in _with_ancestors(model, touched):
         resize = registry.resizer_for(module)
         if resize is not None:
             resize(module)
     return model
+
+
+def _with_ancestors(model: nn.Module, touched: dict[int, nn.Module]) -> list[nn.Module]:
+    """The touched modules, then every module containing one, innermost first: a container
+    with a resizer (a mixed conv's split sizes) reads its children's new sizes."""
+    paths = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    ancestors: dict[str, nn.Module] = {}
+    for key in touched:
+        parts = paths.get(key, "").split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            path = ".".join(parts[:depth])
+            if path in modules and id(modules[path]) not in touched:
+                ancestors.setdefault(path, modules[path])
+    inner_first = sorted(ancestors, key=lambda p: -(p.count(".") + 1 if p else 0))
+    return list(touched.values()) + [ancestors[p] for p in inner_first]

@@ -6,9 +6,9 @@ example inputs: a :class:`TensorSpec` for each tensor, plain Python values (size
 they are.
 
 Shapes are propagated on the ``meta`` device, so no real arithmetic runs and the user's
-model is never touched. Ops whose output shape is plainly that of their input (activations,
-norms, elementwise arithmetic) skip the dispatcher altogether: on meta tensors they cost
-up to a millisecond each, which would dominate the whole pass on large graphs.
+model is never touched. Ops the rule registry declares shape-preserving or broadcasting
+(activations, norms, elementwise arithmetic) skip the dispatcher altogether: on meta tensors
+they cost up to a millisecond each, which would dominate the whole pass on large graphs.
 
 Tracing treats as leaves the modules torch.fx treats as leaves (``torch.nn`` layers), plus
 every module type that has a rule in the registry and any type the caller names.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import operator
 import traceback
 import warnings
 from collections.abc import Iterable, Sequence
@@ -62,6 +61,11 @@ class Capture:
 
     def spec(self, node: fx.Node) -> Any:
         return self.values[node.name]
+
+    def tensor_spec(self, arg: Any) -> TensorSpec | None:
+        """The TensorSpec a node argument produced, or None for a constant or non-tensor."""
+        value = self.values.get(arg.name) if isinstance(arg, fx.Node) else None
+        return value if isinstance(value, TensorSpec) else None
 
 
 class _Tracer(fx.Tracer):
@@ -119,59 +123,28 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = (), registry: Any = Non
     return holder
 
 
-# Ops whose output shape equals their first input's; checked before falling back to meta.
-_SAME_SHAPE_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity, nn.Hardtanh,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU, nn.SyncBatchNorm,
-)
-_F = torch.nn.functional
-_SAME_SHAPE_FUNCTIONS: set[Any] = {
-    torch.relu, torch.sigmoid, torch.tanh, _F.relu, _F.relu6, _F.silu, _F.gelu, _F.hardswish,
-    _F.hardsigmoid, _F.sigmoid, _F.tanh, _F.leaky_relu, _F.elu, _F.mish, _F.dropout,
-    _F.hardtanh, torch.nn.functional.softplus,
-}
-_SAME_SHAPE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone",
-                       "detach", "mul_", "add_", "clamp", "clamp_", "hardtanh_"}
-_BROADCAST_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
-                        operator.iadd, operator.imul, operator.isub, torch.add, torch.mul,
-                        torch.sub}
-_BROADCAST_METHODS = {"add", "mul", "sub", "div"}
-
-
-def _fast_shape(node: fx.Node, module: nn.Module | None, args: tuple, kwargs: dict):
-    """A meta tensor of the output's shape when it follows from the inputs alone, else None."""
+def _fast_shape(node: fx.Node, kind: str | None, args: tuple, kwargs: dict):
+    """A meta tensor of the output's shape when the registry declares it follows from the
+    inputs alone (``kind`` "same" or "broadcast"), else None."""
     first = args[0] if args else None
-    if not isinstance(first, torch.Tensor):
+    if kind is None or not isinstance(first, torch.Tensor):
         return None
-    if node.op == "call_module":
-        same = type(module) in _SAME_SHAPE_MODULES
-    elif node.op == "call_function":
-        same = node.target in _SAME_SHAPE_FUNCTIONS and not kwargs.get("inplace", False)
-        if node.target in _BROADCAST_FUNCTIONS:
-            shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
-            if len(args) != 2 or kwargs:
-                return None
-            dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
-            if len(set(dtypes)) != 1:
-                return None
-            return torch.empty(torch.broadcast_shapes(*shapes), dtype=first.dtype, device="meta")
-    elif node.op == "call_method":
-        same = node.target in _SAME_SHAPE_METHODS and not kwargs
-        if node.target in _BROADCAST_METHODS and len(args) == 2 and not kwargs:
-            other = args[1]
-            shape = other.shape if isinstance(other, torch.Tensor) else ()
-            if isinstance(other, torch.Tensor) and other.dtype != first.dtype:
-                return None
-            return torch.empty(torch.broadcast_shapes(first.shape, shape), dtype=first.dtype,
-                               device="meta")
+    if kind == "same":
+        if kwargs.get("inplace", False) or (node.op == "call_method" and kwargs):
+            return None
+        return torch.empty(first.shape, dtype=first.dtype, device="meta")
+    if len(args) != 2 or kwargs:
+        return None
+    other = args[1]
+    if isinstance(other, torch.Tensor):
+        if other.dtype != first.dtype:
+            return None
+        shape = torch.broadcast_shapes(first.shape, other.shape)
+    elif isinstance(other, (int, float)) and first.is_floating_point():
+        shape = first.shape  # a Python scalar keeps a float tensor's dtype
     else:
         return None
-    if same:
-        return torch.empty(first.shape, dtype=first.dtype, device="meta")
-    return None
+    return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
 def _to_spec(value: Any) -> Any:
@@ -187,7 +160,8 @@ def _to_spec(value: Any) -> Any:
     return value
 
 
-def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], device: str) -> dict[str, Any]:
+def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], device: str, registry: Any,
+               ) -> dict[str, Any]:
     modules = dict(gm.named_modules())
     env: dict[fx.Node, Any] = {}
     values: dict[str, Any] = {}
@@ -208,7 +182,8 @@ def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], device: str) -> dict[s
             args = fx.node.map_arg(node.args, load)
             kwargs = fx.node.map_arg(node.kwargs, load)
             module = modules.get(node.target) if node.op == "call_module" else None
-            value = _fast_shape(node, module, args, kwargs) if device == "meta" else None
+            value = _fast_shape(node, registry.shape_kind(node, module), args, kwargs) \
+                if device == "meta" else None
             if value is None:
                 value = _execute(gm, node, module, args, kwargs)
         env[node] = value
@@ -251,13 +226,18 @@ def _as_device(value: Any, device: str) -> Any:
     return value
 
 
-def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, Any]:
+def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any], registry: Any = None,
+              ) -> dict[str, Any]:
     """Record what every node of ``gm`` produces: on meta tensors, else on the real inputs."""
+    from .rules import DEFAULT_REGISTRY
+
+    registry = registry or DEFAULT_REGISTRY
     errors = []
     for device in ("meta", "real"):
         try:
             with torch.no_grad(), stateless._reparametrize_module(gm, _state(gm, device)):
-                return _run_graph(gm, _as_device(tuple(example_inputs), device), device)
+                return _run_graph(gm, _as_device(tuple(example_inputs), device), device,
+                                  registry)
         except Exception as exc:  # noqa: BLE001 - retried on real tensors, then reported
             errors.append(exc)
     exc = errors[-1]
@@ -349,7 +329,7 @@ def capture(
                 raise CaptureError(f"{fx_error}; the torch.export fallback failed too: "
                                    f"{export_error}") from export_error
         _check_input_count(gm, example_inputs)
-        values = propagate(gm, example_inputs)
+        values = propagate(gm, example_inputs, registry)
         result = Capture(model, gm, tuple(example_inputs), values, "fx", leaf_types)
         unused = unused_parameters(model, gm)
         if unused:
@@ -391,7 +371,7 @@ def _other_mode(model: nn.Module, example_inputs: Sequence[Any], leaf_types: tup
     try:
         with _mode(model, not model.training):
             gm = trace(model, leaf_types, registry)
-            values = propagate(gm, example_inputs)
+            values = propagate(gm, example_inputs, registry)
     except CaptureError as exc:
         modules = sorted({n.rsplit(".", 1)[0] for n in unused})
         raise CaptureError(

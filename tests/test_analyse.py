@@ -443,3 +443,46 @@ def test_leaf_module_without_a_rule_is_opaque():
     assert g.blocked.all() and any("no channel rule for Gate" in r for r in g.reasons)
     result = sp.prune(model, x4(), 0.5, leaf_modules=[Gate])
     assert result.verification.ok and result.model.a[0].out_channels == 8
+
+
+class MixedParts(nn.Module):
+    """Like timm's MixedConv2d: uneven parts by a sizes attribute, one conv per part."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.parts = nn.ModuleList([nn.Conv2d(2, 2, 3, padding=1, groups=2),
+                                    nn.Conv2d(6, 4, 5, padding=2), nn.Conv2d(8, 8, 1)])
+        self.splits = [2, 6, 8]
+        self.out = nn.Conv2d(14, 3, 1)
+
+    def forward(self, x):
+        pieces = torch.split(self.a(x), self.splits, dim=1)
+        return self.out(torch.cat([conv(pieces[i]) for i, conv in enumerate(self.parts)], dim=1))
+
+
+def _resize_mixed_parts(module: MixedParts) -> None:
+    module.splits = [conv.in_channels for conv in module.parts]
+
+
+def test_split_by_sizes_a_resizer_maintains_is_pruned_part_by_part():
+    blocked = randomize(MixedParts())
+    g = group_with(groups_of(blocked, x4()), ("a.0.weight", 0))
+    assert g.blocked.all() and any("hard-coded" in r for r in g.reasons)
+
+    registry = sp.DEFAULT_REGISTRY.copy()
+    registry.resizer(MixedParts, maintains=("splits",))(_resize_mixed_parts)
+    model = randomize(MixedParts())
+    groups = [g for g in sp.analyse(capture(model, x4(), registry=registry), registry).groups
+              if ("a.0.weight", 0) in g.members]
+    assert sorted(g.size for g in groups) == [2, 6, 8]  # one group per part
+    assert [g.blocked.sum() for g in groups] == [1, 1, 1]  # its first channel stays
+    result = check_pruned(model, x4(), 0.6, registry=registry)
+    pruned = result.model
+    assert pruned.splits == [c.in_channels for c in pruned.parts]
+    assert sum(pruned.splits) == pruned.a[0].out_channels < 16
+    assert all(s >= 1 for s in pruned.splits)
+    again = sp.apply_plan(randomize(MixedParts()), result.plan, registry=registry)
+    assert again.splits == pruned.splits and again(x4()[0]).shape == (2, 3, 8, 8)
+    exported = check_pruned(model, x4(), 0.6, registry=registry, capture_method="export")
+    assert exported.figures["capture"] == "export" and exported.plan.params == result.plan.params

@@ -76,3 +76,18 @@ def test_auto_capture_falls_back_to_export():
     assert cap.method == "export"
     result = sp.prune(ShapeBranch(), (torch.randn(1, 3, 8, 8),), 0.5)
     assert result.verification.ok and result.model.a.out_channels == 4
+
+
+class Arithmetic(nn.Module):
+    def forward(self, x):
+        counts = (x > 0).long()
+        return counts * 0.5, counts + counts, x * 2, x.add(x[:, :1]), torch.relu(x).half()
+
+
+def test_shape_shortcuts_keep_dtypes_and_broadcasting_right():
+    x = torch.randn(2, 3, 4, 4)
+    cap = capture(Arithmetic(), (x,))
+    output = next(n for n in cap.graph.nodes if n.op == "output")
+    specs = [cap.values[node.name] for node in output.args[0]]
+    real = Arithmetic()(x)
+    assert [(s.shape, s.dtype) for s in specs] == [(tuple(t.shape), t.dtype) for t in real]

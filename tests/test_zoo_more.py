@@ -37,7 +37,9 @@ def _check(spec: str, size: int, tmp_path, max_macs: float = 0.95):
 @pytest.mark.parametrize("name", TIMM)
 def test_timm_model(name, tmp_path):
     pytest.importorskip("timm")
-    result = _check(f"timm:{name}", 96 if name == "inception_v3" else 64, tmp_path)  # no aux
+    # mixnet's mixed convs split by sizes their resizer maintains: pruned part by part
+    max_macs = 0.6 if "mixnet" in name else 0.95
+    result = _check(f"timm:{name}", 96 if name == "inception_v3" else 64, tmp_path, max_macs)
     assert result.figures["capture"] == ("export" if name in NEEDS_EXPORT else "fx")
 
 

@@ -169,7 +169,8 @@ def _chunk(ctx: RuleContext, input, chunks, dim=0):
 
 @R.function(*_overloads("split", "split_with_sizes", "unsafe_split"))
 def _split(ctx: RuleContext, input, split_size, dim=0):
-    return shape._literal_split(ctx, input, dim, "split sizes are fixed in the exported graph")
+    return shape.literal_split(ctx, input, split_size, dim,
+                               "split sizes are fixed in the exported graph")
 
 
 @R.function(*_overloads("pad", "constant_pad_nd"))
@@ -191,3 +192,31 @@ def _expand(ctx: RuleContext, input, size, *rest):
 def _metadata(ctx: RuleContext, *args, **kwargs):
     from .base import metadata
     return metadata(ctx)
+
+
+# Multiply-accumulates, for the reports
+
+@R.macs(*_overloads("conv1d", "conv2d", "conv3d"))
+def _conv_macs(capture, node, module):
+    return layers.conv_macs(capture, node, node.args[0], node.args[1], False)
+
+
+@R.macs(*_overloads("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
+def _conv_t_macs(capture, node, module):
+    return layers.conv_macs(capture, node, node.args[0], node.args[1], True)
+
+
+@R.macs(*_overloads("convolution"))
+def _convolution_macs(capture, node, module):
+    transposed = bool(node.args[6]) if len(node.args) > 6 else False
+    return layers.conv_macs(capture, node, node.args[0], node.args[1], transposed)
+
+
+@R.macs(*_overloads("linear", "mm", "bmm", "matmul"))
+def _matmul_macs(capture, node, module):
+    return layers.matmul_macs(capture, node, node.args[0])
+
+
+@R.macs(*_overloads("addmm"))
+def _addmm_macs(capture, node, module):
+    return layers.matmul_macs(capture, node, node.args[1])

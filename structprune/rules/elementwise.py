@@ -111,3 +111,19 @@ def _metadata_method(ctx: RuleContext, *args, **kwargs):
 
 
 R.function(getattr, len, torch.numel, torch.is_tensor, torch.is_floating_point)(metadata)
+
+
+# Capture's shortcut: these outputs follow from the inputs' shapes, no dispatch needed
+R.same_shape(
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity, nn.Hardtanh,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.PReLU,
+    torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.silu, F.gelu, F.hardswish,
+    F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.mish, F.dropout, F.hardtanh,
+    F.softplus,
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "detach", "mul_",
+    "add_", "clamp", "clamp_", "hardtanh_",
+)
+R.broadcast_shape(operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
+                  operator.imul, operator.isub, torch.add, torch.mul, torch.sub,
+                  "add", "mul", "sub", "div")

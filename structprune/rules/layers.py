@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import operator
+from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -103,6 +106,57 @@ def _resize_conv_t(module: nn.Module) -> None:
         module.groups = module.groups * c_in // module.in_channels
     module.in_channels = c_in
     module.out_channels = module.weight.shape[1] * module.groups
+
+
+# Multiply-accumulates, for the reports
+
+
+def conv_macs(capture: Any, node: fx.Node, x: Any, weight: Any, transposed: bool) -> int:
+    """A conv's output elements times its weight's fan-in; a transposed conv's input elements
+    times its weight's fan-out. ``x`` and ``weight`` are node arguments or tensors."""
+    w_shape = weight.shape if isinstance(weight, torch.Tensor) else \
+        getattr(capture.tensor_spec(weight), "shape", None)
+    if w_shape is None:
+        return 0
+    if transposed:
+        x_spec = capture.tensor_spec(x)
+        return math.prod(x_spec.shape) * math.prod(w_shape[1:]) if x_spec else 0
+    return math.prod(capture.values[node.name].shape) * math.prod(w_shape[1:])
+
+
+def matmul_macs(capture: Any, node: fx.Node, a: Any) -> int:
+    """Output elements times the contracted size (the last axis of ``a``)."""
+    a_spec = capture.tensor_spec(a)
+    return math.prod(capture.values[node.name].shape) * a_spec.shape[-1] if a_spec else 0
+
+
+def _arg(node: fx.Node, position: int, name: str) -> Any:
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name)
+
+
+@R.macs(*_CONVS, *_CONV_TRANSPOSES)
+def _conv_module_macs(capture, node: fx.Node, module: nn.Module) -> int:
+    return conv_macs(capture, node, _arg(node, 0, "input"), module.weight, module.transposed)
+
+
+@R.macs(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+def _conv_fn_macs(capture, node: fx.Node, module: None) -> int:
+    return conv_macs(capture, node, _arg(node, 0, "input"), _arg(node, 1, "weight"), False)
+
+
+@R.macs(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+def _conv_t_fn_macs(capture, node: fx.Node, module: None) -> int:
+    return conv_macs(capture, node, _arg(node, 0, "input"), _arg(node, 1, "weight"), True)
+
+
+@R.macs(nn.Linear)
+def _linear_module_macs(capture, node: fx.Node, module: nn.Linear) -> int:
+    return math.prod(capture.values[node.name].shape) * module.in_features
+
+
+@R.macs(torch.matmul, operator.matmul, torch.mm, torch.bmm, F.linear, "matmul", "mm", "bmm")
+def _matmul_macs(capture, node: fx.Node, module: None) -> int:
+    return matmul_macs(capture, node, _arg(node, 0, "input"))
 
 
 def linear(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: TensorInfo | None,
@@ -316,3 +370,8 @@ def _lrn(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
 @R.function(F.local_response_norm)
 def _lrn_fn(ctx: RuleContext, input: TensorInfo, *args, **kwargs) -> TensorInfo:
     return _lrn(ctx, None, input)
+
+
+# Capture's shortcut: norms keep their input's shape and dtype
+R.same_shape(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+             nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)

@@ -25,6 +25,8 @@ import torch.nn as nn
 
 Rule = Callable[..., Any]
 Resizer = Callable[[nn.Module], None]
+# (capture, node, module or None) -> multiply-accumulates of that node on the example inputs
+MacCounter = Callable[[Any, fx.Node, "nn.Module | None"], int]
 
 
 class RuleRegistry:
@@ -35,6 +37,9 @@ class RuleRegistry:
         self.methods: dict[str, Rule] = {}
         self.modules: dict[type, Rule] = {}
         self.resizers: dict[type, Resizer] = {}
+        self.maintained: dict[type, tuple[str, ...]] = {}
+        self.counters: dict[Any, MacCounter] = {}  # by function, module type or method name
+        self.shapes: dict[Any, str] = {}  # op -> "same" or "broadcast", for capture's shortcut
         self.unknown_rule: Rule | None = None
 
     def copy(self) -> RuleRegistry:
@@ -43,6 +48,9 @@ class RuleRegistry:
         other.methods = dict(self.methods)
         other.modules = dict(self.modules)
         other.resizers = dict(self.resizers)
+        other.maintained = dict(self.maintained)
+        other.counters = dict(self.counters)
+        other.shapes = dict(self.shapes)
         other.unknown_rule = self.unknown_rule
         return other
 
@@ -69,12 +77,36 @@ class RuleRegistry:
             return rule
         return add
 
-    def resizer(self, *types: type) -> Callable[[Resizer], Resizer]:
+    def resizer(self, *types: type, maintains: tuple[str, ...] = ()) -> Callable[[Resizer], Resizer]:
+        """Register a resizer. ``maintains`` names list attributes of sizes (such as a mixed
+        conv's ``splits``) that the resizer recomputes: a split whose literal sizes equal one of
+        them, inside such a module, may then be pruned part by part."""
         def add(fn: Resizer) -> Resizer:
             for cls in types:
                 self.resizers[cls] = fn
+                self.maintained[cls] = tuple(maintains)
             return fn
         return add
+
+    def macs(self, *targets: Any) -> Callable[[MacCounter], MacCounter]:
+        """Register how many multiply-accumulates an op does (functions, module types, or
+        method names as strings); ops without a counter count zero."""
+        def add(fn: MacCounter) -> MacCounter:
+            for target in targets:
+                self.counters[target] = fn
+            return fn
+        return add
+
+    def same_shape(self, *targets: Any) -> None:
+        """Declare ops whose output has their first input's shape and dtype (activations,
+        norms): capture then skips shape propagation for them, which is costly per call."""
+        for target in targets:
+            self.shapes[target] = "same"
+
+    def broadcast_shape(self, *targets: Any) -> None:
+        """Declare binary ops whose output is their operands broadcast (add, mul, ...)."""
+        for target in targets:
+            self.shapes[target] = "broadcast"
 
     # lookup
     def module_rule(self, module: nn.Module) -> Rule | None:
@@ -95,6 +127,12 @@ class RuleRegistry:
                 return self.resizers[cls]
         return None
 
+    def maintained_attributes(self, module: nn.Module) -> tuple[str, ...]:
+        for cls in type(module).__mro__:
+            if cls in self.resizers:
+                return self.maintained.get(cls, ())
+        return ()
+
     def lookup(self, node: fx.Node, module: nn.Module | None) -> Rule | None:
         if node.op == "call_module":
             rule = self.module_rule(module)
@@ -104,6 +142,24 @@ class RuleRegistry:
         if node.op == "call_method":
             return self.methods.get(node.target)
         return self.functions.get(node.target)
+
+    def counter_for(self, node: fx.Node, module: nn.Module | None) -> MacCounter | None:
+        if node.op == "call_module":
+            for cls in type(module).__mro__:
+                if cls in self.counters:
+                    return self.counters[cls]
+            return None
+        if node.op in ("call_method", "call_function"):
+            return self.counters.get(node.target)
+        return None
+
+    def shape_kind(self, node: fx.Node, module: nn.Module | None) -> str | None:
+        """"same", "broadcast" or None (propagate shapes by running the op)."""
+        if node.op == "call_module":
+            return self.shapes.get(type(module))  # exact type: a subclass may change forward
+        if node.op in ("call_method", "call_function"):
+            return self.shapes.get(node.target)
+        return None
 
     def is_leaf(self, module: nn.Module) -> bool:
         return self.module_rule(module) is not None

@@ -263,12 +263,25 @@ def split_equal(ctx: RuleContext, x: TensorInfo, chunks: int, dim: int, why: str
                  for k, spec in enumerate(specs))
 
 
-def _literal_split(ctx: RuleContext, x: TensorInfo, dim: int, why: str) -> tuple:
+def literal_split(ctx: RuleContext, x: TensorInfo, sizes: Any, dim: int, why: str) -> tuple:
+    """Split with sizes fixed in the code: the channels stay, unless the module the split runs
+    in keeps the sizes as an attribute its resizer recomputes (a mixed conv's ``splits``);
+    then each part is pruned on its own and keeps at least one channel."""
     dim = dim % x.ndim
     own = x.map_on(dim)
-    ctx.block(own, why)
     rest = [m for m in x.maps if dim not in m.dims]
-    return tuple(ctx.result(rest, spec) for spec in ctx.output)
+    parts = [spec.shape[dim] for spec in ctx.output]
+    if own is None or len(parts) < 2 or ctx.maintained_sizes(sizes) is None:
+        ctx.block(own, why)
+        return tuple(ctx.result(rest, spec) for spec in ctx.output)
+    ids = project(ctx, x, dim, why)
+    bounds = np.cumsum([0, *parts])
+    results = []
+    for k, spec in enumerate(ctx.output):
+        part = ids[bounds[k]:bounds[k + 1]]
+        ctx.block(part[:1], "each part of a split keeps a channel")
+        results.append(ctx.result(rest + [ChannelMap((dim,), part)], spec))
+    return tuple(results)
 
 
 @R.function(torch.chunk)
@@ -286,12 +299,13 @@ def _split(ctx: RuleContext, tensor: TensorInfo, split_size_or_sections: Any, di
         return split_equal(ctx, tensor, len(ctx.output), dim, "split")
     sizes = [split_size_or_sections] if isinstance(split_size_or_sections, int) \
         else list(split_size_or_sections)
-    return _literal_split(ctx, tensor, dim, f"split sizes {sizes} are hard-coded in forward()")
+    return literal_split(ctx, tensor, split_size_or_sections, dim,
+                         f"split sizes {sizes} are hard-coded in forward()")
 
 
 @R.method("split_with_sizes")
 def _split_sizes(ctx: RuleContext, tensor: TensorInfo, split_sizes: Any, dim: int = 0):
-    return _literal_split(ctx, tensor, dim, "split sizes are hard-coded in forward()")
+    return literal_split(ctx, tensor, split_sizes, dim, "split sizes are hard-coded in forward()")
 
 
 @R.function(torch.unbind)

@@ -1,7 +1,8 @@
 """Rules for layers of model zoos (torchvision, timm) whose traced form would hide them.
 
 A LayerNorm over channels written as permute -> F.layer_norm -> permute bakes the channel
-count into the traced code; as a leaf with its own rule it stays resizable.
+count into the traced code; as a leaf with its own rule it stays resizable. A mixed conv
+splits by sizes it keeps as an attribute; its resizer recomputes them.
 """
 
 from __future__ import annotations
@@ -44,3 +45,20 @@ except ImportError:  # pragma: no cover
 if _tv_stochastic_depth is not None:
     R.function(_tv_stochastic_depth)(_stochastic_depth)
     R.module(_TvStochasticDepth)(lambda ctx, module, x: _stochastic_depth(ctx, x))
+
+
+def _resize_mixed_conv(module) -> None:
+    """timm's MixedConv2d splits its input by ``splits``: one part per child conv."""
+    convs = list(module.values())
+    module.splits = [conv.in_channels for conv in convs]
+    module.in_channels = sum(module.splits)
+    module.out_channels = sum(conv.out_channels for conv in convs)
+
+
+try:
+    from timm.layers.mixed_conv2d import MixedConv2d as _TimmMixedConv2d
+except ImportError:  # timm is optional
+    _TimmMixedConv2d = None
+
+if _TimmMixedConv2d is not None:
+    R.resizer(_TimmMixedConv2d, maintains=("splits",))(_resize_mixed_conv)
