@@ -42,7 +42,8 @@ class PruneResult:
 def exact_subplan(analysis: Analysis, plan: Plan) -> Plan:
     """The part of ``plan`` that removes only units of exact (non-approximate) groups."""
     removed = analysis.removed_components(plan.params)
-    approximate = [g.units for g in analysis.groups if g.approximate.any()]
+    # per unit: the exact units of a group that also has approximate ones stay checked
+    approximate = [g.units[g.approximate] for g in analysis.groups if g.approximate.any()]
     if not any(removed[units].any() for units in approximate):
         return plan
     for units in approximate:

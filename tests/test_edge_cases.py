@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
+from structprune.api import exact_subplan
 from structprune.verify import compare
 
 from .oracles import randomize
@@ -163,3 +164,18 @@ def test_training_only_branches_are_pruned_consistently():
     assert result.verification.ok and result.model.aux.in_channels == 4
     main, aux = result.model.train()(X[0])
     assert main.shape == (2, 4, 8, 8) and aux.shape == (2, 2, 8, 8)
+
+
+def test_exact_units_of_a_partly_approximate_group_stay_checked():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                                    nn.Conv2d(16, 4, 1))).eval()
+    result = sp.prune(model, X, 0.5)
+    group = next(g for g in result.analysis.groups if ("0.weight", 0) in g.members)
+    cut = sorted(set(range(16)) - set(next(p["keep"] for p in result.plan.params
+                                           if p["name"] == "0.weight")))
+    group.approximate[:] = False
+    group.approximate[cut[:4]] = True  # as if a channel mean read half of the cut units
+    checked = exact_subplan(result.analysis, result.plan)
+    kept = next(p["keep"] for p in checked.params if p["name"] == "0.weight")
+    assert set(cut[:4]) <= set(kept)  # the approximate cuts are left out of the check
+    assert not set(cut[4:]) & set(kept)  # the exact cuts in the same group stay checked
