@@ -13,7 +13,7 @@ import torch.nn as nn
 from .analyse import Analysis, analyse
 from .apply import apply_plan, check_plan
 from .capture import Capture, capture
-from .errors import VerificationError
+from .errors import CaptureError, VerificationError
 from .plan import Plan, PlanSettings, make_plan, sliced_params
 from .report import count_macs, count_params
 from .score import score
@@ -78,6 +78,7 @@ def prune(
     approximate groups were pruned, the check covers the exact part of the plan.
     A given ``plan`` (e.g. loaded from plan.json) is applied instead of making one.
     """
+    given_plan = plan is not None
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     settings = PlanSettings(ratio=ratio, global_ranking=global_ranking, round_to=round_to,
@@ -108,11 +109,15 @@ def prune(
                "apply": t6 - t5}
     verification = None
     if check:
-        verification = _check(analysis, plan, model, pruned, inputs, tolerance, registry)
+        verification = _check(analysis, plan, model, pruned, inputs, tolerance, registry,
+                              given_plan)
     if inplace and check:
         pruned = apply_plan(model, plan, inplace=True, registry=registry)
-    figures = figures_for(dense_figures, pruned, example_inputs, leaf_modules, registry,
-                          cap.method)
+    try:
+        figures = figures_for(dense_figures, pruned, example_inputs, leaf_modules, registry,
+                              cap.method)
+    except CaptureError as exc:  # unchecked (check=False) and broken: not an input problem
+        raise VerificationError(_fails_to_run(exc, given_plan)) from exc
     figures["seconds"] = timings
     figures.update(analysis.summary())
     approx_pruned = [g["index"] for g in plan.groups
@@ -122,8 +127,18 @@ def prune(
     return PruneResult(pruned, plan, analysis, figures, verification)
 
 
+def _fails_to_run(exc: BaseException, given_plan: bool) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    what = f"the pruned model fails to run ({type(exc).__name__}: {first})"
+    if given_plan:
+        return (f"{what}: the given plan does not slice every coupled tensor of this model; "
+                "make plans with `structprune prune` or structprune.make_plan")
+    return f"{what}; please report this model, and --ignore the modules involved meanwhile"
+
+
 def _check(analysis: Analysis, plan: Plan, model: nn.Module, pruned: nn.Module,
-           inputs: tuple, tolerance: float, registry: Any) -> Verification:
+           inputs: tuple, tolerance: float, registry: Any, given_plan: bool = False,
+           ) -> Verification:
     """Compare with the masked dense model: the whole plan when it is exact, else its exact
     part; the pruned model itself must run and keep the dense output shapes either way."""
     checked = exact_subplan(analysis, plan)
@@ -140,11 +155,13 @@ def _check(analysis: Analysis, plan: Plan, model: nn.Module, pruned: nn.Module,
                 raise RuntimeError("output shapes changed")
             verification.approximate_rel_error = compare(reference, pruned(*inputs)).max_rel_error
     except Exception as exc:  # noqa: BLE001 - a pruned model that cannot run is refused
-        raise VerificationError(
-            f"the pruned model fails to run ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); please report this model, "
-            "and --ignore the modules involved meanwhile") from exc
+        raise VerificationError(_fails_to_run(exc, given_plan)) from exc
     verification.exact_units_only = checked is plan
+    if not verification.ok and given_plan:
+        raise VerificationError(
+            f"the model pruned by the given plan differs from the masked dense model (relative "
+            f"error {verification.max_rel_error:.2e} > {tolerance:.0e}): the plan does not slice "
+            "every coupled tensor; make plans with `structprune prune` or structprune.make_plan")
     if not verification.ok:
         raise VerificationError(
             f"pruned model differs from the masked dense model (relative error "

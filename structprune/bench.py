@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import StructPruneError
+
 Runner = Callable[[], None]
 
 
@@ -91,7 +93,12 @@ def ort_runner(path: Path, batch: int, shapes: Sequence[Sequence[int]], threads:
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=[provider])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=[provider])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types for a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StructPruneError(f"ONNX Runtime cannot load {path} ({first}): export it again "
+                               "with `structprune prune`") from exc
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal((batch, *shape[1:])).astype(np.float32)
              for i, shape in zip(session.get_inputs(), shapes, strict=False)}

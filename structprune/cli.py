@@ -295,13 +295,19 @@ def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str,
     if not report_path.is_file():
         raise StructPruneError(f"{directory} has no report.json: run `structprune prune ... "
                                f"--out {directory}` first")
-    report = json.loads(report_path.read_text())
+    try:
+        report = json.loads(report_path.read_text())
+        spec, input_shapes = report["spec"], report["input_shapes"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StructPruneError(f"{report_path} is not a structprune report ({type(exc).__name__}"
+                               f": {exc}): run `structprune prune ... --out {directory}` again"
+                               ) from exc
     for name in ("dense.onnx", "pruned.onnx"):
         if not (directory / name).is_file():
             raise StructPruneError(f"{directory / name} is missing: prune again without --no-onnx")
     torch_models = None
     if _torch.cuda.is_available() and not args.no_torch:
-        dense = build_model(report["spec"], report.get("seed", 0))
+        dense = build_model(spec, report.get("seed", 0))
         if report.get("weights"):
             from .models import load_weights
             load_weights(dense, report["weights"])
@@ -314,7 +320,7 @@ def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str,
             bar.update()
 
     return bench.bench(directory / "dense.onnx", directory / "pruned.onnx",
-                       report["input_shapes"], report.get("macs_ratio"),
+                       input_shapes, report.get("macs_ratio"),
                        batches=args.batch or (1, 32), threads=args.threads,
                        torch_models=torch_models, progress=progress, **_timing(args))
 

@@ -99,10 +99,14 @@ class Plan:
             if keep != sorted(set(keep)) or (keep and (keep[0] < 0 or keep[-1] >= entry["size"])):
                 raise PlanError(f"plan entry {entry['name']}: keep must be sorted unique indices "
                                 f"below size {entry['size']}")
+        groups, settings = data.get("groups", []), data.get("settings", {})
+        if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+            raise PlanError("plan \"groups\" must be a list of objects")
+        if not isinstance(settings, Mapping):
+            raise PlanError("plan \"settings\" must be an object")
         extra = {k: v for k, v in data.items()
                  if k not in ("format", "params", "groups", "settings")}
-        return cls([dict(p) for p in params], list(data.get("groups", [])),
-                   dict(data.get("settings", {})), extra)
+        return cls([dict(p) for p in params], [dict(g) for g in groups], dict(settings), extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

@@ -77,3 +77,21 @@ def test_sweep_command(tmp_path, capsys):
     assert (out / "sweep.png").stat().st_size > 1000
     assert (out / "ratio_0.50" / "pruned.onnx").exists()
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_bench_refuses_bad_reports_and_onnx_files_in_one_line(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["prune", TINY, "--ratio", "0.5", "--out", str(out), "--input-shape",
+                 "1,3,16,16", "--exporter", "torchscript"]) == 0
+    report = (out / "report.json").read_text()
+    capsys.readouterr()
+    for broken, message in (("report.json", "not a structprune report"),
+                            ("report.json {}", "not a structprune report"),
+                            ("pruned.onnx", "ONNX Runtime cannot load")):
+        name, _, content = broken.partition(" ")
+        (out / "report.json").write_text(report)
+        (out / name).write_text(content or "garbage")
+        assert main(["bench", str(out), "--batch", "1", "--threads", "1", "--repeats", "3",
+                     "--warmup", "1"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err

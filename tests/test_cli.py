@@ -157,8 +157,17 @@ def test_reapplying_a_plan_and_refusing_bad_ones(tmp_path, capsys):
     other.write_text((first / "plan.json").read_text().replace('"0.weight"', '"9.weight"'))
     truncated = tmp_path / "truncated.json"
     truncated.write_text((first / "plan.json").read_text()[:300])
+    data = json.loads((first / "plan.json").read_text())
+    bad_settings = tmp_path / "bad_settings.json"
+    bad_settings.write_text(json.dumps({**data, "settings": [1]}))
+    partial = tmp_path / "partial.json"
+    bias = next(i for i, p in enumerate(data["params"]) if p["name"].endswith(".bias"))
+    partial.write_text(json.dumps({**data, "params": data["params"][:bias] +
+                                   data["params"][bias + 1:]}))
     for plan, message in ((other, "different model"), (truncated, "not valid JSON"),
-                          (tmp_path / "missing.json", "does not exist")):
+                          (tmp_path / "missing.json", "does not exist"),
+                          (bad_settings, '"settings" must be an object'),
+                          (partial, "does not slice every coupled tensor")):
         out = tmp_path / f"out_{plan.stem}"
         assert run("prune", TINY, "--plan", plan, "--out", out, "--input-shape", "1,3,16,16") == 2
         err = capsys.readouterr().err
