@@ -69,6 +69,10 @@ class Capture:
 
 
 class _Tracer(fx.Tracer):
+    # buffers read in forward (FrozenBatchNorm2d's statistics) become get_attr nodes, so they
+    # are sliced like parameters instead of being frozen into constants
+    proxy_buffer_attributes = True
+
     def __init__(self, leaf_types: tuple[type, ...], registry: Any):
         super().__init__()
         self.leaf_types = leaf_types

@@ -486,3 +486,29 @@ def test_split_by_sizes_a_resizer_maintains_is_pruned_part_by_part():
     assert again.splits == pruned.splits and again(x4()[0]).shape == (2, 3, 8, 8)
     exported = check_pruned(model, x4(), 0.6, registry=registry, capture_method="export")
     assert exported.figures["capture"] == "export" and exported.plan.params == result.plan.params
+
+
+class BufferScale(nn.Module):
+    """Per-channel statistics kept as buffers and read in forward, as FrozenBatchNorm2d does."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("scale", torch.rand(channels) + 0.5)
+        self.register_buffer("shift", torch.randn(channels))
+
+    def forward(self, x):
+        return x * self.scale.reshape(1, -1, 1, 1) + self.shift.reshape(1, -1, 1, 1)
+
+
+def test_buffers_read_in_forward_are_sliced_with_their_channels():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    model = randomize(nn.Sequential(nn.Conv2d(3, 16, 3), BufferScale(16), nn.ReLU(),
+                                    nn.Conv2d(16, 8, 3), FrozenBatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 4, 1)))
+    result = check_pruned(model, x4())
+    pruned = result.model
+    assert pruned[1].scale.shape == pruned[1].shift.shape == (pruned[0].out_channels,) == (8,)
+    assert pruned[4].running_var.shape == (pruned[3].out_channels,) == (4,)
+    names = {p["name"] for p in result.plan.params}
+    assert {"1.scale", "1.shift", "4.weight", "4.bias", "4.running_mean", "4.running_var"} <= names
