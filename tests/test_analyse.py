@@ -512,3 +512,30 @@ def test_buffers_read_in_forward_are_sliced_with_their_channels():
     assert pruned[4].running_var.shape == (pruned[3].out_channels,) == (4,)
     names = {p["name"] for p in result.plan.params}
     assert {"1.scale", "1.shift", "4.weight", "4.bias", "4.running_mean", "4.running_var"} <= names
+
+
+class ConvAttention(nn.Module):
+    """Multi-head attention over pixels, heads laid out by a view of conv outputs."""
+
+    def __init__(self, c=32, head_dim=8):
+        super().__init__()
+        self.head_dim = head_dim
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.q, self.k, self.v, self.o = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        q, k, v = (f(x).view(b, -1, self.head_dim, h * w) for f in (self.q, self.k, self.v))
+        attention = (q.transpose(-2, -1) @ k).softmax(-1)
+        return self.o((v @ attention.transpose(-2, -1)).reshape(b, -1, h, w))
+
+
+def test_attention_heads_are_pruned_together_across_q_k_v():
+    model = randomize(ConvAttention()).eval()
+    heads = group_with(groups_of(model, x4()), ("q.weight", 0))
+    assert ("k.weight", 0) in heads.members and ("v.weight", 0) in heads.members
+    assert ("o.weight", 1) in heads.members and heads.size == 4 and heads.width == 8
+    result = check_pruned(model, x4(), exact_only=True)
+    assert result.model.q.out_channels == result.model.v.out_channels == \
+        result.model.o.in_channels == 16

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analyse import ChannelMap, RuleContext, TensorInfo
-from .base import block_except, filled, passthrough, project
+from .base import block_except, filled, merge_elementwise, passthrough, project
 from .registry import DEFAULT_REGISTRY as R
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -208,17 +208,24 @@ def _matmul(ctx: RuleContext, a: TensorInfo, b: TensorInfo) -> TensorInfo:
         ctx.unify(filled(ctx, a_ids, a.shape[-1], _NO_INPUT), filled(ctx, b_ids, b.shape[-2], _NO_INPUT))
     ctx.consume(0, a, a.map_on(-1))
     n = len(ctx.out_shape)
-    maps = []
-    for m in a.maps:
-        if a.ndim - 1 not in m.dims:
-            maps.append(ChannelMap(tuple(d + n - a.ndim for d in m.dims), m.ids))
-    for m in b.maps:
-        if b.ndim - 2 not in m.dims:
-            dims = tuple(d + n - b.ndim for d in m.dims)
-            if any(d < n - 2 for d in dims):
-                ctx.block(m, "batched matmul over a channel axis")
-                continue
-            maps.append(ChannelMap(dims, m.ids))
+    maps, batches = [], []
+    # a's rows land on output dim n-2, b's columns on n-1; batch dims broadcast together
+    for t, contracted, kept, out_dim in ((a, a.ndim - 1, a.ndim - 2, n - 2),
+                                         (b, b.ndim - 2, b.ndim - 1, n - 1)):
+        batch_maps = []
+        for m in t.maps:
+            if contracted in m.dims:
+                if len(m.dims) > 1:  # the contraction would also remove other positions
+                    ctx.block(m, "matmul over a channel axis merged with another axis")
+                continue  # unified above
+            if m.dims == (kept,):
+                maps.append(ChannelMap((out_dim,), m.ids))
+            elif all(d < t.ndim - 2 for d in m.dims):
+                batch_maps.append(m)
+            else:
+                ctx.block(m, "matmul over a channel axis merged with a matrix axis")
+        batches.append(TensorInfo(t.shape[:-2], tuple(batch_maps)))
+    maps += merge_elementwise(ctx, batches, ctx.out_shape[:-2])
     return ctx.result(maps)
 
 
