@@ -114,6 +114,8 @@ class Analysis:
     groups: list[Group]
     consumptions: list[Consumption]
     sizes: dict[str, tuple[int, ...]]  # param or buffer name -> dense shape
+    # "module.attr" -> atom per channel, for sizes no tensor carries (a norm without weights)
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)
 
     def removed_components(self, params: Iterable[dict]) -> np.ndarray:
         """Components a plan's ``params`` entries remove (a bool per component)."""
@@ -244,6 +246,12 @@ class RuleContext:
         self._engine.consumptions.append(
             Consumption(self.node.name, arg, info.ndim, cmap.dims, cmap.ids))
 
+    def sized_attribute(self, attr: str, ids: np.ndarray | None) -> None:
+        """This node's module keeps the number of channels ``ids`` in ``attr`` (e.g. a norm
+        without weights in ``num_features``): the plan resets it to the number kept."""
+        if ids is not None and self.node.op == "call_module":
+            self._engine.attributes[f"{self.node.target}.{attr}"] = np.asarray(ids).ravel()
+
     def param(self, name: str) -> TensorInfo:
         return self._engine.param_info(name)
 
@@ -345,6 +353,7 @@ class _Engine:
         self.atoms = AtomTable()
         self.consumptions: list[Consumption] = []
         self.slots: dict[tuple[str, int], np.ndarray] = {}
+        self.attributes: dict[str, np.ndarray] = {}
         self._params: dict[str, TensorInfo] = {}
         # only the user's own parameters and buffers can be sliced: tensors fx stored as
         # graph constants or copied plain attributes are constants
@@ -530,7 +539,8 @@ def analyse(capture: Capture, registry: Any = None) -> Analysis:
     component = engine.atoms.components()
     groups = _unit_groups(engine, component)
     sizes = {name: tuple(t.shape) for name, t in engine.tensors.items()}
-    return Analysis(capture, component, engine.slots, groups, engine.consumptions, sizes)
+    return Analysis(capture, component, engine.slots, groups, engine.consumptions, sizes,
+                    engine.attributes)
 
 
 __all__ = ["Analysis", "AtomTable", "ChannelMap", "Consumption", "Group", "RuleContext",

@@ -14,7 +14,7 @@ from .analyse import Analysis, analyse
 from .apply import apply_plan, check_plan
 from .capture import Capture, capture
 from .errors import CaptureError, VerificationError
-from .plan import Plan, PlanSettings, make_plan, sliced_params
+from .plan import Plan, PlanSettings, make_plan, sized_attributes, sliced_params
 from .report import count_macs, count_params
 from .score import score
 from .verify import (
@@ -48,7 +48,8 @@ def exact_subplan(analysis: Analysis, plan: Plan) -> Plan:
         return plan
     for units in approximate:
         removed[units] = False
-    return Plan(sliced_params(analysis, removed), plan.groups, plan.settings)
+    return Plan(sliced_params(analysis, removed), plan.groups, plan.settings,
+                attributes=sized_attributes(analysis, removed))
 
 
 def prune(

@@ -41,6 +41,12 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
     """Raise :class:`PlanError` unless every entry names a tensor of this model and size."""
+    modules = dict(model.named_modules())
+    for entry in plan.attributes:
+        module = modules.get(entry["module"])
+        if module is None or not isinstance(getattr(module, entry["attr"], None), int):
+            raise PlanError(f"the plan sets {entry['module']}.{entry['attr']}, which this model "
+                            "does not have: it was made for a different model")
     named = _named_tensors(model)
     for entry in plan.params:
         tensor = named.get(entry["name"])
@@ -166,6 +172,8 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
         resize = registry.resizer_for(module)
         if resize is not None:
             resize(module)
+    for entry in plan.attributes:
+        setattr(model.get_submodule(entry["module"]), entry["attr"], entry["value"])
     return model
 
 

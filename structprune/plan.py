@@ -68,10 +68,15 @@ class Plan:
     groups: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # module attributes no sliced tensor determines: {"module", "attr", "value"}
+    attributes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "params": self.params, "groups": self.groups,
-                "settings": self.settings, **self.extra}
+        data = {"format": FORMAT, "params": self.params, "groups": self.groups,
+                "settings": self.settings}
+        if self.attributes:
+            data["attributes"] = self.attributes
+        return {**data, **self.extra}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=False) + "\n"
@@ -99,14 +104,22 @@ class Plan:
             if keep != sorted(set(keep)) or (keep and (keep[0] < 0 or keep[-1] >= entry["size"])):
                 raise PlanError(f"plan entry {entry['name']}: keep must be sorted unique indices "
                                 f"below size {entry['size']}")
+        attributes = data.get("attributes", [])
+        if not isinstance(attributes, list) or not all(
+                isinstance(a, Mapping) and isinstance(a.get("module"), str)
+                and isinstance(a.get("attr"), str) and isinstance(a.get("value"), int)
+                and not isinstance(a.get("value"), bool) and a["value"] >= 1
+                for a in attributes):
+            raise PlanError("plan \"attributes\" must be a list of {module, attr, value >= 1}")
         groups, settings = data.get("groups", []), data.get("settings", {})
         if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
             raise PlanError("plan \"groups\" must be a list of objects")
         if not isinstance(settings, Mapping):
             raise PlanError("plan \"settings\" must be an object")
         extra = {k: v for k, v in data.items()
-                 if k not in ("format", "params", "groups", "settings")}
-        return cls([dict(p) for p in params], [dict(g) for g in groups], dict(settings), extra)
+                 if k not in ("format", "params", "groups", "settings", "attributes")}
+        return cls([dict(p) for p in params], [dict(g) for g in groups], dict(settings), extra,
+                   [dict(a) for a in attributes])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -187,6 +200,18 @@ def sliced_params(analysis: Analysis, removed: np.ndarray) -> list[dict[str, Any
     return params
 
 
+def sized_attributes(analysis: Analysis, removed: np.ndarray) -> list[dict[str, Any]]:
+    """The plan's ``attributes`` entries: channel counts kept in module attributes that no
+    sliced tensor determines (a norm without weights keeps its ``num_features``)."""
+    entries = []
+    for key, ids in analysis.attributes.items():
+        kept = int((~removed[analysis.component[ids]]).sum())
+        if kept < len(ids):
+            module, attr = key.rsplit(".", 1)
+            entries.append({"module": module, "attr": attr, "value": kept})
+    return entries
+
+
 def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
               settings: PlanSettings | None = None) -> Plan:
     """Choose the units each group keeps and list the resulting tensor slices."""
@@ -253,5 +278,5 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
         entry["kept"] = kept
         decisions.append(entry)
 
-    params = sliced_params(analysis, removed)
-    return Plan(params, decisions, asdict(settings))
+    return Plan(sliced_params(analysis, removed), decisions, asdict(settings),
+                attributes=sized_attributes(analysis, removed))

@@ -1,4 +1,5 @@
 import io
+import json
 
 import pytest
 import torch
@@ -88,3 +89,39 @@ def test_the_copy_shares_no_mutable_state_with_the_original():
     assert type(pruned.conv1) is nn.Conv2d and pruned.conv1.padding_mode == "zeros"
     assert all(p.data_ptr() != q.data_ptr() for p, q in
                zip(pruned.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+class WeightlessNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(16)
+        self.bn = nn.BatchNorm2d(16, affine=False, track_running_stats=False)
+        self.b = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.bn(self.inorm(self.a(x)))))
+
+
+def test_norms_without_tensors_get_their_channel_count_from_the_plan(tmp_path):
+    import warnings
+
+    model = randomize(WeightlessNorms()).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    result = sp.prune(model, x, 0.5)
+    pruned = result.model
+    assert pruned.inorm.num_features == pruned.bn.num_features == pruned.a.out_channels == 8
+    assert {(a["module"], a["attr"], a["value"]) for a in result.plan.attributes} == \
+        {("inorm", "num_features", 8), ("bn", "num_features", 8)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # InstanceNorm warns on a num_features mismatch
+        pruned(*x)
+    path = tmp_path / "plan.json"
+    result.plan.save(path)
+    again = sp.apply_plan(randomize(WeightlessNorms()), sp.Plan.load(path))
+    assert again.inorm.num_features == again.bn.num_features == 8
+    data = json.loads(path.read_text())
+    data["attributes"][0]["module"] = "nothing"
+    path.write_text(json.dumps(data))
+    with pytest.raises(sp.PlanError, match="different model"):
+        sp.apply_plan(WeightlessNorms(), sp.Plan.load(path))

@@ -259,7 +259,9 @@ def _batch_norm(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInf
     if isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
         spatial = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[type(module)]
         cdim = x.ndim - spatial - 1
-    per_channel(ctx, x, params, cdim)
+    x_ids = per_channel(ctx, x, params, cdim)
+    if all(p is None for p in params):  # no tensor records the channel count: the plan does
+        ctx.sized_attribute("num_features", x_ids)
     return passthrough(ctx, x)
 
 
