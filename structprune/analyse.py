@@ -288,6 +288,10 @@ class RuleContext:
                 return f"{path}.{attr}" if path else attr
         return None
 
+    def info_of(self, node: fx.Node) -> Any:
+        """What the analysis holds for an earlier node: a TensorInfo, or a plain value."""
+        return self._engine.env.get(node)
+
     def is_literal(self, position: int | str) -> bool:
         """Whether the node's raw argument at ``position`` is a constant in the traced code."""
         raw = self.node.args[position] if isinstance(position, int) else self.node.kwargs[position]

@@ -539,3 +539,37 @@ def test_attention_heads_are_pruned_together_across_q_k_v():
     result = check_pruned(model, x4(), exact_only=True)
     assert result.model.q.out_channels == result.model.v.out_channels == \
         result.model.o.in_channels == 16
+
+
+class SizeFromOther(nn.Module):
+    """A reshape of one tensor to a channel count read from another."""
+
+    def __init__(self, halve=False):
+        super().__init__()
+        self.halve = halve
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+        self.c, self.d = nn.Conv2d(16, 4, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        b, c, h, w = x.shape
+        if self.halve:  # arithmetic on the size: kept as it is
+            y = self.b(x).flatten(2).reshape(b, c // 2, 2, h * w).flatten(1, 2)
+        else:
+            y = self.b(x).flatten(2).reshape(b, c, h, w)
+        return self.c(y.reshape(b, -1, h, w)) + self.d(x)
+
+
+def test_a_size_read_from_another_tensor_ties_or_keeps_both():
+    tied = randomize(SizeFromOther()).eval()
+    group = group_with(groups_of(tied, x4()), ("a.weight", 0))
+    assert ("b.weight", 0) in group.members and not group.blocked.any()
+    for settings in ({"global_ranking": True}, {"ratios": {"a": 0.25}}):
+        result = check_pruned(tied, x4(), **settings)
+        assert result.model.a.out_channels == result.model.b.out_channels < 16
+
+    halved = randomize(SizeFromOther(halve=True)).eval()
+    groups = groups_of(halved, x4())
+    assert group_with(groups, ("a.weight", 0)).blocked.all()
+    assert group_with(groups, ("b.weight", 0)).blocked.all()
+    check_pruned(halved, x4(), global_ranking=True)

@@ -104,11 +104,94 @@ def _size_args(args: tuple) -> tuple[list[Any], bool]:
     return list(args), False
 
 
-def _literal_dims(ctx: RuleContext, first: int, sizes: list[Any], packed: bool) -> set[int]:
+def _size_sources(ctx: RuleContext, raw: Any) -> list[tuple[TensorInfo, int]]:
+    """The (tensor, axis) pairs whose sizes a computed size was derived from: the size
+    queries (``x.size(1)``, ``x.shape[1]``) behind it, through integer arithmetic."""
+    found: list[tuple[TensorInfo, int]] = []
+    stack, seen = [raw], set()
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(ctx.info_of(node), TensorInfo):
+            continue  # a tensor's data, not its sizes
+        query = _size_query(ctx, node)
+        if query is not None:
+            found.append(query)
+            continue
+        stack.extend(_node_args(node))
+    return found
+
+
+def _node_args(node: fx.Node) -> list[fx.Node]:
+    nodes: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), nodes.append)
+    return nodes
+
+
+def _shape_of(ctx: RuleContext, node: Any) -> TensorInfo | None:
+    """The tensor whose whole shape ``node`` is (``x.shape``, ``x.size()``), if it is one."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    is_shape = (node.op == "call_method" and node.target == "size" and len(node.args) == 1) or \
+        (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+    info = ctx.info_of(node.args[0]) if is_shape else None
+    return info if isinstance(info, TensorInfo) else None
+
+
+def _size_query(ctx: RuleContext, node: fx.Node) -> tuple[TensorInfo, int] | None:
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+        info = ctx.info_of(node.args[0])
+        if isinstance(info, TensorInfo) and isinstance(node.args[1], int):
+            return info, node.args[1] % info.ndim
+    if node.op == "call_function" and node.target is operator.getitem:
+        whole = _shape_of(ctx, node.args[0])
+        if whole is not None and isinstance(node.args[1], int):
+            return whole, node.args[1] % whole.ndim
+    return None
+
+
+def _size_dims(ctx: RuleContext, x: TensorInfo, first: int, packed: bool,
+               ) -> tuple[set[int], dict[int, np.ndarray]]:
+    """Output dims whose size cannot follow the channels of ``x`` (literals, and sizes
+    computed from another tensor's channel axis, which is then kept too), and dims whose
+    size is another tensor's channel count read as is: those channels go together."""
     raw = ctx.node.args[first] if packed else ctx.node.args[first:]
     if packed and isinstance(raw, fx.Node):  # the whole shape is computed at run time
-        return set()
-    return {i for i, r in enumerate(raw) if not isinstance(r, fx.Node) and r != -1}
+        return set(), {}
+    literal: set[int] = set()
+    ties: dict[int, np.ndarray] = {}
+    own = [m.ids.ravel() for m in x.maps]
+    for i, r in enumerate(raw):
+        if not isinstance(r, fx.Node):
+            if r != -1:
+                literal.add(i)
+            continue
+        direct = _size_query(ctx, r)
+        for source, dim in _size_sources(ctx, r):
+            cmap = source.map_on(dim)
+            if cmap is None or any(np.array_equal(cmap.ids.ravel(), ids) for ids in own):
+                continue
+            if direct is not None and cmap.dims == (dim,):
+                ties[i] = cmap.ids
+            else:
+                ctx.block(cmap, "a size computed from it sets a reshape of another tensor")
+                literal.add(i)
+    return literal, ties
+
+
+def _sized_reshape(ctx: RuleContext, x: TensorInfo, first: int, packed: bool) -> TensorInfo:
+    literal, ties = _size_dims(ctx, x, first, packed)
+    out = reshape(ctx, x, literal)
+    for dim, ids in ties.items():
+        cmap = out.map_on(dim)
+        if cmap is not None and cmap.dims == (dim,) and cmap.ids.size == ids.size:
+            ctx.unify(cmap.ids, ids)  # the size read from one tensor shapes the other
+        else:
+            ctx.block(ids, "its size sets a reshape of another tensor")
+            ctx.block(cmap, "reshaped to a size read from another tensor")
+    return out
 
 
 @R.method("view_as", "reshape_as")
@@ -123,12 +206,12 @@ def _view(ctx: RuleContext, x: TensorInfo, *shape: Any) -> TensorInfo:
     sizes, packed = _size_args(shape)
     if len(sizes) == 1 and isinstance(sizes[0], torch.dtype):
         return passthrough(ctx, x)
-    return reshape(ctx, x, _literal_dims(ctx, 1, sizes, packed))
+    return _sized_reshape(ctx, x, 1, packed)
 
 
 @R.function(torch.reshape)
 def _reshape_fn(ctx: RuleContext, input: TensorInfo, shape: Any) -> TensorInfo:
-    return reshape(ctx, input, _literal_dims(ctx, 1, list(shape), True))
+    return _sized_reshape(ctx, input, 1, True)
 
 
 @R.function(torch.flatten)
