@@ -402,7 +402,9 @@ class _Engine:
             return TensorInfo(tuple(value.shape))
         return value
 
-    def run(self) -> dict[fx.Node, Any]:
+    def run(self, capture: Capture) -> dict[fx.Node, Any]:
+        """One pass over ``capture``'s graph; atoms and facts accumulate across passes."""
+        self.capture = capture  # the rules read this pass's captured values through it
         env: dict[fx.Node, Any] = {}
         self.env = env
         self.modules = dict(self.capture.graph_module.named_modules())
@@ -533,17 +535,14 @@ def analyse(capture: Capture, registry: Any = None) -> Analysis:
     from .rules import DEFAULT_REGISTRY
 
     engine = _Engine(capture, registry or DEFAULT_REGISTRY)
-    engine.run()
-    consumptions = list(engine.consumptions)
+    engine.run(capture)
+    consumptions = list(engine.consumptions)  # the verifier masks the main graph only
     for other in capture.other_modes:  # couplings of training-only branches count too
-        engine.capture = other
-        engine.run()
-    engine.capture = capture
-    engine.consumptions = consumptions  # the verifier masks the main graph only
+        engine.run(other)
     component = engine.atoms.components()
     groups = _unit_groups(engine, component)
     sizes = {name: tuple(t.shape) for name, t in engine.tensors.items()}
-    return Analysis(capture, component, engine.slots, groups, engine.consumptions, sizes,
+    return Analysis(capture, component, engine.slots, groups, consumptions, sizes,
                     engine.attributes)
 
 

@@ -87,6 +87,4 @@ def fastest_rounding(model: nn.Module, example_inputs: Sequence[Any], ratio: flo
                         "macs_ratio": trials[c].figures["macs_ratio"]}
                        for c, ms in trial_ms.items()],
     }
-    result.plan.settings["round_to"] = chosen
-    result.plan.settings["round_to_tuned_on"] = runtime
-    return result
+    return result  # its plan's settings already say round_to=chosen
