@@ -158,16 +158,13 @@ def _check(analysis: Analysis, plan: Plan, model: nn.Module, pruned: nn.Module,
     except Exception as exc:  # noqa: BLE001 - a pruned model that cannot run is refused
         raise VerificationError(_fails_to_run(exc, given_plan)) from exc
     verification.exact_units_only = checked is plan
-    if not verification.ok and given_plan:
-        raise VerificationError(
-            f"the model pruned by the given plan differs from the masked dense model (relative "
-            f"error {verification.max_rel_error:.2e} > {tolerance:.0e}): the plan does not slice "
-            "every coupled tensor; make plans with `structprune prune` or structprune.make_plan")
     if not verification.ok:
+        advice = ("the given plan does not slice every coupled tensor; make plans with "
+                  "`structprune prune` or structprune.make_plan") if given_plan else \
+            "please report this model. Use --exact-only or --ignore the modules involved"
         raise VerificationError(
             f"pruned model differs from the masked dense model (relative error "
-            f"{verification.max_rel_error:.2e} > {tolerance:.0e}); please report this model. "
-            "Use --exact-only or --ignore the modules involved")
+            f"{verification.max_rel_error:.2e} > {tolerance:.0e}); {advice}")
     return verification
 
 

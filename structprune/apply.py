@@ -180,8 +180,8 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
 def _with_ancestors(model: nn.Module, touched: dict[int, nn.Module]) -> list[nn.Module]:
     """The touched modules, then every module containing one, innermost first: a container
     with a resizer (a mixed conv's split sizes) reads its children's new sizes."""
-    paths = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
     modules = dict(model.named_modules(remove_duplicate=False))
+    paths = {id(m): name for name, m in modules.items()}
     ancestors: dict[str, nn.Module] = {}
     for key in touched:
         parts = paths.get(key, "").split(".")
