@@ -573,3 +573,25 @@ def test_a_size_read_from_another_tensor_ties_or_keeps_both():
     assert group_with(groups, ("a.weight", 0)).blocked.all()
     assert group_with(groups, ("b.weight", 0)).blocked.all()
     check_pruned(halved, x4(), global_ranking=True)
+
+
+class CountScaled(nn.Module):
+    """Scales by a number computed from the channel count, as attention does."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 16), cbr(3, 16), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.b(x)
+        return self.c(torch.cat([y * y.shape[1] ** -0.5, z], 1))
+
+
+def test_channels_whose_count_is_used_as_a_number_are_kept():
+    model = randomize(CountScaled()).eval()
+    groups = groups_of(model, x4())
+    counted = group_with(groups, ("a.0.weight", 0))
+    assert counted.blocked.all() and any("used as a number" in r for r in counted.reasons)
+    assert not group_with(groups, ("b.0.weight", 0)).blocked.any()
+    check_pruned(model, x4())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import torch.fx as fx
 
 from ..analyse import ChannelMap, RuleContext, TensorInfo, tensor_infos
 
@@ -121,8 +123,66 @@ def merge_elementwise(ctx: RuleContext, operands: Sequence[Any],
 
 def elementwise(ctx: RuleContext, *operands: Any, **kwargs: Any) -> TensorInfo:
     """Same-shape or broadcasting arithmetic: channels at one position go together."""
+    pin_counted_channels(ctx)
     tensors = [*operands, *(v for v in kwargs.values() if isinstance(v, TensorInfo))]
     return ctx.result(merge_elementwise(ctx, tensors, ctx.out_shape))
+
+
+def pin_counted_channels(ctx: RuleContext) -> None:
+    """A number computed from a channel count (``x * C ** -0.5``) would change with pruning:
+    those channels are kept."""
+    for raw in [*ctx.node.args, *ctx.node.kwargs.values()]:
+        if isinstance(raw, fx.Node) and not isinstance(ctx.info_of(raw), TensorInfo):
+            for source, dim in size_sources(ctx, raw):
+                ctx.block(source.map_on(dim), "its channel count is used as a number")
+
+
+def size_sources(ctx: RuleContext, raw: Any) -> list[tuple[TensorInfo, int]]:
+    """The (tensor, axis) pairs whose sizes a computed size was derived from: the size
+    queries (``x.size(1)``, ``x.shape[1]``) behind it, through integer arithmetic."""
+    found: list[tuple[TensorInfo, int]] = []
+    stack, seen = [raw], set()
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(ctx.info_of(node), TensorInfo):
+            continue  # a tensor's data, not its sizes
+        query = size_query(ctx, node)
+        if query is not None:
+            found.append(query)
+            continue
+        stack.extend(_node_args(node))
+    return found
+
+
+def _node_args(node: fx.Node) -> list[fx.Node]:
+    nodes: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), nodes.append)
+    return nodes
+
+
+def _shape_of(ctx: RuleContext, node: Any) -> TensorInfo | None:
+    """The tensor whose whole shape ``node`` is (``x.shape``, ``x.size()``), if it is one."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    is_shape = (node.op == "call_method" and node.target == "size" and len(node.args) == 1) or \
+        (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+    info = ctx.info_of(node.args[0]) if is_shape else None
+    return info if isinstance(info, TensorInfo) else None
+
+
+def size_query(ctx: RuleContext, node: fx.Node) -> tuple[TensorInfo, int] | None:
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+        info = ctx.info_of(node.args[0])
+        if isinstance(info, TensorInfo) and isinstance(node.args[1], int):
+            return info, node.args[1] % info.ndim
+    if node.op == "call_function" and node.target is operator.getitem:
+        whole = _shape_of(ctx, node.args[0])
+        if whole is not None and isinstance(node.args[1], int):
+            return whole, node.args[1] % whole.ndim
+    return None
 
 
 def unknown(ctx: RuleContext, args: tuple, kwargs: dict) -> Any:

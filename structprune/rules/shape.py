@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analyse import ChannelMap, RuleContext, TensorInfo
-from .base import filled, merge_elementwise, passthrough, project
+from .base import filled, merge_elementwise, passthrough, project, size_query, size_sources
 from .registry import DEFAULT_REGISTRY as R
 
 HARD_CODED = "a size in view/reshape is hard-coded in forward()"
@@ -104,54 +104,6 @@ def _size_args(args: tuple) -> tuple[list[Any], bool]:
     return list(args), False
 
 
-def _size_sources(ctx: RuleContext, raw: Any) -> list[tuple[TensorInfo, int]]:
-    """The (tensor, axis) pairs whose sizes a computed size was derived from: the size
-    queries (``x.size(1)``, ``x.shape[1]``) behind it, through integer arithmetic."""
-    found: list[tuple[TensorInfo, int]] = []
-    stack, seen = [raw], set()
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, fx.Node) or node in seen:
-            continue
-        seen.add(node)
-        if isinstance(ctx.info_of(node), TensorInfo):
-            continue  # a tensor's data, not its sizes
-        query = _size_query(ctx, node)
-        if query is not None:
-            found.append(query)
-            continue
-        stack.extend(_node_args(node))
-    return found
-
-
-def _node_args(node: fx.Node) -> list[fx.Node]:
-    nodes: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), nodes.append)
-    return nodes
-
-
-def _shape_of(ctx: RuleContext, node: Any) -> TensorInfo | None:
-    """The tensor whose whole shape ``node`` is (``x.shape``, ``x.size()``), if it is one."""
-    if not isinstance(node, fx.Node) or not node.args:
-        return None
-    is_shape = (node.op == "call_method" and node.target == "size" and len(node.args) == 1) or \
-        (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
-    info = ctx.info_of(node.args[0]) if is_shape else None
-    return info if isinstance(info, TensorInfo) else None
-
-
-def _size_query(ctx: RuleContext, node: fx.Node) -> tuple[TensorInfo, int] | None:
-    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
-        info = ctx.info_of(node.args[0])
-        if isinstance(info, TensorInfo) and isinstance(node.args[1], int):
-            return info, node.args[1] % info.ndim
-    if node.op == "call_function" and node.target is operator.getitem:
-        whole = _shape_of(ctx, node.args[0])
-        if whole is not None and isinstance(node.args[1], int):
-            return whole, node.args[1] % whole.ndim
-    return None
-
-
 def _size_dims(ctx: RuleContext, x: TensorInfo, first: int, packed: bool,
                ) -> tuple[set[int], dict[int, np.ndarray]]:
     """Output dims whose size cannot follow the channels of ``x`` (literals, and sizes
@@ -168,8 +120,8 @@ def _size_dims(ctx: RuleContext, x: TensorInfo, first: int, packed: bool,
             if r != -1:
                 literal.add(i)
             continue
-        direct = _size_query(ctx, r)
-        for source, dim in _size_sources(ctx, r):
+        direct = size_query(ctx, r)
+        for source, dim in size_sources(ctx, r):
             cmap = source.map_on(dim)
             if cmap is None or any(np.array_equal(cmap.ids.ravel(), ids) for ids in own):
                 continue
