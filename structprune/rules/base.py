@@ -167,17 +167,20 @@ def _shape_of(ctx: RuleContext, node: Any) -> TensorInfo | None:
     """The tensor whose whole shape ``node`` is (``x.shape``, ``x.size()``), if it is one."""
     if not isinstance(node, fx.Node) or not node.args:
         return None
-    is_shape = (node.op == "call_method" and node.target == "size" and len(node.args) == 1) or \
+    is_shape = (node.op == "call_method" and node.target == "size" and len(node.args) == 1
+                and not node.kwargs) or \
         (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
     info = ctx.info_of(node.args[0]) if is_shape else None
     return info if isinstance(info, TensorInfo) else None
 
 
 def size_query(ctx: RuleContext, node: fx.Node) -> tuple[TensorInfo, int] | None:
-    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+    """The (tensor, axis) a node reads the size of (``x.size(1)``, ``x.shape[1]``), or None."""
+    if node.op == "call_method" and node.target == "size" and node.args:
         info = ctx.info_of(node.args[0])
-        if isinstance(info, TensorInfo) and isinstance(node.args[1], int):
-            return info, node.args[1] % info.ndim
+        dim = node.args[1] if len(node.args) == 2 else node.kwargs.get("dim")
+        if isinstance(info, TensorInfo) and isinstance(dim, int):
+            return info, dim % info.ndim
     if node.op == "call_function" and node.target is operator.getitem:
         whole = _shape_of(ctx, node.args[0])
         if whole is not None and isinstance(node.args[1], int):
