@@ -121,17 +121,18 @@ class RuleRegistry:
                 return rule
         return None
 
+    @staticmethod
+    def _registered_type(table: dict, module: nn.Module) -> type | None:
+        """The module's own type or nearest base type that ``table`` has an entry for."""
+        return next((cls for cls in type(module).__mro__ if cls in table), None)
+
     def resizer_for(self, module: nn.Module) -> Resizer | None:
-        for cls in type(module).__mro__:
-            if cls in self.resizers:
-                return self.resizers[cls]
-        return None
+        cls = self._registered_type(self.resizers, module)
+        return self.resizers[cls] if cls is not None else None
 
     def maintained_attributes(self, module: nn.Module) -> tuple[str, ...]:
-        for cls in type(module).__mro__:
-            if cls in self.resizers:
-                return self.maintained.get(cls, ())
-        return ()
+        cls = self._registered_type(self.resizers, module)
+        return self.maintained.get(cls, ()) if cls is not None else ()
 
     def lookup(self, node: fx.Node, module: nn.Module | None) -> Rule | None:
         if node.op == "call_module":
@@ -145,10 +146,8 @@ class RuleRegistry:
 
     def counter_for(self, node: fx.Node, module: nn.Module | None) -> MacCounter | None:
         if node.op == "call_module":
-            for cls in type(module).__mro__:
-                if cls in self.counters:
-                    return self.counters[cls]
-            return None
+            cls = self._registered_type(self.counters, module)
+            return self.counters[cls] if cls is not None else None
         if node.op in ("call_method", "call_function"):
             return self.counters.get(node.target)
         return None
