@@ -127,11 +127,29 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = (), registry: Any = Non
     return holder
 
 
-def _fast_shape(node: fx.Node, kind: str | None, args: tuple, kwargs: dict):
-    """A meta tensor of the output's shape when the registry declares it follows from the
-    inputs alone (``kind`` "same" or "broadcast"), else None."""
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    """The first tensor among ``args`` or inside a list/tuple argument (``torch.cat``)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0]
+    return None
+
+
+def _fast_shape(node: fx.Node, module: nn.Module | None, kind: Any, args: tuple,
+                kwargs: dict) -> torch.Tensor | None:
+    """A meta tensor of the output's shape when the registry says how it follows from the
+    inputs (``kind`` "same", "broadcast" or a shape function), else None."""
+    if kind is None:
+        return None
+    if callable(kind):
+        template = _first_tensor(args)
+        shape = kind(module, args, kwargs) if template is not None else None
+        return None if shape is None else \
+            torch.empty(shape, dtype=template.dtype, device="meta")
     first = args[0] if args else None
-    if kind is None or not isinstance(first, torch.Tensor):
+    if not isinstance(first, torch.Tensor):
         return None
     if kind == "same":
         if kwargs.get("inplace", False) or (node.op == "call_method" and kwargs):
@@ -166,10 +184,13 @@ def _to_spec(value: Any) -> Any:
 
 def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], device: str, registry: Any,
                ) -> dict[str, Any]:
+    """Run ``gm`` node by node. On meta, ops whose output shape the registry knows are not
+    run at all, and a module that must run gets meta copies of its own tensors only."""
     modules = dict(gm.named_modules())
     env: dict[fx.Node, Any] = {}
     values: dict[str, Any] = {}
     placeholders = iter(inputs)
+    meta = device == "meta"
 
     def load(a):
         return env[a]
@@ -182,37 +203,49 @@ def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], device: str, registry:
                 value = node.args[0] if node.args else None
         elif node.op == "output":
             break
+        elif node.op == "get_attr":
+            value = _resolve(gm, node.target)
+            if meta and isinstance(value, torch.Tensor):
+                value = torch.empty_like(value, device="meta")
         else:
             args = fx.node.map_arg(node.args, load)
             kwargs = fx.node.map_arg(node.kwargs, load)
             module = modules.get(node.target) if node.op == "call_module" else None
-            value = _fast_shape(node, registry.shape_kind(node, module), args, kwargs) \
-                if device == "meta" else None
+            value = _fast_shape(node, module, registry.shape_kind(node, module), args, kwargs) \
+                if meta else None
             if value is None:
-                value = _execute(gm, node, module, args, kwargs)
+                if meta and module is not None:
+                    with stateless._reparametrize_module(module, _state(module, device)):
+                        value = _execute(node, module, args, kwargs)
+                else:
+                    value = _execute(node, module, args, kwargs)
         env[node] = value
         values[node.name] = _to_spec(value)
     return values
 
 
-def _execute(gm: fx.GraphModule, node: fx.Node, module, args, kwargs) -> Any:
+def _resolve(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _execute(node: fx.Node, module: nn.Module | None, args: tuple, kwargs: dict) -> Any:
     if node.op == "call_module":
         return module(*args, **kwargs)
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
-    if node.op == "get_attr":
-        value: Any = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        return value
     raise AssertionError(node.op)
 
 
-def _state(gm: nn.Module, device: str) -> dict[str, torch.Tensor]:
+def _state(module: nn.Module, device: str) -> dict[str, torch.Tensor]:
     state = {}
-    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+    named = list(module.named_parameters(remove_duplicate=False)) + \
+        list(module.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
         if device == "meta":
             state[name] = torch.empty_like(tensor, device="meta")
         else:  # a real run must not update the user's BN statistics
@@ -239,7 +272,9 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any], registry: Any =
     errors = []
     for device in ("meta", "real"):
         try:
-            with torch.no_grad(), stateless._reparametrize_module(gm, _state(gm, device)):
+            # on meta, each module that runs is given meta tensors of its own as it runs
+            state = _state(gm, device) if device == "real" else {}
+            with torch.no_grad(), stateless._reparametrize_module(gm, state):
                 return _run_graph(gm, _as_device(tuple(example_inputs), device), device,
                                   registry)
         except Exception as exc:  # noqa: BLE001 - retried on real tensors, then reported
@@ -288,10 +323,7 @@ def _meta_values(gm: fx.GraphModule) -> dict[str, Any]:
         if "val" in node.meta:
             values[node.name] = _to_spec(node.meta["val"])
         elif node.op == "get_attr":
-            value: Any = gm
-            for part in node.target.split("."):
-                value = getattr(value, part)
-            values[node.name] = _to_spec(value)
+            values[node.name] = _to_spec(_resolve(gm, node.target))
         else:
             values[node.name] = None
     return values

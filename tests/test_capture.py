@@ -1,6 +1,9 @@
+import random
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 from structprune.capture import TensorSpec, capture
@@ -91,3 +94,72 @@ def test_shape_shortcuts_keep_dtypes_and_broadcasting_right():
     specs = [cap.values[node.name] for node in output.args[0]]
     real = Arithmetic()(x)
     assert [(s.shape, s.dtype) for s in specs] == [(tuple(t.shape), t.dtype) for t in real]
+
+
+def _random_layer(rng: random.Random) -> tuple[nn.Module | None, object, tuple, torch.Tensor]:
+    """A random conv, pool, adaptive pool, linear or flatten with an input it may reject."""
+    n = rng.choice([1, 2, 3])
+    size = [rng.randint(1, 9) for _ in range(n)]
+    channels = rng.randint(1, 4)
+    batch = [rng.randint(1, 2)] if rng.random() < 0.8 else []
+    x = torch.randn(*batch, channels, *size)
+    kind = rng.choice(["conv", "maxpool", "avgpool", "adaptive", "linear", "flatten", "cat"])
+    k = rng.randint(1, 4)
+    if kind == "conv":
+        padding = rng.choice([0, 1, 2, "same", "valid"])
+        stride = 1 if padding == "same" else rng.randint(1, 3)
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
+        groups = rng.choice([g for g in (1, 2) if channels % g == 0])
+        return conv(channels, 2 * groups, k, stride, padding, rng.randint(1, 2), groups,
+                    padding_mode=rng.choice(["zeros", "replicate"])), None, (x,), x
+    if kind in ("maxpool", "avgpool"):
+        stride = rng.choice([None, 1, 2, 3])
+        padding = rng.randint(0, 2)
+        ceil = rng.random() < 0.5
+        if kind == "maxpool":
+            pool = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[n - 1]
+            return pool(k, stride, padding, rng.randint(1, 2), ceil_mode=ceil), None, (x,), x
+        pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[n - 1]
+        return pool(k, stride, padding, ceil_mode=ceil), None, (x,), x
+    if kind == "adaptive":
+        out = tuple(rng.choice([None, 1, 2, 3]) for _ in range(n))
+        if rng.random() < 0.5:
+            return None, (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                          F.adaptive_avg_pool3d)[n - 1], (x, out), x
+        pool = rng.choice([(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
+                           (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)])
+        return pool[n - 1](out), None, (x,), x
+    if kind == "linear":
+        return nn.Linear(rng.choice([size[-1], size[-1] + 1]), 3), None, (x,), x
+    if kind == "cat":
+        other = torch.randn(*batch, rng.randint(1, 3), *size) if rng.random() < 0.8 else \
+            torch.randn(*batch, channels, *[s + 1 for s in size])
+        return None, torch.cat, ([x, other], rng.randint(-x.ndim, x.ndim - 1)), x
+    start, end = rng.randint(-x.ndim, x.ndim - 1), rng.randint(-x.ndim, x.ndim - 1)
+    if rng.random() < 0.5:
+        return nn.Flatten(start, end), None, (x,), x
+    return None, torch.flatten, (x, start, end), x
+
+
+def test_registered_output_shapes_agree_with_running_the_op():
+    """Every shape function the registry gives capture either declines (None) or returns the
+    shape a real run returns; where the op raises, the function must decline."""
+    from structprune.rules import DEFAULT_REGISTRY
+
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(3000):
+        module, fn, args, _ = _random_layer(rng)
+        shape_fn = DEFAULT_REGISTRY.shapes.get(type(module) if module is not None else fn)
+        assert callable(shape_fn)
+        predicted = shape_fn(module, args, {})
+        try:
+            real = (module or fn)(*args)
+        except (RuntimeError, ValueError, TypeError):
+            assert predicted is None, (module or fn, [a.shape for a in args
+                                                     if isinstance(a, torch.Tensor)])
+            continue
+        if predicted is not None:
+            assert predicted == tuple(real.shape), (module or fn, args[0].shape)
+            checked += 1
+    assert checked > 1500  # most configurations are computed, not declined

@@ -90,6 +90,31 @@ def _conv_t_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=Non
     return convolution(ctx, input, weight, bias, groups, True, groups_owned(ctx, weight, groups))
 
 
+def _single_input(args: tuple, kwargs: dict, weight: torch.Tensor) -> torch.Tensor | None:
+    """The one positional tensor input of a module call, when its dtype matches ``weight``."""
+    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+        return None
+    return args[0] if args[0].dtype == weight.dtype else None
+
+
+@R.output_shape(*_CONVS)
+def _conv_shape(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    x = _single_input(args, kwargs, module.weight)
+    n = len(module.kernel_size)
+    if x is None or x.ndim not in (n + 1, n + 2) or x.shape[-n - 1] != module.in_channels:
+        return None
+    if module.padding == "same":
+        spatial = tuple(x.shape[-n:])
+    else:
+        padding = (0,) * n if module.padding == "valid" else module.padding
+        spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
+            x.shape[-n:], module.kernel_size, module.stride, padding, module.dilation,
+            strict=True))
+    if min(spatial) < 1:
+        return None  # the op raises its own error
+    return (*x.shape[:-n - 1], module.out_channels, *spatial)
+
+
 @R.resizer(*_CONVS)
 def _resize_conv(module: nn.Module) -> None:
     out = module.weight.shape[0]
@@ -188,6 +213,14 @@ def _linear_module(ctx: RuleContext, module: nn.Linear, x: TensorInfo) -> Tensor
 @R.function(F.linear)
 def _linear_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=None) -> TensorInfo:
     return linear(ctx, input, weight, bias)
+
+
+@R.output_shape(nn.Linear)
+def _linear_shape(module: nn.Linear, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    x = _single_input(args, kwargs, module.weight)
+    if x is None or x.ndim < 1 or x.shape[-1] != module.in_features:
+        return None
+    return (*x.shape[:-1], module.out_features)
 
 
 @R.resizer(nn.Linear)

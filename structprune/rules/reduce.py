@@ -141,3 +141,76 @@ def _pool_fn(ctx: RuleContext, input: TensorInfo, *args: Any, **kwargs: Any) -> 
 @R.module(*_POOL_MODULES)
 def _pool_module(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> Any:
     return _pool_fn(ctx, x)
+
+
+_POOL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
+              nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADAPTIVE_DIMS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+                  nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
+
+
+def _per_dim(value: Any, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _pool_input(module: nn.Module, args: tuple, kwargs: dict, n: int) -> torch.Tensor | None:
+    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) \
+            or getattr(module, "return_indices", False):
+        return None
+    x = args[0]
+    return x if x.ndim in (n + 1, n + 2) and x.is_floating_point() else None
+
+
+@R.output_shape(*_POOL_DIMS)
+def _pool_shape(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """Max and average pooling, as ATen's ``pooling_output_shape`` computes it."""
+    n = _POOL_DIMS[type(module)]
+    x = _pool_input(module, args, kwargs, n)
+    if x is None:
+        return None
+    kernel = _per_dim(module.kernel_size, n)
+    stride = _per_dim(module.stride or module.kernel_size, n)
+    padding = _per_dim(module.padding, n)
+    dilation = _per_dim(getattr(module, "dilation", 1), n)
+    spatial = []
+    for size, k, s, p, d in zip(x.shape[-n:], kernel, stride, padding, dilation, strict=True):
+        if 2 * p > k or size < d * (k - 1) + 1:
+            return None  # the op may raise its own error: let it
+        extra = s - 1 if module.ceil_mode else 0
+        out = (size + 2 * p - d * (k - 1) - 1 + extra) // s + 1
+        if module.ceil_mode and (out - 1) * s >= size + p:
+            out -= 1
+        if out < 1:
+            return None
+        spatial.append(out)
+    return (*x.shape[:-n], *spatial)
+
+
+def _adaptive_output(x: Any, output_size: Any, n: int) -> tuple[int, ...] | None:
+    """``x``'s shape with its last ``n`` axes set to ``output_size`` (None keeps one)."""
+    if not isinstance(x, torch.Tensor) or x.ndim not in (n + 1, n + 2) \
+            or not x.is_floating_point() or min(x.shape[-n:]) < 1:
+        return None
+    sizes = _per_dim(output_size, n)
+    if not all((o is None and n > 1) or (isinstance(o, int) and o >= 1) for o in sizes):
+        return None
+    return (*x.shape[:-n], *(s if o is None else o
+                             for s, o in zip(x.shape[-n:], sizes, strict=True)))
+
+
+@R.output_shape(*_ADAPTIVE_DIMS)
+def _adaptive_pool_shape(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    if len(args) != 1 or kwargs or getattr(module, "return_indices", False):
+        return None
+    return _adaptive_output(args[0], module.output_size, _ADAPTIVE_DIMS[type(module)])
+
+
+def _adaptive_fn_shape(n: int):
+    """Output shape of ``F.adaptive_avg_pool{n}d(x, output_size)``."""
+    def shape(module: None, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+        return _adaptive_output(*args, n) if len(args) == 2 and not kwargs else None
+    return shape
+
+
+for _n, _fn in enumerate((F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d), 1):
+    R.output_shape(_fn)(_adaptive_fn_shape(_n))

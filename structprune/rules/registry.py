@@ -27,6 +27,8 @@ Rule = Callable[..., Any]
 Resizer = Callable[[nn.Module], None]
 # (capture, node, module or None) -> multiply-accumulates of that node on the example inputs
 MacCounter = Callable[[Any, fx.Node, "nn.Module | None"], int]
+# (module or None, args, kwargs) -> the output's shape, or None to run the op on meta tensors
+ShapeFn = Callable[["nn.Module | None", tuple, dict], "tuple[int, ...] | None"]
 
 
 class RuleRegistry:
@@ -39,7 +41,8 @@ class RuleRegistry:
         self.resizers: dict[type, Resizer] = {}
         self.maintained: dict[type, tuple[str, ...]] = {}
         self.counters: dict[Any, MacCounter] = {}  # by function, module type or method name
-        self.shapes: dict[Any, str] = {}  # op -> "same" or "broadcast", for capture's shortcut
+        # op -> "same", "broadcast" or a ShapeFn: capture's shortcut past the dispatcher
+        self.shapes: dict[Any, str | ShapeFn] = {}
         self.unknown_rule: Rule | None = None
 
     def copy(self) -> RuleRegistry:
@@ -108,6 +111,16 @@ class RuleRegistry:
         for target in targets:
             self.shapes[target] = "broadcast"
 
+    def output_shape(self, *targets: Any) -> Callable[[ShapeFn], ShapeFn]:
+        """Register how an op's output shape follows from its module and its inputs' shapes
+        (convs, pools, linear maps): capture then computes it instead of running the op.
+        The function returns None for any case it does not cover; the op then runs."""
+        def add(fn: ShapeFn) -> ShapeFn:
+            for target in targets:
+                self.shapes[target] = fn
+            return fn
+        return add
+
     # lookup
     def module_rule(self, module: nn.Module) -> Rule | None:
         """The rule of the module's type, or of a base type whose forward it does not override."""
@@ -152,8 +165,8 @@ class RuleRegistry:
             return self.counters.get(node.target)
         return None
 
-    def shape_kind(self, node: fx.Node, module: nn.Module | None) -> str | None:
-        """"same", "broadcast" or None (propagate shapes by running the op)."""
+    def shape_kind(self, node: fx.Node, module: nn.Module | None) -> str | ShapeFn | None:
+        """"same", "broadcast", a ShapeFn, or None (propagate shapes by running the op)."""
         if node.op == "call_module":
             return self.shapes.get(type(module))  # exact type: a subclass may change forward
         if node.op in ("call_method", "call_function"):

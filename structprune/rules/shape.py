@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -177,6 +178,32 @@ def _flatten_module(ctx: RuleContext, module: nn.Flatten, x: TensorInfo) -> Tens
     return reshape(ctx, x, set())
 
 
+def _flattened(x: Any, start_dim: Any = 0, end_dim: Any = -1) -> tuple[int, ...] | None:
+    if not isinstance(x, torch.Tensor) or not isinstance(start_dim, int) \
+            or not isinstance(end_dim, int):
+        return None
+    if x.ndim == 0:
+        return (1,)
+    start, end = start_dim % x.ndim, end_dim % x.ndim
+    if start > end:
+        return None
+    return (*x.shape[:start], math.prod(x.shape[start:end + 1]), *x.shape[end + 1:])
+
+
+@R.output_shape(torch.flatten, "flatten")
+def _flatten_shape(module: None, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    try:
+        return _flattened(*args, **kwargs)
+    except TypeError:  # unexpected arguments: let the op say what is wrong
+        return None
+
+
+@R.output_shape(nn.Flatten)
+def _flatten_module_shape(module: nn.Flatten, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    return _flattened(args[0], module.start_dim, module.end_dim) \
+        if len(args) == 1 and not kwargs else None
+
+
 @R.method("unflatten")
 @R.function(torch.unflatten)
 def _unflatten(ctx: RuleContext, input: TensorInfo, dim: int, sizes: Sequence[int]) -> TensorInfo:
@@ -206,6 +233,18 @@ def permute(ctx: RuleContext, x: TensorInfo, order: Sequence[int]) -> TensorInfo
         sort = np.argsort(new_dims)
         maps.append(ChannelMap(tuple(sorted(new_dims)), np.transpose(m.ids, sort)))
     return ctx.result(maps)
+
+
+@R.output_shape("permute", torch.permute)
+def _permute_shape(module: None, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    if kwargs or len(args) < 2 or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0]
+    order = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    if not all(isinstance(d, int) for d in order) or x.ndim == 0 \
+            or sorted(d % x.ndim for d in order) != list(range(x.ndim)):
+        return None
+    return tuple(x.shape[d] for d in order)
 
 
 @R.method("permute")
@@ -242,6 +281,25 @@ def _movedim(ctx: RuleContext, input: TensorInfo, source: Any, destination: Any)
     it = iter(rest)
     order = [o if o is not None else next(it) for o in order]
     return permute(ctx, input, order)
+
+
+@R.output_shape(torch.cat, torch.concat)
+def _cat_shape(module: None, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """Tensors of one dtype and rank that agree on every axis but ``dim``."""
+    if not args or set(kwargs) - {"dim"} or len(args) > 2:
+        return None
+    tensors, dim = args[0], kwargs.get("dim", args[1] if len(args) == 2 else 0)
+    if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int) \
+            or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    first = tensors[0]
+    if first.ndim == 0 or any(t.ndim != first.ndim or t.dtype != first.dtype for t in tensors):
+        return None
+    dim %= first.ndim
+    rest = [s for i, s in enumerate(first.shape) if i != dim]
+    if any([s for i, s in enumerate(t.shape) if i != dim] != rest for t in tensors):
+        return None
+    return (*first.shape[:dim], sum(t.shape[dim] for t in tensors), *first.shape[dim + 1:])
 
 
 @R.function(torch.cat, torch.concat, torch.concatenate)

@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover
 if _tv_stochastic_depth is not None:
     R.function(_tv_stochastic_depth)(_stochastic_depth)
     R.module(_TvStochasticDepth)(lambda ctx, module, x: _stochastic_depth(ctx, x))
+    R.same_shape(_TvStochasticDepth, _tv_stochastic_depth)
 
 
 def _resize_mixed_conv(module) -> None:
