@@ -11,7 +11,7 @@ def reference_norms(tensor: torch.Tensor, dim: int, p: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape", [(7,), (5, 3), (2048, 300), (64, 48, 3, 3), (300, 1024, 1, 1),
-                                   (4, 6, 2, 3, 3)])
+                                   (4, 6, 2, 3, 3), (1, 6, 1, 1)])
 @pytest.mark.parametrize("p", [1, 2])
 def test_slice_norms_match_a_direct_reduction(shape, p):
     gen = torch.Generator().manual_seed(0)
