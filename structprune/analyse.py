@@ -22,6 +22,7 @@ The engine knows no op by name: everything op-specific is in the rule registry.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from scipy.sparse import coo_matrix
+from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .capture import Capture, TensorSpec
@@ -153,13 +154,14 @@ class AtomTable:
         self.kernel_taps: list[np.ndarray] = []
 
     def fresh(self, shape: tuple[int, ...]) -> np.ndarray:
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape)
         ids = np.arange(self.count, self.count + n, dtype=np.int64).reshape(shape)
         self.count += n
         return ids
 
     def unify(self, a: np.ndarray, b: np.ndarray) -> None:
-        a, b = np.broadcast_arrays(a, b)
+        if a.shape != b.shape:
+            a, b = np.broadcast_arrays(a, b)
         self._edges.append((a.ravel(), b.ravel()))
 
     def unify_along(self, ids: np.ndarray, axes: Iterable[int]) -> np.ndarray:
@@ -179,8 +181,10 @@ class AtomTable:
             b = np.concatenate([e[1] for e in self._edges])
         else:
             a = b = np.zeros(0, np.int64)
-        graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(self.count, self.count))
-        _, labels = connected_components(graph, directed=False)
+        # float64 weights are what csgraph works in (other dtypes are converted first), and
+        # weak components of the directed graph skip symmetrising it
+        graph = csr_matrix((np.ones(len(a)), (a, b)), shape=(self.count, self.count))
+        _, labels = connected_components(graph, directed=True, connection="weak")
         return labels.astype(np.int64)
 
 
