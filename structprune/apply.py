@@ -63,10 +63,16 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
 
 _FAST_COPY = (list, dict, set, OrderedDict)
 _PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device, torch.memory_format)
+_PLAIN_TYPES = frozenset(_PLAIN)
 
 
 def _plain(value) -> bool:
     """Safe to share between the copy and the original: immutable data, classes, functions."""
+    cls = type(value)
+    if cls in _PLAIN_TYPES:
+        return True
+    if cls is tuple or cls is list:
+        return all(type(v) in _PLAIN_TYPES or _plain(v) for v in value)
     if isinstance(value, _PLAIN):
         return True
     if isinstance(value, (tuple, list, set, frozenset)):
@@ -76,6 +82,21 @@ def _plain(value) -> bool:
     # classes and plain functions (e.g. a block's norm_layer) are shared, as deepcopy does;
     # bound methods and partials may hold the original module, so they are not plain
     return inspect.isclass(value) or inspect.isfunction(value) or inspect.isbuiltin(value)
+
+
+_COPIES_ITSELF: dict[type, bool] = {}
+
+
+def _copies_itself(cls: type) -> bool:
+    """Whether ``cls`` has its own way of being copied (a GraphModule, custom reduce/state)."""
+    own = _COPIES_ITSELF.get(cls)
+    if own is None:
+        own = (hasattr(cls, "__deepcopy__") or hasattr(cls, "__copy__")
+               or cls.__reduce_ex__ is not object.__reduce_ex__
+               or cls.__reduce__ is not object.__reduce__
+               or cls.__getstate__ is not nn.Module.__getstate__)
+        _COPIES_ITSELF[cls] = own
+    return own
 
 
 def _copy_modules(model: nn.Module, shared: set[int]) -> nn.Module | None:
@@ -95,28 +116,28 @@ def _copy_modules(model: nn.Module, shared: set[int]) -> nn.Module | None:
     def module(m: nn.Module) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]
-        if hasattr(type(m), "__deepcopy__"):  # e.g. GraphModule: it knows best
-            raise _NotPlain
         cls = type(m)
-        if (cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__
-                or hasattr(cls, "__copy__") or cls.__getstate__ is not nn.Module.__getstate__):
-            raise _NotPlain  # it copies itself its own way
+        if _copies_itself(cls):
+            raise _NotPlain
         new = cls.__new__(cls)  # what copy.copy does for a Module, without its overhead
-        state = m.__getstate__()
         memo[id(m)] = new
-        for key, value in state.items():
-            if key in ("_parameters", "_buffers", "_modules"):
+        state = {}
+        for key, value in m.__dict__.items():  # nn.Module.__getstate__, then the checks
+            if key in ("_parameters", "_buffers", "_modules", "_compiled_call_impl"):
                 continue
             if not _plain(value):
                 raise _NotPlain
-            if type(value) in _FAST_COPY:
-                state[key] = value.copy()
+            cls_value = type(value)
+            if cls_value in _FAST_COPY:
+                value = value.copy()
             elif isinstance(value, (list, dict, set)):
-                state[key] = copy.copy(value)
+                value = copy.copy(value)
+            state[key] = value
+        state["_parameters"] = {k: tensor(v) for k, v in m._parameters.items()}
+        state["_buffers"] = {k: tensor(v) for k, v in m._buffers.items()}
+        state["_modules"] = {k: module(v) if v is not None else None
+                             for k, v in m._modules.items()}
         new.__setstate__(state)  # as copy.copy does
-        new._parameters = {k: tensor(v) for k, v in m._parameters.items()}
-        new._buffers = {k: tensor(v) for k, v in m._buffers.items()}
-        new._modules = {k: module(v) if v is not None else None for k, v in m._modules.items()}
         return new
 
     try:
