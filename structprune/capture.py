@@ -68,6 +68,9 @@ class Capture:
         return value if isinstance(value, TensorSpec) else None
 
 
+_LITERAL_ARGS = frozenset((int, float, bool, str, type(None)))
+
+
 class _Tracer(fx.Tracer):
     # buffers read in forward (FrozenBatchNorm2d's statistics) become get_attr nodes, so they
     # are sliced like parameters instead of being frozen into constants
@@ -77,6 +80,22 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_types = leaf_types
         self.registry = registry
+
+    def create_arg(self, a: Any) -> Any:
+        # the common arguments (proxies, numbers, tuples of them) skip the base class's
+        # isinstance chain and opaque-type lookups, which cost a tenth of the whole trace
+        cls = type(a)
+        if cls is fx.Proxy:
+            return a.node
+        if cls in _LITERAL_ARGS:
+            return a
+        if cls is tuple:
+            return tuple(self.create_arg(v) for v in a)
+        if cls is list:
+            return [self.create_arg(v) for v in a]
+        if cls is dict and all(type(k) is str for k in a):  # keyword arguments
+            return {k: self.create_arg(v) for k, v in a.items()}
+        return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if type(m) in self.leaf_types:
