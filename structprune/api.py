@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,21 @@ def exact_subplan(analysis: Analysis, plan: Plan) -> Plan:
                 attributes=sized_attributes(analysis, removed))
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector. The pass allocates many short-lived objects
+    and frees them by reference counting; its generational scans cost a few percent of a
+    ResNet-50 pass, and a full collection that falls inside it can cost as much as the pass."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_collector_paused()
 def prune(
     model: nn.Module,
     example_inputs: Sequence[Any] | Any,
