@@ -259,15 +259,21 @@ class RuleContext:
     def param(self, name: str) -> TensorInfo:
         return self._engine.param_info(name)
 
-    def module_param(self, attr: str) -> TensorInfo | None:
-        """The parameter or buffer ``attr`` of this node's module, or None if it is unset."""
+    def module_param(self, attr: str, same_as: dict[int, np.ndarray] | None = None,
+                     ) -> TensorInfo | None:
+        """The parameter or buffer ``attr`` of this node's module, or None if it is unset.
+
+        ``same_as`` states that axis ``d`` of the parameter carries the atoms ``ids`` (a
+        norm's vectors carry its input's channels): a parameter seen for the first time takes
+        those atoms instead of fresh ones, which would only be unified with them.
+        """
         tensor = getattr(self.module, attr, None)
         if not isinstance(tensor, torch.Tensor):
             return None
         name = self._engine.tensor_names.get(id(tensor))
         if name is None:  # computed on access (parametrizations, weight norm): not sliceable
             return TensorInfo(tuple(tensor.shape))
-        return self._engine.param_info(name)
+        return self._engine.param_info(name, same_as)
 
     def owner(self, info: Any) -> nn.Module | None:
         """The module that holds ``info`` when it is a parameter or buffer itself."""
@@ -379,14 +385,16 @@ class _Engine:
         # owners by name in the user's model (an exported graph holds plain containers)
         self.model_modules = dict(capture.model.named_modules())
 
-    def param_info(self, name: str) -> TensorInfo:
+    def param_info(self, name: str, same_as: dict[int, np.ndarray] | None = None) -> TensorInfo:
         info = self._params.get(name)
         if info is None:
             tensor = self.tensors[name]
             maps = []
             for dim, size in enumerate(tensor.shape):
                 if size > 1:
-                    ids = self.atoms.fresh((size,))
+                    ids = same_as.get(dim) if same_as else None
+                    if ids is None or ids.shape != (size,):
+                        ids = self.atoms.fresh((size,))
                     self.slots[(name, dim)] = ids
                     maps.append(ChannelMap((dim,), ids))
             info = TensorInfo(tuple(tensor.shape), tuple(maps), param=name)

@@ -38,7 +38,8 @@ def convolution(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: Tenso
     ctx.consume(0, x, x.map_on(cdim))
     if groups == 1:
         if w_in is not None:
-            ctx.unify(filled(ctx, x_ids, c_in, _NO_INPUT), w_in)
+            if x_ids is None or not np.array_equal(x_ids, w_in):  # else: the same atoms
+                ctx.unify(filled(ctx, x_ids, c_in, _NO_INPUT), w_in)
         elif c_in > 1:
             ctx.block(x_ids, _NOT_SLICEABLE)
         out = w_out
@@ -67,8 +68,13 @@ def convolution(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: Tenso
 
 @R.module(*_CONVS, *_CONV_TRANSPOSES)
 def _conv_module(ctx: RuleContext, module: nn.Module, x: TensorInfo, *output_size) -> TensorInfo:
-    return convolution(ctx, x, ctx.module_param("weight"), ctx.module_param("bias"),
-                       module.groups, isinstance(module, _CONV_TRANSPOSES), True)
+    transposed = isinstance(module, _CONV_TRANSPOSES)
+    cdim = x.ndim - len(module.kernel_size) - 1
+    x_ids = project(ctx, x, cdim, "conv input") if cdim >= 0 else None
+    # a plain conv's input columns carry the input's channel atoms
+    same_as = {1: x_ids} if x_ids is not None and module.groups == 1 and not transposed else None
+    return convolution(ctx, x, ctx.module_param("weight", same_as), ctx.module_param("bias"),
+                       module.groups, transposed, True)
 
 
 def groups_owned(ctx: RuleContext, weight: TensorInfo, groups: int) -> bool:
@@ -267,15 +273,22 @@ def _matmul(ctx: RuleContext, a: TensorInfo, b: TensorInfo) -> TensorInfo:
 
 
 def per_channel(ctx: RuleContext, x: TensorInfo, params: list[TensorInfo | None],
-                cdim: int = 1) -> np.ndarray | None:
-    """Unify the channel axis of ``x`` with dim 0 of every per-channel parameter."""
+                cdim: int = 1, channels: np.ndarray | None = None) -> np.ndarray | None:
+    """Unify the channel axis of ``x`` with dim 0 of every per-channel parameter.
+
+    ``channels`` are the atoms of that axis when the caller already made them (``filled``);
+    parameters that took them through ``module_param(same_as=...)`` need no unifying.
+    """
     x_ids = project(ctx, x, cdim, "norm input") if x.ndim > cdim else None
     for p in params:
         if not isinstance(p, TensorInfo):
             continue
         p_ids = project(ctx, p, 0, "norm parameter")
         if p_ids is not None:
-            ctx.unify(filled(ctx, x_ids, x.shape[cdim], _NO_INPUT), p_ids)
+            if channels is None:
+                channels = filled(ctx, x_ids, x.shape[cdim], _NO_INPUT)
+            if not np.array_equal(p_ids, channels):
+                ctx.unify(channels, p_ids)
         elif p.shape and p.shape[0] > 1:
             ctx.block(x_ids, _NOT_SLICEABLE)
     return x_ids
@@ -287,12 +300,16 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
 
 @R.module(*_BATCH_NORMS)
 def _batch_norm(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
-    params = [ctx.module_param(a) for a in ("weight", "bias", "running_mean", "running_var")]
     cdim = 1 if x.ndim > 1 and not (isinstance(module, nn.InstanceNorm1d) and x.ndim == 2) else 0
     if isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
         spatial = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[type(module)]
         cdim = x.ndim - spatial - 1
-    x_ids = per_channel(ctx, x, params, cdim)
+    channels = None
+    if 0 <= cdim < x.ndim:  # the four vectors take the input's channel atoms
+        channels = filled(ctx, project(ctx, x, cdim, "norm input"), x.shape[cdim], _NO_INPUT)
+    params = [ctx.module_param(a, {0: channels} if channels is not None else None)
+              for a in ("weight", "bias", "running_mean", "running_var")]
+    x_ids = per_channel(ctx, x, params, cdim, channels)
     if all(p is None for p in params):  # no tensor records the channel count: the plan does
         ctx.sized_attribute("num_features", x_ids)
     return passthrough(ctx, x)
