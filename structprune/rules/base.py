@@ -27,6 +27,8 @@ def project(ctx: RuleContext, info: TensorInfo | None, dim: int, why: str) -> np
     cmap = info.map_on(dim)
     if cmap is None:
         return None
+    if cmap.ids.ndim == 1:
+        return cmap.ids  # the map's own array: rules may tell it apart by identity
     axis = cmap.dims.index(dim)
     ids = ctx.unify_along(cmap.ids, [i for i in range(cmap.ids.ndim) if i != axis])
     return ids.reshape(-1)

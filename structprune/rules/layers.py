@@ -38,7 +38,7 @@ def convolution(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: Tenso
     ctx.consume(0, x, x.map_on(cdim))
     if groups == 1:
         if w_in is not None:
-            if x_ids is None or not np.array_equal(x_ids, w_in):  # else: the same atoms
+            if w_in is not x_ids:  # else: the weight took the input's atoms
                 ctx.unify(filled(ctx, x_ids, c_in, _NO_INPUT), w_in)
         elif c_in > 1:
             ctx.block(x_ids, _NOT_SLICEABLE)
@@ -287,7 +287,7 @@ def per_channel(ctx: RuleContext, x: TensorInfo, params: list[TensorInfo | None]
         if p_ids is not None:
             if channels is None:
                 channels = filled(ctx, x_ids, x.shape[cdim], _NO_INPUT)
-            if not np.array_equal(p_ids, channels):
+            if p_ids is not channels:  # else: the parameter took these atoms
                 ctx.unify(channels, p_ids)
         elif p.shape and p.shape[0] > 1:
             ctx.block(x_ids, _NOT_SLICEABLE)
