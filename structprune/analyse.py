@@ -457,17 +457,26 @@ def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
     # tensors sliced in lockstep (a BN's weight, bias and statistics) have identical
     # component arrays: group one representative of each, then list all of them as members
     representative: dict[bytes, int] = {}
+    of_array: dict[int, int] = {}  # slots that share one atom array (parameters that took it)
     rep_of: list[int] = []
+    keys: list[tuple[str, int]] = []
     for key in all_keys:
-        comps = component[engine.slots[key]]
-        rep_of.append(representative.setdefault(comps.tobytes() + bytes(str(comps.size), "ascii"),
-                                                len(representative)))
-    keys = [all_keys[rep_of.index(r)] for r in range(len(representative))]
+        ids = engine.slots[key]
+        rep = of_array.get(id(ids))
+        if rep is None:
+            comps = component[ids]
+            rep = representative.setdefault(comps.tobytes() + bytes(str(comps.size), "ascii"),
+                                            len(representative))
+            of_array[id(ids)] = rep
+            if rep == len(keys):
+                keys.append(key)
+        rep_of.append(rep)
     n_keys = len(keys)
     n_comp = int(component.max()) + 1
     sizes = np.array([len(engine.slots[k]) for k in keys], np.int64)
     slot_key = np.repeat(np.arange(n_keys, dtype=np.int64), sizes)
-    slot_pos = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes])
+    starts = np.cumsum(sizes) - sizes
+    slot_pos = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(starts, sizes)
     slot_comp = component[np.concatenate([engine.slots[k] for k in keys])]
 
     # distinct (component, key) pairs, with how many slots each pair has

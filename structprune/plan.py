@@ -165,6 +165,8 @@ def _module_of(param: str) -> str:
 
 
 def check_names(analysis: Analysis, patterns: Iterable[str], what: str) -> None:
+    if not patterns:
+        return
     modules = {_module_of(name) for name in analysis.sizes}
     for pattern in patterns:
         if not any(_matches(pattern, m) for m in modules):
@@ -190,11 +192,14 @@ def sliced_params(analysis: Analysis, removed: np.ndarray) -> list[dict[str, Any
     """The plan's ``params`` entries for removing the components flagged in ``removed``,
     in state_dict order."""
     params = []
+    kept_of_array: dict[int, list[int] | None] = {}  # tensors sharing atoms keep the same
     for (name, dim), ids in analysis.slots.items():
-        drop = removed[analysis.component[ids]]
-        if drop.any():
-            params.append({"name": name, "dim": dim, "size": int(len(ids)),
-                           "keep": np.flatnonzero(~drop).tolist()})
+        if id(ids) not in kept_of_array:
+            kept = np.flatnonzero(~removed[analysis.component[ids]])
+            kept_of_array[id(ids)] = kept.tolist() if len(kept) < len(ids) else None
+        kept = kept_of_array[id(ids)]
+        if kept is not None:  # each entry owns its list: plans are plain, unaliased data
+            params.append({"name": name, "dim": dim, "size": len(ids), "keep": list(kept)})
     order = {name: i for i, name in enumerate(analysis.sizes)}
     params.sort(key=lambda p: (order[p["name"]], p["dim"]))
     return params
