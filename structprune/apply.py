@@ -85,6 +85,7 @@ def _plain(value) -> bool:
 
 
 _COPIES_ITSELF: dict[type, bool] = {}
+_TREE_SLOTS = frozenset(("_parameters", "_buffers", "_modules", "_compiled_call_impl"))
 
 
 def _copies_itself(cls: type) -> bool:
@@ -123,16 +124,19 @@ def _copy_modules(model: nn.Module, shared: set[int]) -> nn.Module | None:
         memo[id(m)] = new
         state = {}
         for key, value in m.__dict__.items():  # nn.Module.__getstate__, then the checks
-            if key in ("_parameters", "_buffers", "_modules", "_compiled_call_impl"):
+            kind = type(value)
+            if kind in _PLAIN_TYPES:
+                state[key] = value
+            elif key in _TREE_SLOTS:
                 continue
-            if not _plain(value):
+            elif kind in _FAST_COPY:  # mostly the hook dicts, mostly empty
+                if value and not _plain(value):
+                    raise _NotPlain
+                state[key] = value.copy()
+            elif _plain(value):
+                state[key] = copy.copy(value) if isinstance(value, (list, dict, set)) else value
+            else:
                 raise _NotPlain
-            cls_value = type(value)
-            if cls_value in _FAST_COPY:
-                value = value.copy()
-            elif isinstance(value, (list, dict, set)):
-                value = copy.copy(value)
-            state[key] = value
         state["_parameters"] = {k: tensor(v) for k, v in m._parameters.items()}
         state["_buffers"] = {k: tensor(v) for k, v in m._buffers.items()}
         state["_modules"] = {k: module(v) if v is not None else None
