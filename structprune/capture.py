@@ -46,7 +46,7 @@ class Capture:
     """A traced model and what each of its nodes produced on the example inputs."""
 
     model: nn.Module
-    graph_module: fx.GraphModule
+    graph_module: nn.Module  # holds ``.graph``; its targets resolve to the user's objects
     example_inputs: tuple[Any, ...]
     values: dict[str, Any]
     method: str = "fx"
@@ -116,16 +116,34 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
-class _GraphHolder(fx.GraphModule):
-    """A GraphModule that skips code generation: the stages interpret its graph node by
-    node and never call it, and generating its forward() is a fifth of a ResNet's pass."""
+class _GraphHolder(nn.Module):
+    """The traced graph over the user's own modules, for the stages to interpret node by node.
 
-    def recompile(self):  # noqa: D102
-        return None
+    It holds the root's children, parameters and buffers under their own names, and the
+    tensor constants fx parked on the root, so every ``get_attr`` and ``call_module`` target
+    resolves to the user's own object. Unlike an ``fx.GraphModule`` it generates no forward()
+    (a fifth of a ResNet's pass) and copies no module tree: it is never called.
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph):
+        super().__init__()
+        self.training = root.training
+        self._modules.update(root._modules)
+        self._parameters.update(root._parameters)
+        self._buffers.update(root._buffers)
+        object.__setattr__(self, "graph", graph)  # plain attribute, even beside a child "graph"
+        for node in graph.nodes:
+            target = node.target
+            if node.op == "get_attr" and "." not in target and not hasattr(self, target):
+                value = getattr(root, target)
+                if isinstance(value, torch.Tensor):
+                    self.register_buffer(target, value)  # as GraphModule keeps constants
+                else:
+                    setattr(self, target, value)
 
 
 def trace(model: nn.Module, leaf_types: Iterable[type] = (), registry: Any = None,
-          ) -> fx.GraphModule:
+          ) -> nn.Module:
     """Symbolically trace ``model``; raise :class:`CaptureError` naming the offending line."""
     before = set(vars(model))
     tracer = _Tracer(tuple(leaf_types), registry)
@@ -138,8 +156,7 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = (), registry: Any = Non
             "Mark the module that does this as a leaf (leaf_modules=[...]) and register a rule for it, "
             "or use the torch.export capture"
         ) from exc
-    name = type(model).__name__
-    holder = _GraphHolder(tracer.root, graph, name)
+    holder = _GraphHolder(tracer.root, graph)
     for attr in set(vars(model)) - before:  # fx parks tensor constants on the root: undo
         if attr.startswith("_tensor_constant"):
             delattr(model, attr)
@@ -201,7 +218,7 @@ def _to_spec(value: Any) -> Any:
     return value
 
 
-def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], device: str, registry: Any,
+def _run_graph(gm: nn.Module, inputs: Sequence[Any], device: str, registry: Any,
                ) -> dict[str, Any]:
     """Run ``gm`` node by node. On meta, ops whose output shape the registry knows are not
     run at all, and a module that must run gets meta copies of its own tensors only."""
@@ -282,7 +299,7 @@ def _as_device(value: Any, device: str) -> Any:
     return value
 
 
-def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any], registry: Any = None,
+def propagate(gm: nn.Module, example_inputs: Sequence[Any], registry: Any = None,
               ) -> dict[str, Any]:
     """Record what every node of ``gm`` produces: on meta tensors, else on the real inputs."""
     from .rules import DEFAULT_REGISTRY
@@ -306,7 +323,7 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any], registry: Any =
     ) from exc
 
 
-def _check_input_count(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+def _check_input_count(gm: nn.Module, example_inputs: Sequence[Any]) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     required = sum(1 for n in placeholders if not n.args)
     if not required <= len(example_inputs) <= len(placeholders):
@@ -394,7 +411,24 @@ def capture(
     return _capture_export(model, example_inputs, leaf_types)
 
 
-def unused_parameters(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+def graph_parameters(cap: Capture) -> dict[str, torch.Tensor]:
+    """The parameters ``cap``'s graph reads, by name: those of the modules it calls and the
+    ones it reads by ``get_attr`` (an exported graph reads all of its own)."""
+    gm = cap.graph_module
+    if cap.method != "fx":
+        return dict(gm.named_parameters())
+    params: dict[str, torch.Tensor] = {}
+    for node in cap.graph.nodes:
+        if node.op == "call_module":
+            params.update(gm.get_submodule(node.target).named_parameters(prefix=node.target))
+        elif node.op == "get_attr":
+            value = _resolve(gm, node.target)
+            if isinstance(value, nn.Parameter):
+                params[node.target] = value
+    return params
+
+
+def unused_parameters(model: nn.Module, gm: nn.Module) -> list[str]:
     """Parameters of ``model`` that the traced graph never reads."""
     attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}

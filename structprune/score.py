@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .analyse import Analysis, Group
+from .capture import graph_parameters
 
 Importance = Callable[[Analysis, Group], np.ndarray]
 
@@ -55,7 +56,7 @@ class _Norms:
     """Slice norms per (parameter, axis, p), computed once per scoring pass."""
 
     def __init__(self, analysis: Analysis):
-        self.params = dict(analysis.capture.graph_module.named_parameters())
+        self.params = graph_parameters(analysis.capture)
         self.cache: dict[tuple[str, int, int], np.ndarray] = {}
         n_comp = int(analysis.component.max()) + 1 if analysis.component.size else 0
         self.position = np.full(n_comp, -1, np.int64)
