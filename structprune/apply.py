@@ -19,35 +19,40 @@ import torch.nn as nn
 from .errors import PlanError
 from .plan import Plan
 
-
-def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
-    """Every (module, attribute) that holds each tensor; tied weights have several."""
-    holders: dict[int, list[tuple[nn.Module, str, bool]]] = defaultdict(list)
-    for module in model.modules():
-        for attr, t in module._parameters.items():
-            if t is not None:
-                holders[id(t)].append((module, attr, True))
-        for attr, t in module._buffers.items():
-            if t is not None:
-                holders[id(t)].append((module, attr, False))
-    return holders
+Holders = dict[int, list[tuple[nn.Module, str, bool]]]
 
 
-def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
-    return named
+def _tensor_index(model: nn.Module) -> tuple[dict[str, torch.Tensor], Holders]:
+    """Every parameter and buffer by each of its names, and every (module, attribute, is a
+    parameter) that holds each tensor (tied weights have several), in one walk."""
+    named: dict[str, torch.Tensor] = {}
+    holders: Holders = defaultdict(list)
+    seen: set[int] = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        first = id(module) not in seen
+        seen.add(id(module))
+        prefix = f"{path}." if path else ""
+        for is_param, table in ((True, module._parameters), (False, module._buffers)):
+            for attr, t in table.items():
+                if t is not None:
+                    named[prefix + attr] = t
+                    if first:
+                        holders[id(t)].append((module, attr, is_param))
+    return named, holders
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
     """Raise :class:`PlanError` unless every entry names a tensor of this model and size."""
-    modules = dict(model.named_modules())
+    _check_plan(model, _tensor_index(model)[0], plan)
+
+
+def _check_plan(model: nn.Module, named: dict[str, torch.Tensor], plan: Plan) -> None:
+    modules = dict(model.named_modules()) if plan.attributes else {}
     for entry in plan.attributes:
         module = modules.get(entry["module"])
         if module is None or not isinstance(getattr(module, entry["attr"], None), int):
             raise PlanError(f"the plan sets {entry['module']}.{entry['attr']}, which this model "
                             "does not have: it was made for a different model")
-    named = _named_tensors(model)
     for entry in plan.params:
         tensor = named.get(entry["name"])
         if tensor is None:
@@ -167,8 +172,8 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
     from .rules import DEFAULT_REGISTRY
 
     registry = registry or DEFAULT_REGISTRY
-    check_plan(model, plan)
-    named = _named_tensors(model)
+    named, holders = _tensor_index(model)
+    _check_plan(model, named, plan)
     cuts: dict[str, list[tuple[int, list[int]]]] = defaultdict(list)
     for entry in plan.params:
         cuts[entry["name"]].append((entry["dim"], entry["keep"]))
@@ -178,8 +183,7 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
         if copied is None:
             copied = copy.deepcopy(model, {i: named[n] for n in cuts for i in [id(named[n])]})
         model = copied
-        named = _named_tensors(model)
-    holders = _holders(model)
+        named, holders = _tensor_index(model)
     touched: dict[int, nn.Module] = {}
     with torch.no_grad():
         for name, dims in cuts.items():
