@@ -197,7 +197,8 @@ def _fast_shape(node: fx.Node, module: nn.Module | None, kind: Any, args: tuple,
     if isinstance(other, torch.Tensor):
         if other.dtype != first.dtype:
             return None
-        shape = torch.broadcast_shapes(first.shape, other.shape)
+        shape = first.shape if first.shape == other.shape else \
+            torch.broadcast_shapes(first.shape, other.shape)  # a slow Python function
     elif isinstance(other, (int, float)) and first.is_floating_point():
         shape = first.shape  # a Python scalar keeps a float tensor's dtype
     else:
