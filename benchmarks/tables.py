@@ -42,6 +42,17 @@ def pass_time() -> str:
         lines.append(f"| {name} | {sp_['pass_median_s']:.3f} s | {inplace_s} "
                      f"| {tp['pass_median_s']:.3f} s | {row['speedup_pass']:.1f}x{inplace_x} "
                      f"| {sp_['macs_ratio']:.3f} / {tp['macs_ratio']:.3f} |")
+    lines += ["", "Where structprune's pass goes (median ms per stage; the last column is the time to "
+              "read every weight once, a floor under any magnitude score):", "",
+              "| model | capture | analyse | score | plan | apply | weights read once |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in data["models"].items():
+        stages = row["structprune"]["stage_median_s"]
+        cells = " | ".join(f"{1000 * stages[k]:.1f}"
+                           for k in ("capture", "analyse", "score", "plan", "apply"))
+        read = row.get("weights_read_once_s")
+        lines.append(f"| {name} | {cells} | {1000 * read:.1f} |" if read is not None
+                     else f"| {name} | {cells} | - |")
     return "\n".join(lines)
 
 
@@ -49,7 +60,9 @@ def capture_paths() -> str:
     data = load("capture_paths_cpu.json")
     if not data:
         return ""
-    lines = ["### Pass time by capture path (same machine, 224x224)", "",
+    machine = data.get("machine", {})
+    lines = [f"### Pass time by capture path ({machine.get('cpu', '?')}, "
+             f"{machine.get('cores', '?')} cores, 224x224)", "",
              "| model | capture | pass | of which capture | MACs kept |", "|---|---|---:|---:|---:|"]
     for r in data["rows"]:
         lines.append(f"| {r['spec']} | {r['capture']} | {r['pass_median_s']:.3f} s | "

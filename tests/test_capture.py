@@ -163,3 +163,41 @@ def test_registered_output_shapes_agree_with_running_the_op():
             assert predicted == tuple(real.shape), (module or fn, args[0].shape)
             checked += 1
     assert checked > 1500  # most configurations are computed, not declined
+
+
+class CountingGate(nn.Module):
+    """Keeps channels one to one; counts how often it really runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * torch.sigmoid(x)
+
+
+def test_a_registered_output_shape_spares_the_run_and_gives_the_same_plan():
+    import structprune as sp
+    from structprune.rules import DEFAULT_REGISTRY, passthrough
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), CountingGate(), nn.Conv2d(8, 4, 3))
+
+    x = (torch.randn(1, 3, 12, 12),)
+    plans = []
+    for with_shape in (False, True):
+        registry = DEFAULT_REGISTRY.copy()
+        registry.module(CountingGate)(lambda ctx, module, t: passthrough(ctx, t))
+        if with_shape:
+            registry.output_shape(CountingGate)(lambda module, args, kwargs: tuple(args[0].shape))
+        model = build()
+        cap = capture(model, x, registry=registry)
+        assert model[1].calls == (0 if with_shape else 1)  # on meta tensors, without one
+        gate = next(n for n in cap.graph.nodes if n.op == "call_module" and n.target == "1")
+        assert cap.values[gate.name].shape == (1, 8, 10, 10)
+        result = sp.prune(model, x, 0.5, registry=registry)
+        assert result.verification.ok and result.model[0].out_channels == 4
+        plans.append(result.plan.params)
+    assert plans[0] == plans[1]

@@ -34,11 +34,13 @@ register_function = DEFAULT_REGISTRY.function
 register_method = DEFAULT_REGISTRY.method
 register_module = DEFAULT_REGISTRY.module
 register_resizer = DEFAULT_REGISTRY.resizer
+register_output_shape = DEFAULT_REGISTRY.output_shape
 
 __all__ = [
     "DEFAULT_REGISTRY", "RuleRegistry", "block_except", "channel_passthrough", "channel_shuffle",
     "convolution", "elementwise_rule", "filled", "glu", "layer_norm", "linear",
     "merge_elementwise", "passthrough", "per_channel", "pixel_shuffle", "project",
-    "register_function", "register_method", "register_module", "register_resizer", "reshape",
+    "register_function", "register_method", "register_module", "register_output_shape",
+    "register_resizer", "reshape",
     "split_equal",
 ]
