@@ -381,6 +381,11 @@ def capture(
     ``method`` is ``"fx"`` (symbolic tracing, keeps module calls and size arithmetic),
     ``"export"`` (torch.export's ATen graph, for models fx cannot trace) or ``"auto"``
     (fx, then torch.export when tracing fails).
+
+    The model is traced in eval mode, whatever its own flags (they are restored): that is the
+    graph one deploys and the one the check runs, and tracing in training mode would bake
+    ``training=True`` into dropout calls. Parameters that only the training-mode forward uses
+    (auxiliary heads) are traced in that mode too, in ``other_modes``.
     """
     from .rules import DEFAULT_REGISTRY
 
@@ -388,8 +393,13 @@ def capture(
         raise CaptureError(f"unknown capture method {method!r}: use one of {', '.join(METHODS)}")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    registry = registry or DEFAULT_REGISTRY
-    leaf_types = tuple(leaf_modules)
+    with _mode(model, False):
+        return _capture(model, example_inputs, tuple(leaf_modules), registry or DEFAULT_REGISTRY,
+                        method)
+
+
+def _capture(model: nn.Module, example_inputs: Sequence[Any], leaf_types: tuple[type, ...],
+             registry: Any, method: str) -> Capture:
     if method in ("auto", "fx"):
         try:
             gm = trace(model, leaf_types, registry)

@@ -211,3 +211,26 @@ def test_the_pass_pauses_the_garbage_collector_and_restores_it(enabled):
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+class DropoutHead(nn.Module):
+    """Functional dropout keyed on self.training, as timm writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.a(x)))
+        return self.out(F.dropout(x, 0.5, training=self.training))
+
+
+def test_a_model_in_training_mode_is_traced_and_checked_in_eval_mode():
+    model = randomize(DropoutHead()).train()
+    result = sp.prune(model, X, 0.5)  # a training-mode trace bakes dropout into the check
+    assert result.verification.ok and result.model.a.out_channels == 4
+    assert model.training and model.bn.training and result.model.training
+    dropouts = [n for n in result.analysis.capture.graph.nodes if n.target is F.dropout]
+    assert dropouts and dropouts[0].kwargs.get("training", False) is False
