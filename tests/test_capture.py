@@ -201,3 +201,21 @@ def test_a_registered_output_shape_spares_the_run_and_gives_the_same_plan():
         assert result.verification.ok and result.model[0].out_channels == 4
         plans.append(result.plan.params)
     assert plans[0] == plans[1]
+
+
+def test_importing_structprune_leaves_timm_unimported_until_the_user_imports_it():
+    """timm's 700 module classes slow every fx trace; its rules wait for the user's import."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("timm")
+    code = ("import sys, structprune\n"
+            "from structprune.rules import DEFAULT_REGISTRY as R\n"
+            "assert 'timm' not in sys.modules and 'timm' in R.pending\n"
+            "from timm.layers.mixed_conv2d import MixedConv2d\n"
+            "conv = MixedConv2d(8, 8, [3, 5])\n"
+            "assert R.resizer_for(conv) is not None and not R.pending\n"
+            "assert R.maintained_attributes(conv) == ('splits',)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

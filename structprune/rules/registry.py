@@ -17,6 +17,7 @@ Register your own::
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,8 @@ class RuleRegistry:
         # op -> "same", "broadcast" or a ShapeFn: capture's shortcut past the dispatcher
         self.shapes: dict[Any, str | ShapeFn] = {}
         self.unknown_rule: Rule | None = None
+        # package name -> registrations waiting until that package is imported
+        self.pending: dict[str, list[Callable[[RuleRegistry], None]]] = {}
 
     def copy(self) -> RuleRegistry:
         other = RuleRegistry()
@@ -55,6 +58,7 @@ class RuleRegistry:
         other.counters = dict(self.counters)
         other.shapes = dict(self.shapes)
         other.unknown_rule = self.unknown_rule
+        other.pending = {name: list(fns) for name, fns in self.pending.items()}
         return other
 
     # registration
@@ -121,9 +125,25 @@ class RuleRegistry:
             return fn
         return add
 
+    def when_imported(self, package: str, register: Callable[[RuleRegistry], None]) -> None:
+        """Call ``register(registry)`` once ``package`` is imported (now, if it already is):
+        rules for an optional library's layers, without importing the library for users who
+        do not use it. Module lookups register what is pending first."""
+        if package in sys.modules:
+            register(self)
+        else:
+            self.pending.setdefault(package, []).append(register)
+
+    def _register_pending(self) -> None:
+        for package in [p for p in self.pending if p in sys.modules]:
+            for register in self.pending.pop(package):
+                register(self)
+
     # lookup
     def module_rule(self, module: nn.Module) -> Rule | None:
         """The rule of the module's type, or of a base type whose forward it does not override."""
+        if self.pending:
+            self._register_pending()
         cls = type(module)
         rule = self.modules.get(cls)
         if rule is not None:
@@ -140,10 +160,14 @@ class RuleRegistry:
         return next((cls for cls in type(module).__mro__ if cls in table), None)
 
     def resizer_for(self, module: nn.Module) -> Resizer | None:
+        if self.pending:
+            self._register_pending()
         cls = self._registered_type(self.resizers, module)
         return self.resizers[cls] if cls is not None else None
 
     def maintained_attributes(self, module: nn.Module) -> tuple[str, ...]:
+        if self.pending:
+            self._register_pending()
         cls = self._registered_type(self.resizers, module)
         return self.maintained.get(cls, ()) if cls is not None else ()
 

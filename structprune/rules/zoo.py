@@ -56,10 +56,13 @@ def _resize_mixed_conv(module) -> None:
     module.out_channels = sum(conv.out_channels for conv in convs)
 
 
-try:
-    from timm.layers.mixed_conv2d import MixedConv2d as _TimmMixedConv2d
-except ImportError:  # timm is optional
-    _TimmMixedConv2d = None
+def _register_timm(registry) -> None:
+    from timm.layers.mixed_conv2d import MixedConv2d
 
-if _TimmMixedConv2d is not None:
-    R.resizer(_TimmMixedConv2d, maintains=("splits",))(_resize_mixed_conv)
+    registry.resizer(MixedConv2d, maintains=("splits",))(_resize_mixed_conv)
+
+
+# timm is optional, and importing it adds some 700 module classes, which slow every fx trace
+# (tracing patches nn.Module, and Python updates each subclass): its rules wait until the
+# user has imported it, as anyone holding a timm model has
+R.when_imported("timm", _register_timm)
