@@ -60,6 +60,7 @@ class _Norms:
         self.cache: dict[tuple[str, int, int], np.ndarray] = {}
         n_comp = int(analysis.component.max()) + 1 if analysis.component.size else 0
         self.position = np.full(n_comp, -1, np.int64)
+        self._vectors: dict[str, np.ndarray] | None = None
 
     def get(self, name: str, dim: int, p: int) -> np.ndarray | None:
         key = (name, dim, p)
@@ -67,29 +68,68 @@ class _Norms:
             tensor = self.params.get(name)
             if tensor is None:
                 self.cache[key] = None
+            elif tensor.ndim == 1:  # one value per slice: its absolute value, for any p
+                self.cache[key] = self.vectors().get(name)
+                if self.cache[key] is None:
+                    self.cache[key] = _slice_norms(tensor, dim, p)
             else:
                 self.cache[key] = _slice_norms(tensor, dim, p)
         return self.cache[key]
+
+    def vectors(self) -> dict[str, np.ndarray]:
+        """Absolute values of every 1-D float32 CPU parameter (norm weights and biases),
+        in one pass over all of them: a hundred small calls cost more than their data."""
+        if self._vectors is None:
+            names = [n for n, t in self.params.items() if t.ndim == 1
+                     and t.dtype == torch.float32 and t.device.type == "cpu"]
+            self._vectors = {}
+            if names:
+                flat = torch.cat([self.params[n].detach() for n in names]).numpy()
+                values = np.abs(flat).astype(np.float64)
+                start = 0
+                for n in names:
+                    size = self.params[n].shape[0]
+                    self._vectors[n] = values[start:start + size]
+                    start += size
+        return self._vectors
+
+
+def magnitudes(analysis: Analysis, groups: list[Group], p: int = 2,
+               norms: _Norms | None = None) -> dict[int, np.ndarray]:
+    """Per-unit L1 (``p=1``) or L2 (``p=2``) magnitude of each group, averaged over the
+    group's members; every slot of every member adds to its unit in one bincount."""
+    norms = norms or _Norms(analysis)
+    unit_of = np.full(len(norms.position), -1, np.int64)  # component -> unit, all groups
+    starts, counted, slots, values = [], [], [], []
+    listed: set[tuple[str, int]] = set()
+    start = 0
+    for group in groups:
+        unit_of[group.units] = np.arange(start, start + group.size)
+        starts.append(start)
+        start += group.size
+        counted.append(0)
+        for member in group.members:
+            norm = norms.get(*member, p)
+            if norm is None:
+                continue
+            counted[-1] += 1
+            if member not in listed:  # a member of several groups adds each slot once
+                listed.add(member)
+                slots.append(analysis.slots[member])
+                values.append(norm)
+    total = np.zeros(start)
+    if slots:
+        where = unit_of[analysis.component[np.concatenate(slots)]]
+        inside = where >= 0
+        total = np.bincount(where[inside], np.concatenate(values)[inside], minlength=start)
+    return {group.index: total[s:s + group.size] / max(c, 1)
+            for group, s, c in zip(groups, starts, counted, strict=True)}
 
 
 def magnitude(analysis: Analysis, group: Group, p: int = 2, norms: _Norms | None = None,
               ) -> np.ndarray:
     """Per-unit L1 (``p=1``) or L2 (``p=2``) magnitude, averaged over the group's members."""
-    norms = norms or _Norms(analysis)
-    position = norms.position
-    position[group.units] = np.arange(group.size)
-    total = np.zeros(group.size)
-    counted = 0
-    for name, dim in group.members:
-        values = norms.get(name, dim, p)
-        if values is None:
-            continue
-        where = position[analysis.component[analysis.slots[(name, dim)]]]
-        inside = where >= 0
-        total += np.bincount(where[inside], values[inside], minlength=group.size)
-        counted += 1
-    position[group.units] = -1
-    return total / max(counted, 1)
+    return magnitudes(analysis, [group], p, norms)[group.index]
 
 
 def l1(analysis: Analysis, group: Group, norms: _Norms | None = None) -> np.ndarray:
@@ -101,18 +141,23 @@ def l2(analysis: Analysis, group: Group, norms: _Norms | None = None) -> np.ndar
 
 
 IMPORTANCE: dict[str, Importance] = {"l1": l1, "l2": l2}
+_BATCHED = {l1: 1, l2: 2}  # the built-in importances score all groups in one pass
 
 
 def score(analysis: Analysis, importance: str | Importance = "l2",
           groups: list[Group] | None = None) -> dict[int, np.ndarray]:
     """Normalised importance per unit, for each group (by group index)."""
-    builtin = isinstance(importance, str)
-    fn = IMPORTANCE[importance] if builtin else importance
+    groups = analysis.groups if groups is None else groups
     norms = _Norms(analysis)  # a tensor feeds several groups: its norms are computed once
+    if not isinstance(importance, str):
+        raw = {group.index: importance(analysis, group) for group in groups}
+    elif IMPORTANCE[importance] in _BATCHED:
+        raw = magnitudes(analysis, groups, _BATCHED[IMPORTANCE[importance]], norms)
+    else:
+        raw = {group.index: IMPORTANCE[importance](analysis, group, norms) for group in groups}
     scores = {}
-    for group in analysis.groups if groups is None else groups:
-        s = fn(analysis, group, norms) if builtin else fn(analysis, group)
-        s = np.asarray(s, dtype=np.float64)
+    for group in groups:
+        s = np.asarray(raw[group.index], dtype=np.float64)
         mean = s.mean() if s.size else 0.0
         scores[group.index] = s / mean if mean > 0 else s
     return scores

@@ -30,3 +30,30 @@ def test_slice_norms_of_other_dtypes_and_strides(dtype):
         for dim in (0, 1):
             np.testing.assert_allclose(_slice_norms(t, dim, 2), reference_norms(t, dim, 2),
                                        rtol=1e-3)
+
+
+def test_scores_equal_a_direct_mean_of_member_slice_norms():
+    """Each unit's score is the mean over the group's parameter members of the norms of the
+    slices it owns, divided by the group's mean: recomputed here member by member."""
+    import torchvision
+
+    from structprune import analyse, capture, score
+
+    model = torchvision.models.resnext50_32x4d().eval()  # grouped convs: several slots a unit
+    analysis = analyse(capture(model, (torch.randn(1, 3, 32, 32),)))
+    params = dict(model.named_parameters())
+    groups = [g for g in analysis.groups if (~g.blocked).any()]
+    scores = score(analysis, "l2", groups)
+    for group in groups:
+        unit_of = {int(c): i for i, c in enumerate(group.units)}
+        total, members = np.zeros(group.size), 0
+        for name, dim in group.members:
+            if name not in params:
+                continue  # buffers do not count
+            members += 1
+            norms = reference_norms(params[name], dim, 2)
+            for slot, comp in enumerate(analysis.component[analysis.slots[(name, dim)]]):
+                if int(comp) in unit_of:
+                    total[unit_of[int(comp)]] += norms[slot]
+        want = total / members
+        np.testing.assert_allclose(scores[group.index], want / want.mean(), rtol=1e-6)
