@@ -58,8 +58,7 @@ class _Norms:
     def __init__(self, analysis: Analysis):
         self.params = graph_parameters(analysis.capture)
         self.cache: dict[tuple[str, int, int], np.ndarray] = {}
-        n_comp = int(analysis.component.max()) + 1 if analysis.component.size else 0
-        self.position = np.full(n_comp, -1, np.int64)
+        self.components = int(analysis.component.max()) + 1 if analysis.component.size else 0
         self._vectors: dict[str, np.ndarray] | None = None
 
     def get(self, name: str, dim: int, p: int) -> np.ndarray | None:
@@ -99,7 +98,7 @@ def magnitudes(analysis: Analysis, groups: list[Group], p: int = 2,
     """Per-unit L1 (``p=1``) or L2 (``p=2``) magnitude of each group, averaged over the
     group's members; every slot of every member adds to its unit in one bincount."""
     norms = norms or _Norms(analysis)
-    unit_of = np.full(len(norms.position), -1, np.int64)  # component -> unit, all groups
+    unit_of = np.full(norms.components, -1, np.int64)  # component -> unit, all groups
     starts, counted, slots, values = [], [], [], []
     listed: set[tuple[str, int]] = set()
     start = 0
