@@ -173,10 +173,17 @@ def _first_tensor(args: tuple) -> torch.Tensor | None:
     return None
 
 
+# in-place methods that change a tensor's shape or strides: where a graph calls one, an
+# op's meta output must be a tensor of its own, not its input standing in for it
+_RESHAPES_IN_PLACE = frozenset(("unsqueeze_", "squeeze_", "transpose_", "t_", "swapdims_",
+                                "swapaxes_", "resize_", "resize_as_", "as_strided_", "set_"))
+
+
 def _fast_shape(node: fx.Node, module: nn.Module | None, kind: Any, args: tuple,
-                kwargs: dict) -> torch.Tensor | None:
+                kwargs: dict, share: bool = False) -> torch.Tensor | None:
     """A meta tensor of the output's shape when the registry says how it follows from the
-    inputs (``kind`` "same", "broadcast" or a shape function), else None."""
+    inputs (``kind`` "same", "broadcast" or a shape function), else None. With ``share``, a
+    shape-preserving op's meta input stands for its output: meta tensors carry no data."""
     if kind is None:
         return None
     if callable(kind):
@@ -190,6 +197,8 @@ def _fast_shape(node: fx.Node, module: nn.Module | None, kind: Any, args: tuple,
     if kind == "same":
         if kwargs.get("inplace", False) or (node.op == "call_method" and kwargs):
             return None
+        if share and first.is_meta:
+            return first
         return torch.empty(first.shape, dtype=first.dtype, device="meta")
     if len(args) != 2 or kwargs:
         return None
@@ -228,6 +237,8 @@ def _run_graph(gm: nn.Module, inputs: Sequence[Any], device: str, registry: Any,
     values: dict[str, Any] = {}
     placeholders = iter(inputs)
     meta = device == "meta"
+    share = meta and not any(n.op == "call_method" and n.target in _RESHAPES_IN_PLACE
+                             for n in gm.graph.nodes)
 
     def load(a):
         return env[a]
@@ -248,8 +259,8 @@ def _run_graph(gm: nn.Module, inputs: Sequence[Any], device: str, registry: Any,
             args = fx.node.map_arg(node.args, load)
             kwargs = fx.node.map_arg(node.kwargs, load)
             module = modules.get(node.target) if node.op == "call_module" else None
-            value = _fast_shape(node, module, registry.shape_kind(node, module), args, kwargs) \
-                if meta else None
+            value = _fast_shape(node, module, registry.shape_kind(node, module), args, kwargs,
+                                share) if meta else None
             if value is None:
                 if meta and module is not None:
                     with stateless._reparametrize_module(module, _state(module, device)):

@@ -219,3 +219,20 @@ def test_importing_structprune_leaves_timm_unimported_until_the_user_imports_it(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class InPlaceReshape(nn.Module):
+    def forward(self, x):
+        y = torch.relu(x)  # a shape-preserving op: on meta its input may stand for it...
+        y.unsqueeze_(0)  # ...unless a method reshapes it in place, as here
+        return x + 1, y
+
+
+def test_shapes_stay_right_when_a_method_reshapes_a_tensor_in_place():
+    x = torch.randn(2, 3, 4, 4)
+    cap = capture(InPlaceReshape(), (x,))
+    shapes = {n.name: cap.values[n.name].shape for n in cap.graph.nodes
+              if n.op in ("call_function", "call_method")}
+    real_sum, real_y = InPlaceReshape()(x.clone())
+    assert shapes["add"] == tuple(real_sum.shape)  # x itself was not reshaped
+    assert shapes["unsqueeze_"] == tuple(real_y.shape)
