@@ -35,7 +35,7 @@ import torch.nn as nn
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .capture import Capture, TensorSpec
+from .capture import Capture, TensorSpec, resolve_target
 
 
 @dataclass(frozen=True, eq=False)
@@ -402,9 +402,7 @@ class _Engine:
         return info
 
     def get_attr(self, node: fx.Node) -> Any:
-        value: Any = self.capture.graph_module
-        for part in node.target.split("."):
-            value = getattr(value, part)
+        value = resolve_target(self.capture.graph_module, node.target)
         if isinstance(value, torch.Tensor):
             name = self.tensor_names.get(id(value))
             if name is None and node.target in self.tensors:  # torch.export: copies by name

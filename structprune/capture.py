@@ -252,7 +252,7 @@ def _run_graph(gm: nn.Module, inputs: Sequence[Any], device: str, registry: Any,
         elif node.op == "output":
             break
         elif node.op == "get_attr":
-            value = _resolve(gm, node.target)
+            value = resolve_target(gm, node.target)
             if meta and isinstance(value, torch.Tensor):
                 value = torch.empty_like(value, device="meta")
         else:
@@ -272,7 +272,8 @@ def _run_graph(gm: nn.Module, inputs: Sequence[Any], device: str, registry: Any,
     return values
 
 
-def _resolve(root: nn.Module, target: str) -> Any:
+def resolve_target(root: nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` or ``call_module`` target names, from ``root`` down."""
     value: Any = root
     for part in target.split("."):
         value = getattr(value, part)
@@ -371,7 +372,7 @@ def _meta_values(gm: fx.GraphModule) -> dict[str, Any]:
         if "val" in node.meta:
             values[node.name] = _to_spec(node.meta["val"])
         elif node.op == "get_attr":
-            values[node.name] = _to_spec(_resolve(gm, node.target))
+            values[node.name] = _to_spec(resolve_target(gm, node.target))
         else:
             values[node.name] = None
     return values
@@ -444,7 +445,7 @@ def graph_parameters(cap: Capture) -> dict[str, torch.Tensor]:
         if node.op == "call_module":
             params.update(gm.get_submodule(node.target).named_parameters(prefix=node.target))
         elif node.op == "get_attr":
-            value = _resolve(gm, node.target)
+            value = resolve_target(gm, node.target)
             if isinstance(value, nn.Parameter):
                 params[node.target] = value
     return params

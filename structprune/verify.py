@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .analyse import Analysis
+from .capture import resolve_target
 from .plan import Plan
 
 
@@ -94,15 +95,8 @@ def masked_model(analysis: Analysis, plan: Plan) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in root:
             root[node.target] = gm_src.get_submodule(node.target) if node.op == "call_module" \
-                else _resolve(gm_src, node.target)
+                else resolve_target(gm_src, node.target)
     return fx.GraphModule(root, graph)
-
-
-def _resolve(module: nn.Module, target: str) -> Any:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def flatten_outputs(value: Any) -> list[torch.Tensor]:
