@@ -73,11 +73,8 @@ _PLAIN_TYPES = frozenset(_PLAIN)
 
 def _plain(value) -> bool:
     """Safe to share between the copy and the original: immutable data, classes, functions."""
-    cls = type(value)
-    if cls in _PLAIN_TYPES:
+    if type(value) in _PLAIN_TYPES:
         return True
-    if cls is tuple or cls is list:
-        return all(type(v) in _PLAIN_TYPES or _plain(v) for v in value)
     if isinstance(value, _PLAIN):
         return True
     if isinstance(value, (tuple, list, set, frozenset)):
