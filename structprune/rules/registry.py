@@ -154,20 +154,17 @@ class RuleRegistry:
                 return rule
         return None
 
-    @staticmethod
-    def _registered_type(table: dict, module: nn.Module) -> type | None:
+    def _registered_type(self, table: dict, module: nn.Module) -> type | None:
         """The module's own type or nearest base type that ``table`` has an entry for."""
+        if self.pending:
+            self._register_pending()
         return next((cls for cls in type(module).__mro__ if cls in table), None)
 
     def resizer_for(self, module: nn.Module) -> Resizer | None:
-        if self.pending:
-            self._register_pending()
         cls = self._registered_type(self.resizers, module)
         return self.resizers[cls] if cls is not None else None
 
     def maintained_attributes(self, module: nn.Module) -> tuple[str, ...]:
-        if self.pending:
-            self._register_pending()
         cls = self._registered_type(self.resizers, module)
         return self.maintained.get(cls, ()) if cls is not None else ()
 
