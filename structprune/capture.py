@@ -97,6 +97,33 @@ class _Tracer(fx.Tracer):
             return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
 
+    def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict,
+                    name: str | None = None, type_expr: Any = None) -> fx.Node:
+        # the base class also records deprecated scopes, checks for mutation and copies the
+        # module stack through copy.copy; only the module stack is read here (analyse)
+        node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+        if self.module_stack:
+            node.meta["nn_module_stack"] = self.module_stack.copy()
+        return node
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        # the base class, without its scope context manager (a copy.copy per call)
+        path = self.path_of_module(m)
+        calls = self.num_calls.get(path, 0)
+        key = f"{path}@{calls}" if calls else path
+        scope = self.scope
+        outer = scope.module_path, scope.module_type
+        scope.module_path, scope.module_type = path, type(m)
+        self.module_stack[key] = (path, type(m))
+        self.num_calls[path] = calls + 1
+        try:
+            if self.is_leaf_module(m, path):
+                return self.create_proxy("call_module", path, args, kwargs)
+            return forward(*args, **kwargs)
+        finally:
+            self.module_stack.popitem(last=True)
+            scope.module_path, scope.module_type = outer
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if type(m) in self.leaf_types:
             return True
@@ -441,9 +468,16 @@ def graph_parameters(cap: Capture) -> dict[str, torch.Tensor]:
     if cap.method != "fx":
         return dict(gm.named_parameters())
     params: dict[str, torch.Tensor] = {}
+    modules = dict(gm.named_modules())
     for node in cap.graph.nodes:
         if node.op == "call_module":
-            params.update(gm.get_submodule(node.target).named_parameters(prefix=node.target))
+            module = modules[node.target]
+            if module._modules:
+                params.update(module.named_parameters(prefix=node.target))
+            else:  # a leaf layer: its own parameters, without named_parameters' generators
+                for attr, tensor in module._parameters.items():
+                    if tensor is not None:
+                        params[f"{node.target}.{attr}"] = tensor
         elif node.op == "get_attr":
             value = resolve_target(gm, node.target)
             if isinstance(value, nn.Parameter):
@@ -468,12 +502,16 @@ def unused_parameters(model: nn.Module, gm: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def _mode(model: nn.Module, training: bool):
     saved = [(m, m.training) for m in model.modules()]
+    if all(flag == training for _, flag in saved):  # nn.Module.__setattr__ is slow: skip it
+        yield
+        return
     try:
-        model.train(training)
+        model.train(training)  # through the model's own train(), which may override it
         yield
     finally:
         for m, flag in saved:
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
 
 
 def _other_mode(model: nn.Module, example_inputs: Sequence[Any], leaf_types: tuple[type, ...],
