@@ -371,19 +371,28 @@ class _Engine:
         self._params: dict[str, TensorInfo] = {}
         # only the user's own parameters and buffers can be sliced: tensors fx stored as
         # graph constants or copied plain attributes are constants
-        model = capture.model
-        named = list(model.named_parameters(remove_duplicate=False)) + \
-            list(model.named_buffers(remove_duplicate=False))
-        self.tensors: dict[str, torch.Tensor] = dict(named)
+        # one walk: every parameter, then every buffer, under each of its names; a tied
+        # tensor's canonical name is its first, as named_parameters() would give it.
+        # model_modules: owners by name in the user's model (an exported graph holds plain
+        # containers)
+        params: dict[str, torch.Tensor] = {}
+        buffers: dict[str, torch.Tensor] = {}
+        self.model_modules: dict[str, nn.Module] = {}
+        for path, module in capture.model.named_modules(remove_duplicate=False):
+            self.model_modules.setdefault(path, module)
+            prefix = f"{path}." if path else ""
+            for attr, tensor in module._parameters.items():
+                if tensor is not None:
+                    params[prefix + attr] = tensor
+            for attr, tensor in module._buffers.items():
+                if tensor is not None:
+                    buffers[prefix + attr] = tensor
+        self.tensors: dict[str, torch.Tensor] = params | buffers
         self.tensor_names: dict[int, str] = {}
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            self.tensor_names.setdefault(id(tensor), name)  # tied tensors: one canonical name
-        for name, tensor in named:
+        for name, tensor in self.tensors.items():
             self.tensor_names.setdefault(id(tensor), name)
         self.modules: dict[str, nn.Module] = {}
         self.env: dict[fx.Node, Any] = {}
-        # owners by name in the user's model (an exported graph holds plain containers)
-        self.model_modules = dict(capture.model.named_modules())
 
     def param_info(self, name: str, same_as: dict[int, np.ndarray] | None = None) -> TensorInfo:
         info = self._params.get(name)

@@ -8,7 +8,9 @@ by the group's mean so that groups compare on one scale when ranked globally.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -19,18 +21,16 @@ from .capture import graph_parameters
 Importance = Callable[[Analysis, Group], np.ndarray]
 
 
-_TORCH_ROWS_FROM = 1 << 16  # elements: from here torch's threaded row norms beat numpy's
+_THREADED_FROM = 1 << 16  # elements: tensors from this size are reduced in worker threads
 
 
 def _slice_norms(tensor: torch.Tensor, dim: int, p: int) -> np.ndarray:
     """Norm of every slice ``tensor.select(dim, i)``.
 
-    L2 on the CPU (the default) reduces both layouts along contiguous memory, with no
-    temporary the size of the tensor: a strided reduction over the leading axis of a large
-    weight, or a squared copy of it, costs five to ten times more. A tensor with one value per
-    slice (a norm's weight) is its absolute value. Other norms and devices reduce the view in
-    place, strided but without a copy. The pass makes a few hundred of these calls, so small
-    tensors stay in numpy, whose calls cost a tenth of torch's.
+    A tensor with one value per slice (a norm's weight) is its absolute value. L2 on the CPU
+    (the default) goes through :func:`_l2_norms`, the one routine for every size and thread
+    count, so the scores do not depend on either. Other norms and devices reduce the view in
+    place, strided but without a copy.
     """
     t = tensor.detach()
     if t.dtype != torch.float32 or t.device.type != "cpu":
@@ -41,15 +41,56 @@ def _slice_norms(tensor: torch.Tensor, dim: int, p: int) -> np.ndarray:
     if t.device.type != "cpu" or p != 2:
         view = t.reshape(math.prod(t.shape[:dim]), size, -1)
         return torch.linalg.vector_norm(view, ord=p, dim=(0, 2)).double().cpu().numpy()
-    if dim == 0:
-        if t.numel() >= _TORCH_ROWS_FROM:
-            return torch.linalg.vector_norm(t.reshape(size, -1), dim=1).numpy().astype(np.float64)
-        rows = t.contiguous().numpy().reshape(size, -1)
-        sums = np.einsum("ij,ij->i", rows, rows)
-    else:
-        columns = t.contiguous().numpy().reshape(math.prod(t.shape[:dim]), -1)
-        sums = np.einsum("ij,ij->j", columns, columns).reshape(size, -1).sum(axis=1)
-    return np.sqrt(sums.astype(np.float64))
+    return _l2_norms(t, [dim])[0]
+
+
+def _l2_norms(tensor: torch.Tensor, dims: list[int]) -> list[np.ndarray]:
+    """L2 slice norms of a float32 CPU tensor along each of ``dims``.
+
+    Both layouts reduce along contiguous memory with no temporary the size of the tensor (a
+    strided reduction over the leading axis, or a squared copy, costs five to ten times
+    more). It is numpy, whose calls cost a tenth of torch's and which releases the GIL inside
+    its reductions, so large tensors can be shared out between threads.
+    """
+    matrix = tensor.detach().numpy()
+    out = []
+    for dim in dims:
+        size = matrix.shape[dim]
+        if dim == 0:
+            rows = matrix.reshape(size, -1)
+            sums = np.einsum("ij,ij->i", rows, rows)
+        else:
+            columns = matrix.reshape(math.prod(matrix.shape[:dim]), -1)
+            sums = np.einsum("ij,ij->j", columns, columns).reshape(size, -1).sum(axis=1)
+        out.append(np.sqrt(sums.astype(np.float64)))
+    return out
+
+
+def _in_threads(jobs: dict[str, tuple[torch.Tensor, list[int]]], threads: int,
+                ) -> dict[tuple[str, int], np.ndarray]:
+    """Slice norms of large tensors, the tensors shared out between ``threads`` threads by
+    size. Reading the weights is most of the score stage, and one core alone cannot read
+    memory as fast as two: on two cores this halves the stage's reductions."""
+    shares: list[list[str]] = [[] for _ in range(threads)]
+    loads = [0] * threads
+    for name in sorted(jobs, key=lambda n: -jobs[n][0].numel()):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(name)
+        loads[lightest] += jobs[name][0].numel()
+
+    def run(names: list[str]) -> dict[tuple[str, int], np.ndarray]:
+        found = {}
+        for name in names:
+            tensor, dims = jobs[name]
+            for dim, norms in zip(dims, _l2_norms(tensor, dims), strict=True):
+                found[(name, dim)] = norms
+        return found
+
+    results: dict[tuple[str, int], np.ndarray] = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for found in pool.map(run, shares):
+            results.update(found)
+    return results
 
 
 class _Norms:
@@ -75,6 +116,26 @@ class _Norms:
                 self.cache[key] = _slice_norms(tensor, dim, p)
         return self.cache[key]
 
+    def prefetch(self, members: Iterable[tuple[str, int]], p: int) -> None:
+        """Compute the L2 norms of every large float32 CPU tensor among ``members`` at once,
+        in as many threads as torch may use."""
+        threads = min(torch.get_num_threads(), os.cpu_count() or 1)
+        if p != 2 or threads < 2:
+            return
+        jobs: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        for name, dim in members:
+            tensor = self.params.get(name)
+            if (tensor is None or tensor.ndim < 2 or tensor.numel() < _THREADED_FROM
+                    or tensor.dtype != torch.float32 or tensor.device.type != "cpu"
+                    or (name, dim, p) in self.cache):
+                continue
+            dims = jobs.setdefault(name, (tensor, []))[1]
+            if dim not in dims:
+                dims.append(dim)
+        if len(jobs) > 1:
+            for (name, dim), norms in _in_threads(jobs, min(threads, len(jobs))).items():
+                self.cache[(name, dim, p)] = norms
+
     def vectors(self) -> dict[str, np.ndarray]:
         """Absolute values of every 1-D float32 CPU parameter (norm weights and biases),
         in one pass over all of them: a hundred small calls cost more than their data."""
@@ -98,6 +159,7 @@ def magnitudes(analysis: Analysis, groups: list[Group], p: int = 2,
     """Per-unit L1 (``p=1``) or L2 (``p=2``) magnitude of each group, averaged over the
     group's members; every slot of every member adds to its unit in one bincount."""
     norms = norms or _Norms(analysis)
+    norms.prefetch((m for group in groups for m in group.members), p)
     unit_of = np.full(norms.components, -1, np.int64)  # component -> unit, all groups
     starts, counted, slots, values = [], [], [], []
     listed: set[tuple[str, int]] = set()

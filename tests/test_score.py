@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,32 @@ def test_scores_equal_a_direct_mean_of_member_slice_norms():
                     total[unit_of[int(comp)]] += norms[slot]
         want = total / members
         np.testing.assert_allclose(scores[group.index], want / want.mean(), rtol=1e-6)
+
+
+def test_scores_do_not_depend_on_the_thread_count():
+    """Large tensors are reduced in worker threads when torch may use several: the scores
+    must be bit for bit those of the one-thread pass, or plans would differ by machine."""
+    import torchvision
+
+    from structprune import analyse, capture, score
+    from structprune.score import _Norms
+
+    model = torchvision.models.resnet18().eval()
+    analysis = analyse(capture(model, (torch.randn(1, 3, 32, 32),)))
+    groups = [g for g in analysis.groups if (~g.blocked).any()]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = score(analysis, "l2", groups)
+        norms = _Norms(analysis)
+        norms.prefetch([m for g in groups for m in g.members], 2)
+        assert not norms.cache  # one thread: nothing is prefetched
+        torch.set_num_threads(2)
+        norms.prefetch([m for g in groups for m in g.members], 2)
+        if (os.cpu_count() or 1) >= 2:
+            assert len(norms.cache) > 10  # the large weights were reduced in threads
+        threaded = score(analysis, "l2", groups)
+    finally:
+        torch.set_num_threads(before)
+    for index, values in single.items():
+        np.testing.assert_array_equal(threaded[index], values)
