@@ -102,9 +102,10 @@ def _copies_itself(cls: type) -> bool:
     return own
 
 
-def _copy_modules(model: nn.Module, shared: set[int]) -> nn.Module | None:
+def _copy_modules(model: nn.Module, shared: set[int]) -> tuple[nn.Module, dict] | None:
     """Copy the module tree, cloning every tensor except those in ``shared`` (about to be
-    replaced). Modules holding anything but plain attributes return None: deepcopy them."""
+    replaced); return the copy and the map from each original's id to its copy. Modules
+    holding anything but plain attributes return None: deepcopy them."""
     memo: dict[int, object] = {}
 
     def tensor(t):
@@ -147,7 +148,7 @@ def _copy_modules(model: nn.Module, shared: set[int]) -> nn.Module | None:
         return new
 
     try:
-        return module(model)
+        return module(model), memo
     except _NotPlain:
         return None
 
@@ -177,9 +178,12 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
         replaced = {id(named[name]) for name in cuts}
         copied = _copy_modules(model, replaced)
         if copied is None:
-            copied = copy.deepcopy(model, {i: named[n] for n in cuts for i in [id(named[n])]})
-        model = copied
-        named, holders = _tensor_index(model)
+            model = copy.deepcopy(model, {i: named[n] for n in cuts for i in [id(named[n])]})
+            named, holders = _tensor_index(model)
+        else:  # the replaced tensors are shared: only their holders move to the copy
+            model, memo = copied
+            holders = {key: [(memo[id(m)], attr, is_param) for m, attr, is_param in holders[key]]
+                       for key in replaced}
     touched: dict[int, nn.Module] = {}
     with torch.no_grad():
         for name, dims in cuts.items():
