@@ -157,11 +157,22 @@ class _NotPlain(Exception):
     pass
 
 
-def _take(tensor: torch.Tensor, dim: int, keep: list[int]) -> torch.Tensor:
-    """``index_select``, the index built through numpy (``torch.as_tensor`` of a list of
-    ints costs more than the copy of a small tensor)."""
-    index = torch.from_numpy(np.asarray(keep, dtype=np.int64))
-    return tensor.index_select(dim, index.to(tensor.device))
+class _Indices:
+    """Index tensors for keep lists, built through numpy (``torch.as_tensor`` of a list of
+    ints costs more than the copy of a small tensor). The last few are kept: a norm's four
+    vectors, in state_dict order after their conv, keep equal lists."""
+
+    def __init__(self, recent: int = 4):
+        self.recent = recent
+        self.seen: list[tuple[list[int], torch.Tensor]] = []
+
+    def __call__(self, keep: list[int]) -> torch.Tensor:
+        for listed, index in self.seen:
+            if listed is keep or listed == keep:
+                return index
+        index = torch.from_numpy(np.asarray(keep, dtype=np.int64))
+        self.seen = [*self.seen[1 - self.recent:], (keep, index)]
+        return index
 
 
 def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=None) -> nn.Module:
@@ -185,12 +196,13 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
             holders = {key: [(memo[id(m)], attr, is_param) for m, attr, is_param in holders[key]]
                        for key in replaced}
     touched: dict[int, nn.Module] = {}
+    index = _Indices()
     with torch.no_grad():
         for name, dims in cuts.items():
             old = named[name]
             new = old.detach()
             for dim, keep in sorted(dims):  # leading axis first: contiguous copies
-                new = _take(new, dim, keep)
+                new = new.index_select(dim, index(keep).to(new.device))
             new = new.contiguous()
             if isinstance(old, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=old.requires_grad)

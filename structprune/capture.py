@@ -101,7 +101,13 @@ class _Tracer(fx.Tracer):
                     name: str | None = None, type_expr: Any = None) -> fx.Node:
         # the base class also records deprecated scopes, checks for mutation and copies the
         # module stack through copy.copy; only the module stack is read here (analyse)
-        node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+        # arguments are attached after creation: Graph.create_node walks them with pytree
+        # looking for raw SymInts, which symbolic tracing never passes (a sixth of a trace)
+        node = self.graph.create_node(kind, target, (), {}, name, type_expr)
+        if args:
+            node.args = args
+        if kwargs:
+            node.kwargs = kwargs
         if self.module_stack:
             node.meta["nn_module_stack"] = self.module_stack.copy()
         return node
