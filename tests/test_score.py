@@ -88,3 +88,17 @@ def test_scores_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for index, values in single.items():
         np.testing.assert_array_equal(threaded[index], values)
+
+
+def test_large_tensors_reduce_in_blocks_the_same_for_any_thread_count():
+    from structprune.score import _blocks, _in_threads, _l2_norms
+
+    tensor = torch.randn(3000, 512, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert len(_blocks(tensor, 0)) > 1 and len(_blocks(tensor, 1)) > 1
+    single = _l2_norms(tensor, [0, 1])
+    for dim, norms in zip((0, 1), single, strict=True):
+        np.testing.assert_allclose(norms, reference_norms(tensor, dim, 2), rtol=1e-5)
+    for threads in (1, 2, 3):
+        threaded = _in_threads({"w": (tensor, [0, 1])}, threads)
+        np.testing.assert_array_equal(threaded[("w", 0)], single[0])
+        np.testing.assert_array_equal(threaded[("w", 1)], single[1])
