@@ -35,7 +35,7 @@ import torch.nn as nn
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .capture import Capture, TensorSpec, resolve_target
+from .capture import Capture, TensorSpec, resolve_target, tensor_index
 
 
 @dataclass(frozen=True, eq=False)
@@ -371,26 +371,12 @@ class _Engine:
         self._params: dict[str, TensorInfo] = {}
         # only the user's own parameters and buffers can be sliced: tensors fx stored as
         # graph constants or copied plain attributes are constants
-        # one walk: every parameter, then every buffer, under each of its names; a tied
-        # tensor's canonical name is its first, as named_parameters() would give it.
-        # model_modules: owners by name in the user's model (an exported graph holds plain
-        # containers)
-        params: dict[str, torch.Tensor] = {}
-        buffers: dict[str, torch.Tensor] = {}
-        self.model_modules: dict[str, nn.Module] = {}
-        for path, module in capture.model.named_modules(remove_duplicate=False):
-            self.model_modules.setdefault(path, module)
-            prefix = f"{path}." if path else ""
-            for attr, tensor in module._parameters.items():
-                if tensor is not None:
-                    params[prefix + attr] = tensor
-            for attr, tensor in module._buffers.items():
-                if tensor is not None:
-                    buffers[prefix + attr] = tensor
-        self.tensors: dict[str, torch.Tensor] = params | buffers
+        self.tensors: dict[str, torch.Tensor] = tensor_index(capture.model)[0]
         self.tensor_names: dict[int, str] = {}
         for name, tensor in self.tensors.items():
-            self.tensor_names.setdefault(id(tensor), name)
+            self.tensor_names.setdefault(id(tensor), name)  # tied tensors: the first name
+        # owners by name in the user's model (an exported graph holds plain containers)
+        self.model_modules = dict(capture.model.named_modules())
         self.modules: dict[str, nn.Module] = {}
         self.env: dict[fx.Node, Any] = {}
 

@@ -16,34 +16,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .capture import tensor_index
 from .errors import PlanError
 from .plan import Plan
-
-Holders = dict[int, list[tuple[nn.Module, str, bool]]]
-
-
-def _tensor_index(model: nn.Module) -> tuple[dict[str, torch.Tensor], Holders]:
-    """Every parameter and buffer by each of its names, and every (module, attribute, is a
-    parameter) that holds each tensor (tied weights have several), in one walk."""
-    named: dict[str, torch.Tensor] = {}
-    holders: Holders = defaultdict(list)
-    seen: set[int] = set()
-    for path, module in model.named_modules(remove_duplicate=False):
-        first = id(module) not in seen
-        seen.add(id(module))
-        prefix = f"{path}." if path else ""
-        for is_param, table in ((True, module._parameters), (False, module._buffers)):
-            for attr, t in table.items():
-                if t is not None:
-                    named[prefix + attr] = t
-                    if first:
-                        holders[id(t)].append((module, attr, is_param))
-    return named, holders
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
     """Raise :class:`PlanError` unless every entry names a tensor of this model and size."""
-    _check_plan(model, _tensor_index(model)[0], plan)
+    _check_plan(model, tensor_index(model)[0], plan)
 
 
 def _check_plan(model: nn.Module, named: dict[str, torch.Tensor], plan: Plan) -> None:
@@ -199,7 +179,7 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
     from .rules import DEFAULT_REGISTRY
 
     registry = registry or DEFAULT_REGISTRY
-    named, holders = _tensor_index(model)
+    named, holders = tensor_index(model)
     _check_plan(model, named, plan)
     cuts: dict[str, list[tuple[int, list[int]]]] = defaultdict(list)
     for entry in plan.params:
@@ -209,7 +189,7 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
         copied = _copy_modules(model, replaced)
         if copied is None:
             model = copy.deepcopy(model, {i: named[n] for n in cuts for i in [id(named[n])]})
-            named, holders = _tensor_index(model)
+            named, holders = tensor_index(model)
         else:  # the replaced tensors are shared: only their holders move to the copy
             model, memo = copied
             holders = {key: [(memo[id(m)], attr, is_param) for m, attr, is_param in holders[key]]

@@ -21,6 +21,7 @@ import io
 import logging
 import traceback
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -489,6 +490,30 @@ def graph_parameters(cap: Capture) -> dict[str, torch.Tensor]:
             if isinstance(value, nn.Parameter):
                 params[node.target] = value
     return params
+
+
+Holders = dict[int, list[tuple[nn.Module, str, bool]]]
+
+
+def tensor_index(model: nn.Module) -> tuple[dict[str, torch.Tensor], Holders]:
+    """Every parameter and buffer by each of its names, in the order of ``state_dict()``
+    (which leaves out non-persistent buffers), and every (module, attribute, is a parameter)
+    that holds each tensor (tied weights have several), in one walk. A tied tensor's first
+    name is the one ``named_parameters()`` gives it."""
+    named: dict[str, torch.Tensor] = {}
+    holders: Holders = defaultdict(list)
+    seen: set[int] = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        first = id(module) not in seen
+        seen.add(id(module))
+        prefix = f"{path}." if path else ""
+        for is_param, table in ((True, module._parameters), (False, module._buffers)):
+            for attr, t in table.items():
+                if t is not None:
+                    named[prefix + attr] = t
+                    if first:
+                        holders[id(t)].append((module, attr, is_param))
+    return named, holders
 
 
 def unused_parameters(model: nn.Module, gm: nn.Module) -> list[str]:
