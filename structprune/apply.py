@@ -165,8 +165,8 @@ def _sliced(tensor: torch.Tensor, dims: list[tuple[int, list[int]]], index: _Ind
     large intermediate (VGG16's first classifier layer: 205 MB) is gathered in one pass:
     the intermediate's fresh pages would cost more than the slower gather."""
     device = tensor.device
-    if len(dims) == 2 and (dims[0][0], dims[1][0]) == (0, 1) \
-            and len(dims[0][1]) * tensor[0].numel() * tensor.element_size() >= _ONE_PASS_FROM:
+    both = len(dims) == 2 and (dims[0][0], dims[1][0]) == (0, 1)
+    if both and len(dims[0][1]) * tensor[0].nbytes >= _ONE_PASS_FROM:
         rows, columns = index(dims[0][1]).to(device), index(dims[1][1]).to(device)
         return tensor[rows[:, None], columns].contiguous()
     for dim, keep in dims:
