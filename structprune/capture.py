@@ -524,8 +524,12 @@ def unused_parameters(model: nn.Module, gm: nn.Module) -> list[str]:
     def used(name: str) -> bool:
         if name in attrs:
             return True
-        parts = name.split(".")
-        return any(".".join(parts[:k]) in called for k in range(1, len(parts)))
+        owner = name.rpartition(".")[0]  # its module, then each module containing it
+        while owner:
+            if owner in called:
+                return True
+            owner = owner.rpartition(".")[0]
+        return False
 
     return [n for n, _ in model.named_parameters() if not used(n)]
 
