@@ -372,9 +372,13 @@ class _Engine:
         # only the user's own parameters and buffers can be sliced: tensors fx stored as
         # graph constants or copied plain attributes are constants
         self.tensors: dict[str, torch.Tensor] = tensor_index(capture.model)[0]
+        # a tied tensor's canonical name: its first as a parameter (a state_dict key, and
+        # scored), else its first at all
         self.tensor_names: dict[int, str] = {}
+        for name, tensor in capture.model.named_parameters():
+            self.tensor_names.setdefault(id(tensor), name)
         for name, tensor in self.tensors.items():
-            self.tensor_names.setdefault(id(tensor), name)  # tied tensors: the first name
+            self.tensor_names.setdefault(id(tensor), name)
         # owners by name in the user's model (an exported graph holds plain containers)
         self.model_modules = dict(capture.model.named_modules())
         self.modules: dict[str, nn.Module] = {}

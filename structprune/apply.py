@@ -151,7 +151,7 @@ class _Indices:
             if listed is keep or listed == keep:
                 return index
         index = torch.from_numpy(np.asarray(keep, dtype=np.int64))
-        self.seen = [*self.seen[1 - self.recent:], (keep, index)]
+        self.seen = [*self.seen, (keep, index)][-self.recent:]
         return index
 
 

@@ -81,6 +81,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_types = leaf_types
         self.registry = registry
+        self.num_calls: dict[str, int] = {}  # fx's own Tracer has it only from torch 2.6
 
     def create_arg(self, a: Any) -> Any:
         # the common arguments (proxies, numbers, tuples of them) skip the base class's
@@ -100,8 +101,9 @@ class _Tracer(fx.Tracer):
 
     def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict,
                     name: str | None = None, type_expr: Any = None) -> fx.Node:
-        # the base class also records deprecated scopes, checks for mutation and copies the
-        # module stack through copy.copy; only the module stack is read here (analyse)
+        # the base class also records deprecated scopes, checks for mutation, copies node
+        # meta under fx_traceback.preserve_node_meta, records stack traces when asked and
+        # copies the module stack through copy.copy; only the module stack is read here
         # arguments are attached after creation: Graph.create_node walks them with pytree
         # looking for raw SymInts, which symbolic tracing never passes (a sixth of a trace)
         node = self.graph.create_node(kind, target, (), {}, name, type_expr)
@@ -498,8 +500,7 @@ Holders = dict[int, list[tuple[nn.Module, str, bool]]]
 def tensor_index(model: nn.Module) -> tuple[dict[str, torch.Tensor], Holders]:
     """Every parameter and buffer by each of its names, in the order of ``state_dict()``
     (which leaves out non-persistent buffers), and every (module, attribute, is a parameter)
-    that holds each tensor (tied weights have several), in one walk. A tied tensor's first
-    name is the one ``named_parameters()`` gives it."""
+    that holds each tensor (tied weights have several), in one walk."""
     named: dict[str, torch.Tensor] = {}
     holders: Holders = defaultdict(list)
     seen: set[int] = set()

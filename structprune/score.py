@@ -92,6 +92,7 @@ def _combine(dim: int, parts: list[np.ndarray]) -> np.ndarray:
 
 def _l2_norms(tensor: torch.Tensor, dims: list[int]) -> list[np.ndarray]:
     """L2 slice norms of a float32 CPU tensor along each of ``dims``, block by block."""
+    tensor = tensor.detach().contiguous()  # once, not once a block (channels_last weights)
     return [_combine(dim, [_block_sums(tensor, dim, a, b) for a, b in _blocks(tensor, dim)])
             for dim in dims]
 
@@ -111,13 +112,14 @@ def _in_threads(jobs: dict[str, tuple[torch.Tensor, list[int]]], threads: int,
     two cores the reductions take about three quarters of the time of one."""
     units = [(name, dim, a, b) for name, (tensor, dims) in jobs.items() for dim in dims
              for a, b in _blocks(tensor, dim)]
+    sized = sorted(((_unit_size(jobs, unit), unit) for unit in units), reverse=True)
 
     shares: list[list[tuple[str, int, int, int]]] = [[] for _ in range(threads)]
     loads = [0] * threads
-    for unit in sorted(units, key=lambda u: -_unit_size(jobs, u)):
+    for size, unit in sized:
         lightest = loads.index(min(loads))
         shares[lightest].append(unit)
-        loads[lightest] += _unit_size(jobs, unit)
+        loads[lightest] += size
 
     def run(share: list[tuple[str, int, int, int]]) -> list[tuple[tuple, np.ndarray]]:
         return [(unit, _block_sums(jobs[unit[0]][0], unit[1], unit[2], unit[3]))
@@ -164,13 +166,15 @@ class _Norms:
         jobs: dict[str, tuple[torch.Tensor, list[int]]] = {}
         for name, dim in members:
             tensor = self.params.get(name)
-            if (tensor is None or tensor.ndim < 2 or tensor.numel() < _THREADED_FROM
+            if (tensor is None or tensor.numel() < _THREADED_FROM
+                    or tensor.numel() == tensor.shape[dim]  # one value a slice: get() takes |x|
                     or tensor.dtype != torch.float32 or tensor.device.type != "cpu"
                     or (name, dim, p) in self.cache):
                 continue
-            dims = jobs.setdefault(name, (tensor, []))[1]
-            if dim not in dims:
-                dims.append(dim)
+            if name not in jobs:
+                jobs[name] = (tensor.detach().contiguous(), [])
+            if dim not in jobs[name][1]:
+                jobs[name][1].append(dim)
         if jobs:
             for (name, dim), norms in _in_threads(jobs, threads).items():
                 self.cache[(name, dim, p)] = norms

@@ -234,3 +234,28 @@ def test_a_model_in_training_mode_is_traced_and_checked_in_eval_mode():
     assert model.training and model.bn.training and result.model.training
     dropouts = [n for n in result.analysis.capture.graph.nodes if n.target is F.dropout]
     assert dropouts and dropouts[0].kwargs.get("training", False) is False
+
+
+class _ParameterAlsoABuffer(nn.Module):
+    """A conv weight that another module also holds as a non-persistent buffer, registered
+    first: the plan must still name it by its parameter name, a state_dict key."""
+
+    def __init__(self):
+        super().__init__()
+        self.alias = nn.Module()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 4, 1)
+        self.alias.register_buffer("w", self.c1.weight, persistent=False)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+def test_a_tensor_held_as_parameter_and_buffer_is_named_as_the_parameter():
+    torch.manual_seed(0)
+    model = randomize(_ParameterAlsoABuffer().eval())
+    result = sp.prune(model, (torch.randn(1, 3, 16, 16),), 0.5)
+    names = {entry["name"] for entry in result.plan.params}
+    assert "c1.weight" in names and "alias.w" not in names
+    assert names <= set(model.state_dict())
