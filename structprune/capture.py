@@ -103,9 +103,9 @@ class _Tracer(fx.Tracer):
                     name: str | None = None, type_expr: Any = None) -> fx.Node:
         # the base class also records deprecated scopes, checks for mutation, copies node
         # meta under fx_traceback.preserve_node_meta, records stack traces when asked and
-        # copies the module stack through copy.copy; only the module stack is read here
-        # arguments are attached after creation: Graph.create_node walks them with pytree
-        # looking for raw SymInts, which symbolic tracing never passes (a sixth of a trace)
+        # copies the module stack through copy.copy; only the module stack is read here.
+        # Arguments are attached after creation: Graph.create_node walks them with pytree
+        # looking for raw SymInts, which symbolic tracing never passes (a sixth of a trace).
         node = self.graph.create_node(kind, target, (), {}, name, type_expr)
         if args:
             node.args = args
