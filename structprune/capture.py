@@ -11,12 +11,16 @@ model is never touched. Ops the rule registry declares shape-preserving or broad
 they cost up to a millisecond each, which would dominate the whole pass on large graphs.
 
 Tracing treats as leaves the modules torch.fx treats as leaves (``torch.nn`` layers), plus
-every module type that has a rule in the registry and any type the caller names.
+every module type that has a rule in the registry and any type the caller names. The tracer
+is fx's, with its per-trace overheads trimmed (tested to give fx's own graph): module calls
+are routed through the model's own classes rather than by patching ``nn.Module``, and
+tensor attributes are collected only when a traced op needs one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import traceback
@@ -28,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx._symbolic_trace as fx_trace
 import torch.nn as nn
 from torch.nn.utils import stateless
 
@@ -72,6 +77,79 @@ class Capture:
 _LITERAL_ARGS = frozenset((int, float, bool, str, type(None)))
 
 
+_MISSING = object()
+# fx internals the fast trace needs; on a torch without them, fx's own trace runs
+_FAST_TRACE = all(hasattr(fx_trace, name) for name in (
+    "_orig_module_call", "_orig_module_getattr", "_patch_wrapped_functions", "_autowrap_check"))
+_CONSTANT_TYPES = getattr(fx_trace, "_constant_attribute_types", (torch.Tensor, torch.ScriptObject))
+
+
+def _patchable_classes(root: nn.Module) -> list[type] | None:
+    """The classes of ``root``'s modules, when every one takes ``__call__`` and
+    ``__getattr__`` from ``nn.Module`` unchanged (else None: fx's own trace handles it)."""
+    classes = list(dict.fromkeys(type(m) for m in root.modules()))
+    for cls in classes:
+        if cls.__call__ is not fx_trace._orig_module_call \
+                or cls.__getattr__ is not fx_trace._orig_module_getattr:
+            return None
+    return classes
+
+
+@contextlib.contextmanager
+def _patched_classes(classes: list[type], call: Any, getattr_: Any):
+    """Route module calls and attribute reads of ``classes`` through the tracer. fx patches
+    ``nn.Module`` itself, and setting an attribute on a class updates every subclass: with a
+    large zoo imported (timm) that is a millisecond a patch."""
+    saved = [(cls, name, cls.__dict__.get(name, _MISSING))
+             for cls in classes for name in ("__call__", "__getattr__")]
+    try:
+        for cls in classes:
+            cls.__call__ = call
+            cls.__getattr__ = getattr_
+        yield
+    finally:
+        for cls, name, value in reversed(saved):
+            if value is _MISSING:
+                if name in cls.__dict__:
+                    delattr(cls, name)
+            else:
+                setattr(cls, name, value)
+
+
+@contextlib.contextmanager
+def _fx_tracing():
+    """Set fx's "is tracing" flag, which models read through ``is_fx_tracing()``."""
+    if hasattr(fx_trace, "_set_is_fx_tracing"):
+        previous = fx_trace._get_is_fx_tracing()
+        fx_trace._set_is_fx_tracing(True)
+        try:
+            yield
+        finally:
+            fx_trace._set_is_fx_tracing(previous)
+    else:  # torch < 2.6 keeps a module global
+        previous = fx_trace._is_fx_tracing_flag
+        fx_trace._is_fx_tracing_flag = True
+        try:
+            yield
+        finally:
+            fx_trace._is_fx_tracing_flag = previous
+
+
+def _tensor_attributes(root: nn.Module) -> dict[Any, str]:
+    """Tensors held as plain module attributes, by qualified name (as fx collects them)."""
+    found: dict[Any, str] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for key, value in module.__dict__.items():
+            if isinstance(value, _CONSTANT_TYPES):
+                found[value] = prefix + key
+        for key, child in module.named_children():
+            visit(child, f"{prefix}{key}.")
+
+    visit(root, "")
+    return found
+
+
 class _Tracer(fx.Tracer):
     # buffers read in forward (FrozenBatchNorm2d's statistics) become get_attr nodes, so they
     # are sliced like parameters instead of being frozen into constants
@@ -82,6 +160,73 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.registry = registry
         self.num_calls: dict[str, int] = {}  # fx's own Tracer has it only from torch 2.6
+        self._tensor_attrs: dict[Any, str] | None = None
+
+    # fx walks every module's __dict__ for tensor attributes before each trace; they are
+    # only looked up when a plain tensor meets a proxy, which most models never do
+    @property
+    def tensor_attrs(self) -> dict[Any, str]:
+        if self._tensor_attrs is None:
+            self._tensor_attrs = _tensor_attributes(self.root)
+        return self._tensor_attrs
+
+    @tensor_attrs.setter
+    def tensor_attrs(self, value: dict[Any, str]) -> None:
+        self._tensor_attrs = value
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """fx's ``Tracer.trace`` for a module, with module calls and attribute reads routed
+        through the model's own classes instead of ``nn.Module`` (see ``_patched_classes``)
+        and tensor attributes collected on demand. Anything else goes to fx's own trace."""
+        classes = _patchable_classes(root) if _FAST_TRACE and concrete_args is None \
+            and isinstance(root, nn.Module) and not isinstance(root, fx.GraphModule) else None
+        if classes is None:
+            return super().trace(root, concrete_args)
+        with _fx_tracing():
+            self.root = root
+            fn = getattr(type(root), self.traced_func_name)
+            self.root_module_name = root._get_name()
+            self.submodule_paths = {mod: name for name, mod in root.named_modules()}
+            self.graph = fx.Graph(tracer_cls=type(self))
+            code = fn.__code__
+            self.graph._co_fields = {"co_name": code.co_name, "co_filename": code.co_filename,
+                                     "co_firstlineno": code.co_firstlineno}
+            self._tensor_attrs = None
+            fn_globals = fn.__globals__  # before it gets patched
+            fn, args = self.create_args_for_root(fn, True, None)
+            proxies: dict[str, fx.Proxy] = {}
+            original_call = fx_trace._orig_module_call
+            original_getattr = fx_trace._orig_module_getattr
+            wrapped_ids = self._autowrap_function_ids
+
+            def module_getattr(mod: nn.Module, attr: str) -> Any:
+                return self.getattr(attr, original_getattr(mod, attr), proxies)
+
+            def module_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                def forward(*args: Any, **kwargs: Any) -> Any:
+                    return original_call(mod, *args, **kwargs)
+
+                fx_trace._autowrap_check(
+                    patcher, getattr(getattr(mod, "forward", mod), "__globals__", {}), wrapped_ids)
+                return self.call_module(mod, forward, args, kwargs)
+
+            new_patcher = getattr(fx_trace, "_new_patcher", None) or fx_trace._Patcher
+            with new_patcher() as patcher, \
+                    _patched_classes(classes, module_call, module_getattr):
+                fx_trace._patch_wrapped_functions(patcher)
+                fx_trace._autowrap_check(patcher, fn_globals, wrapped_ids)
+                for module in self._autowrap_search:
+                    fx_trace._autowrap_check(patcher, module.__dict__, wrapped_ids)
+                returns = getattr(inspect.unwrap(fn), "__annotations__", {}).get("return")
+                self.create_node("output", "output", (self.create_arg(fn(*args)),), {},
+                                 type_expr=returns)
+            self.submodule_paths = None
+        return self.graph
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if not isinstance(attr_val, torch.Tensor):  # submodules, mostly: nothing to proxy
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def create_arg(self, a: Any) -> Any:
         # the common arguments (proxies, numbers, tuples of them) skip the base class's

@@ -1,13 +1,16 @@
+import math
 import random
 
 import pytest
 import torch
+import torch.fx._symbolic_trace as fx_trace
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from structprune.capture import TensorSpec, capture
+from structprune.capture import TensorSpec, _Tracer, capture
 from structprune.errors import CaptureError
+from structprune.rules import DEFAULT_REGISTRY
 
 from .data.tiny_models import ShapeBranch
 
@@ -236,3 +239,75 @@ def test_shapes_stay_right_when_a_method_reshapes_a_tensor_in_place():
     real_sum, real_y = InPlaceReshape()(x.clone())
     assert shapes["add"] == tuple(real_sum.shape)  # x itself was not reshaped
     assert shapes["unsqueeze_"] == tuple(real_y.shape)
+
+
+def _wrapped_scale(x, k):  # a leaf function for fx (torch.fx.wrap below)
+    return x * k
+
+
+torch.fx.wrap("_wrapped_scale")
+
+
+class TracerCorners(nn.Module):
+    """What the tracer must route: a module called twice, a buffer and a plain tensor
+    attribute read in forward, a parameter used directly, an fx.wrap leaf and math."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+        self.register_buffer("shift", torch.ones(1, 3, 1, 1))
+        self.plain = torch.full((1, 3, 1, 1), 2.0)  # neither parameter nor buffer
+        self.gain = nn.Parameter(torch.ones(1, 3, 1, 1))
+
+    def forward(self, x):
+        y = self.conv(self.conv(x)) + self.shift
+        y = self.block(y) * self.gain + self.plain
+        return _wrapped_scale(y, math.sqrt(y.shape[1]))
+
+
+def _graph_dump(graph):
+    return [(n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs),
+             list((n.meta.get("nn_module_stack") or {}).items())) for n in graph.nodes]
+
+
+class _StockTracer(_Tracer):
+    trace = torch.fx.Tracer.trace  # fx's own, patching nn.Module itself
+    getattr = torch.fx.Tracer.getattr
+
+
+@pytest.mark.parametrize("build", [TracerCorners, torchvision.models.resnet18,
+                                   torchvision.models.mobilenet_v3_small])
+def test_fast_trace_gives_fx_own_graph(build):
+    torch.manual_seed(0)
+    ours = _Tracer((), DEFAULT_REGISTRY).trace(build().eval())
+    stock = _StockTracer((), DEFAULT_REGISTRY).trace(build().eval())
+    assert _graph_dump(ours) == _graph_dump(stock)
+    assert ours.python_code("self").src == stock.python_code("self").src
+
+
+def test_fast_trace_leaves_no_patch_behind_even_when_tracing_fails():
+    classes = (DataDependent, TracerCorners, nn.Conv2d, nn.Sequential, nn.BatchNorm2d, nn.ReLU)
+    before = {cls: dict(vars(cls)) for cls in classes}
+    _Tracer((), DEFAULT_REGISTRY).trace(TracerCorners())
+    with pytest.raises(torch.fx.proxy.TraceError):
+        _Tracer((), DEFAULT_REGISTRY).trace(DataDependent())
+    assert {cls: dict(vars(cls)) for cls in classes} == before
+    assert nn.Module.__call__ is fx_trace._orig_module_call
+    assert not fx_trace._get_is_fx_tracing() if hasattr(fx_trace, "_get_is_fx_tracing") \
+        else not fx_trace._is_fx_tracing_flag
+    # fx's own tracer, which patches nn.Module itself, still reaches every class
+    gm = torch.fx.symbolic_trace(TracerCorners())
+    assert sum(n.op == "call_module" for n in gm.graph.nodes) == 5
+
+
+class OwnCall(nn.Conv2d):
+    def __call__(self, *args, **kwargs):  # a class of its own call: fx's own trace handles it
+        return super().__call__(*args, **kwargs)
+
+
+def test_a_module_with_its_own_call_is_traced_by_fx_itself():
+    model = nn.Sequential(OwnCall(3, 4, 1), nn.ReLU())
+    graph = _Tracer((), DEFAULT_REGISTRY).trace(model)
+    assert [n.op for n in graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
+    assert "__call__" not in vars(nn.Conv2d) and "__call__" not in vars(nn.ReLU)
