@@ -267,7 +267,13 @@ class RuleContext:
         norm's vectors carry its input's channels): a parameter seen for the first time takes
         those atoms instead of fresh ones, which would only be unified with them.
         """
-        tensor = getattr(self.module, attr, None)
+        module = self.module
+        if attr in module._parameters:  # nn.Module.__getattr__ is a slow fallback
+            tensor = module._parameters[attr]
+        elif attr in module._buffers:
+            tensor = module._buffers[attr]
+        else:
+            tensor = getattr(module, attr, None)
         if not isinstance(tensor, torch.Tensor):
             return None
         name = self._engine.tensor_names.get(id(tensor))
@@ -340,6 +346,17 @@ def tensor_infos(value: Any) -> list[TensorInfo]:
     return []
 
 
+def _holds_tensor_info(value: Any) -> bool:
+    """Whether a (nested) argument value holds a TensorInfo (``tensor_infos`` without the list)."""
+    if isinstance(value, TensorInfo):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor_info(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor_info(v) for v in value.values())
+    return False
+
+
 def _spec_to_info(spec: Any) -> Any:
     if isinstance(spec, TensorSpec):
         return TensorInfo(spec.shape)
@@ -371,14 +388,9 @@ class _Engine:
         self._params: dict[str, TensorInfo] = {}
         # only the user's own parameters and buffers can be sliced: tensors fx stored as
         # graph constants or copied plain attributes are constants
-        self.tensors: dict[str, torch.Tensor] = tensor_index(capture.model)[0]
-        # a tied tensor's canonical name: its first as a parameter (a state_dict key, and
-        # scored), else its first at all
-        self.tensor_names: dict[int, str] = {}
-        for name, tensor in capture.model.named_parameters():
-            self.tensor_names.setdefault(id(tensor), name)
-        for name, tensor in self.tensors.items():
-            self.tensor_names.setdefault(id(tensor), name)
+        index = tensor_index(capture.model)
+        self.tensors: dict[str, torch.Tensor] = index.named
+        self.tensor_names: dict[int, str] = index.canonical
         # owners by name in the user's model (an exported graph holds plain containers)
         self.model_modules = dict(capture.model.named_modules())
         self.modules: dict[str, nn.Module] = {}
@@ -435,8 +447,7 @@ class _Engine:
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         spec = self.capture.values[node.name]
-        inputs = tensor_infos((args, kwargs))
-        if not inputs:
+        if not (_holds_tensor_info(args) or _holds_tensor_info(kwargs)):
             return _spec_to_info(spec)  # sizes, shape arithmetic, factories
         module = self.modules[node.target] if node.op == "call_module" else None
         rule = self.registry.lookup(node, module)

@@ -23,7 +23,7 @@ from .plan import Plan
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
     """Raise :class:`PlanError` unless every entry names a tensor of this model and size."""
-    _check_plan(model, tensor_index(model)[0], plan)
+    _check_plan(model, tensor_index(model).named, plan)
 
 
 def _check_plan(model: nn.Module, named: dict[str, torch.Tensor], plan: Plan) -> None:
@@ -179,7 +179,7 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
     from .rules import DEFAULT_REGISTRY
 
     registry = registry or DEFAULT_REGISTRY
-    named, holders = tensor_index(model)
+    named, holders, _ = tensor_index(model)
     _check_plan(model, named, plan)
     cuts: dict[str, list[tuple[int, list[int]]]] = defaultdict(list)
     for entry in plan.params:
@@ -189,7 +189,7 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, registry=Non
         copied = _copy_modules(model, replaced)
         if copied is None:
             model = copy.deepcopy(model, {i: named[n] for n in cuts for i in [id(named[n])]})
-            named, holders = tensor_index(model)
+            named, holders, _ = tensor_index(model)
         else:  # the replaced tensors are shared: only their holders move to the copy
             model, memo = copied
             holders = {key: [(memo[id(m)], attr, is_param) for m, attr, is_param in holders[key]]

@@ -28,7 +28,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -642,24 +642,46 @@ def graph_parameters(cap: Capture) -> dict[str, torch.Tensor]:
 Holders = dict[int, list[tuple[nn.Module, str, bool]]]
 
 
-def tensor_index(model: nn.Module) -> tuple[dict[str, torch.Tensor], Holders]:
-    """Every parameter and buffer by each of its names, in the order of ``state_dict()``
-    (which leaves out non-persistent buffers), and every (module, attribute, is a parameter)
-    that holds each tensor (tied weights have several), in one walk."""
+class TensorIndex(NamedTuple):
+    """Every parameter and buffer of a model, from one walk of its module tree."""
+
+    # by each of its names, in the order of ``state_dict()`` (which leaves out
+    # non-persistent buffers)
+    named: dict[str, torch.Tensor]
+    # every (module, attribute, is a parameter) holding each tensor (tied weights have several)
+    holders: Holders
+    # each tensor's canonical name: its first as a parameter (a state_dict key, and scored),
+    # else its first at all
+    canonical: dict[int, str]
+
+
+def tensor_index(model: nn.Module) -> TensorIndex:
+    """Index ``model``'s parameters and buffers (see :class:`TensorIndex`)."""
     named: dict[str, torch.Tensor] = {}
     holders: Holders = defaultdict(list)
+    first_param: dict[int, str] = {}
+    first_any: dict[int, str] = {}
     seen: set[int] = set()
-    for path, module in model.named_modules(remove_duplicate=False):
+
+    def visit(module: nn.Module, prefix: str) -> None:  # named_modules(remove_duplicate=False)
         first = id(module) not in seen
         seen.add(id(module))
-        prefix = f"{path}." if path else ""
         for is_param, table in ((True, module._parameters), (False, module._buffers)):
             for attr, t in table.items():
                 if t is not None:
-                    named[prefix + attr] = t
+                    name = prefix + attr
+                    named[name] = t
+                    first_any.setdefault(id(t), name)
+                    if is_param:
+                        first_param.setdefault(id(t), name)
                     if first:
                         holders[id(t)].append((module, attr, is_param))
-    return named, holders
+        for key, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}{key}.")
+
+    visit(model, "")
+    return TensorIndex(named, holders, {**first_any, **first_param})
 
 
 def unused_parameters(model: nn.Module, gm: nn.Module) -> list[str]:
