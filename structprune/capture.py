@@ -23,9 +23,10 @@ import contextlib
 import inspect
 import io
 import logging
+import threading
 import traceback
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -81,15 +82,27 @@ _MISSING = object()
 # fx internals the fast trace needs; on a torch without them, fx's own trace runs
 _FAST_TRACE = all(hasattr(fx_trace, name) for name in (
     "_orig_module_call", "_orig_module_getattr", "_patch_wrapped_functions", "_autowrap_check"))
-_CONSTANT_TYPES = getattr(fx_trace, "_constant_attribute_types", (torch.Tensor, torch.ScriptObject))
+try:  # what fx collects as tensor attributes; torch < 2.6 names no tuple for it
+    _CONSTANT_TYPES = fx_trace._constant_attribute_types
+except AttributeError:
+    from torch._library.fake_class_registry import FakeScriptObject
+    _CONSTANT_TYPES = (torch.Tensor, torch.ScriptObject, FakeScriptObject)
+# fx reads the return annotation through inspect.unwrap from torch 2.6 on, directly before
+_UNWRAPS_ANNOTATIONS = "unwrap" in fx.Tracer.trace.__code__.co_names
+# attribute values that are never tensor constants: skipped before fx's costly isinstance
+_NOT_CONSTANTS = frozenset((bool, int, float, str, type(None), dict, OrderedDict, set, tuple,
+                            list))
 
 
 def _patchable_classes(root: nn.Module) -> list[type] | None:
     """The classes of ``root``'s modules, when every one takes ``__call__`` and
-    ``__getattr__`` from ``nn.Module`` unchanged (else None: fx's own trace handles it)."""
+    ``__getattr__`` from ``nn.Module`` unchanged (else None: fx's own trace handles it).
+    GraphModules go to fx too (recompiling during the trace sets their class's ``__call__``),
+    and so does a bare ``nn.Module`` instance, whose class is the one fx patches anyway."""
     classes = list(dict.fromkeys(type(m) for m in root.modules()))
     for cls in classes:
-        if cls.__call__ is not fx_trace._orig_module_call \
+        if cls is nn.Module or issubclass(cls, fx.GraphModule) \
+                or cls.__call__ is not fx_trace._orig_module_call \
                 or cls.__getattr__ is not fx_trace._orig_module_getattr:
             return None
     return classes
@@ -136,15 +149,19 @@ def _fx_tracing():
 
 
 def _tensor_attributes(root: nn.Module) -> dict[Any, str]:
-    """Tensors held as plain module attributes, by qualified name (as fx collects them)."""
+    """Tensors held as plain module attributes, by qualified name, as fx collects them at
+    the start of a trace (a forward that reassigns one must not change what was traced)."""
     found: dict[Any, str] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:
         for key, value in module.__dict__.items():
-            if isinstance(value, _CONSTANT_TYPES):
+            if type(value) not in _NOT_CONSTANTS and isinstance(value, _CONSTANT_TYPES):
                 found[value] = prefix + key
-        for key, child in module.named_children():
-            visit(child, f"{prefix}{key}.")
+        seen: set[int] = set()  # as named_children: each child once per parent
+        for key, child in module._modules.items():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                visit(child, f"{prefix}{key}.")
 
     visit(root, "")
     return found
@@ -160,24 +177,10 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.registry = registry
         self.num_calls: dict[str, int] = {}  # fx's own Tracer has it only from torch 2.6
-        self._tensor_attrs: dict[Any, str] | None = None
-
-    # fx walks every module's __dict__ for tensor attributes before each trace; they are
-    # only looked up when a plain tensor meets a proxy, which most models never do
-    @property
-    def tensor_attrs(self) -> dict[Any, str]:
-        if self._tensor_attrs is None:
-            self._tensor_attrs = _tensor_attributes(self.root)
-        return self._tensor_attrs
-
-    @tensor_attrs.setter
-    def tensor_attrs(self, value: dict[Any, str]) -> None:
-        self._tensor_attrs = value
-
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         """fx's ``Tracer.trace`` for a module, with module calls and attribute reads routed
-        through the model's own classes instead of ``nn.Module`` (see ``_patched_classes``)
-        and tensor attributes collected on demand. Anything else goes to fx's own trace."""
+        through the model's own classes instead of ``nn.Module`` (see ``_patched_classes``).
+        Anything else goes to fx's own trace."""
         classes = _patchable_classes(root) if _FAST_TRACE and concrete_args is None \
             and isinstance(root, nn.Module) and not isinstance(root, fx.GraphModule) else None
         if classes is None:
@@ -191,7 +194,7 @@ class _Tracer(fx.Tracer):
             code = fn.__code__
             self.graph._co_fields = {"co_name": code.co_name, "co_filename": code.co_filename,
                                      "co_firstlineno": code.co_firstlineno}
-            self._tensor_attrs = None
+            self.tensor_attrs = _tensor_attributes(root)
             fn_globals = fn.__globals__  # before it gets patched
             fn, args = self.create_args_for_root(fn, True, None)
             proxies: dict[str, fx.Proxy] = {}
@@ -199,10 +202,18 @@ class _Tracer(fx.Tracer):
             original_getattr = fx_trace._orig_module_getattr
             wrapped_ids = self._autowrap_function_ids
 
+            tracing_thread = threading.get_ident()
+
+            # a trace started inside this one (fx's own) patches nn.Module: defer to it
             def module_getattr(mod: nn.Module, attr: str) -> Any:
+                if nn.Module.__getattr__ is not original_getattr:
+                    return nn.Module.__getattr__(mod, attr)
                 return self.getattr(attr, original_getattr(mod, attr), proxies)
 
             def module_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                if nn.Module.__call__ is not original_call:
+                    return nn.Module.__call__(mod, *args, **kwargs)
+
                 def forward(*args: Any, **kwargs: Any) -> Any:
                     return original_call(mod, *args, **kwargs)
 
@@ -210,14 +221,22 @@ class _Tracer(fx.Tracer):
                     patcher, getattr(getattr(mod, "forward", mod), "__globals__", {}), wrapped_ids)
                 return self.call_module(mod, forward, args, kwargs)
 
+            def unregistered(mod: nn.Module, args: tuple) -> None:
+                # a module outside the tree whose class was not patched: fail as fx does
+                if mod not in self.submodule_paths and threading.get_ident() == tracing_thread \
+                        and nn.Module.__call__ is original_call:
+                    raise NameError("module is not installed as a submodule")
+
             new_patcher = getattr(fx_trace, "_new_patcher", None) or fx_trace._Patcher
             with new_patcher() as patcher, \
-                    _patched_classes(classes, module_call, module_getattr):
+                    _patched_classes(classes, module_call, module_getattr), \
+                    nn.modules.module.register_module_forward_pre_hook(unregistered):
                 fx_trace._patch_wrapped_functions(patcher)
                 fx_trace._autowrap_check(patcher, fn_globals, wrapped_ids)
                 for module in self._autowrap_search:
                     fx_trace._autowrap_check(patcher, module.__dict__, wrapped_ids)
-                returns = getattr(inspect.unwrap(fn), "__annotations__", {}).get("return")
+                annotated = inspect.unwrap(fn) if _UNWRAPS_ANNOTATIONS else fn
+                returns = getattr(annotated, "__annotations__", {}).get("return")
                 self.create_node("output", "output", (self.create_arg(fn(*args)),), {},
                                  type_expr=returns)
             self.submodule_paths = None

@@ -311,3 +311,66 @@ def test_a_module_with_its_own_call_is_traced_by_fx_itself():
     graph = _Tracer((), DEFAULT_REGISTRY).trace(model)
     assert [n.op for n in graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
     assert "__call__" not in vars(nn.Conv2d) and "__call__" not in vars(nn.ReLU)
+
+
+class AssignsTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        self.mask = torch.ones(1, 3, 1, 1)
+        y = self.conv(x) * self.mask
+        self.mask = torch.ones(1, 3, 5, 5)  # reassigned after use: the graph keeps the first
+        return y
+
+
+class InlineModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return nn.Hardtanh()(self.conv(x))  # built in forward: not a submodule
+
+
+class TracesInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.inner = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())
+
+    def forward(self, x):
+        self.inner_graph = torch.fx.symbolic_trace(self.inner).graph  # fx's own, inside ours
+        return self.conv(x)
+
+
+class BareContainer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.box = nn.Module()  # a bare nn.Module: its class is the one fx patches
+        self.box.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.box.conv(x)
+
+
+@pytest.mark.parametrize("build", [AssignsTensor, InlineModule, TracesInside, BareContainer])
+def test_fast_trace_matches_fx_where_fx_is_particular(build):
+    def traced(tracer):
+        model = build()
+        try:
+            graph = tracer((), DEFAULT_REGISTRY).trace(model)
+        except NameError as exc:  # fx refuses modules outside the tree
+            return str(exc)
+        inner = getattr(model, "inner_graph", None)
+        return _graph_dump(graph), inner and [n.op for n in inner.nodes]
+
+    ours, stock = traced(_Tracer), traced(_StockTracer)
+    assert ours == stock
+    if build is AssignsTensor:
+        assert "_tensor_constant0" in str(ours)  # frozen, not a read of the attribute
+    if build is InlineModule:
+        assert ours == "module is not installed as a submodule"
+    if build is TracesInside:
+        assert ours[1] == ["placeholder", "call_module", "call_module", "output"]
