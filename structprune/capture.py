@@ -112,7 +112,7 @@ def _patchable_classes(root: nn.Module) -> list[type] | None:
 def _patched_classes(classes: list[type], call: Any, getattr_: Any):
     """Route module calls and attribute reads of ``classes`` through the tracer. fx patches
     ``nn.Module`` itself, and setting an attribute on a class updates every subclass: with a
-    large zoo imported (timm) that is a millisecond a patch."""
+    large zoo imported (timm) that is 0.3 ms a patch, four a trace."""
     saved = [(cls, name, cls.__dict__.get(name, _MISSING))
              for cls in classes for name in ("__call__", "__getattr__")]
     try:
