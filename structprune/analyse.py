@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -335,26 +335,21 @@ def _ids_of(what: Any) -> list[np.ndarray]:
     return []
 
 
+def iter_tensor_infos(value: Any) -> Iterator[TensorInfo]:
+    """The TensorInfos inside a (nested) argument value, lazily."""
+    if isinstance(value, TensorInfo):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from iter_tensor_infos(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from iter_tensor_infos(v)
+
+
 def tensor_infos(value: Any) -> list[TensorInfo]:
     """All TensorInfos inside a (nested) argument value."""
-    if isinstance(value, TensorInfo):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensor_infos(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in tensor_infos(v)]
-    return []
-
-
-def _holds_tensor_info(value: Any) -> bool:
-    """Whether a (nested) argument value holds a TensorInfo (``tensor_infos`` without the list)."""
-    if isinstance(value, TensorInfo):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_holds_tensor_info(v) for v in value)
-    if isinstance(value, dict):
-        return any(_holds_tensor_info(v) for v in value.values())
-    return False
+    return list(iter_tensor_infos(value))
 
 
 def _spec_to_info(spec: Any) -> Any:
@@ -447,7 +442,7 @@ class _Engine:
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         spec = self.capture.values[node.name]
-        if not (_holds_tensor_info(args) or _holds_tensor_info(kwargs)):
+        if next(iter_tensor_infos((args, kwargs)), None) is None:  # none: no list built
             return _spec_to_info(spec)  # sizes, shape arithmetic, factories
         module = self.modules[node.target] if node.op == "call_module" else None
         rule = self.registry.lookup(node, module)
