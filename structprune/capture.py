@@ -177,6 +177,7 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.registry = registry
         self.num_calls: dict[str, int] = {}  # fx's own Tracer has it only from torch 2.6
+
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         """fx's ``Tracer.trace`` for a module, with module calls and attribute reads routed
         through the model's own classes instead of ``nn.Module`` (see ``_patched_classes``).
@@ -201,7 +202,6 @@ class _Tracer(fx.Tracer):
             original_call = fx_trace._orig_module_call
             original_getattr = fx_trace._orig_module_getattr
             wrapped_ids = self._autowrap_function_ids
-
             tracing_thread = threading.get_ident()
 
             # a trace started inside this one (fx's own) patches nn.Module: defer to it
