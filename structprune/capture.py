@@ -13,8 +13,7 @@ they cost up to a millisecond each, which would dominate the whole pass on large
 Tracing treats as leaves the modules torch.fx treats as leaves (``torch.nn`` layers), plus
 every module type that has a rule in the registry and any type the caller names. The tracer
 is fx's, with its per-trace overheads trimmed (tested to give fx's own graph): module calls
-are routed through the model's own classes rather than by patching ``nn.Module``, and
-tensor attributes are collected only when a traced op needs one.
+are routed through the model's own classes rather than by patching ``nn.Module``.
 """
 
 from __future__ import annotations
@@ -94,12 +93,12 @@ _NOT_CONSTANTS = frozenset((bool, int, float, str, type(None), dict, OrderedDict
                             list))
 
 
-def _patchable_classes(root: nn.Module) -> list[type] | None:
-    """The classes of ``root``'s modules, when every one takes ``__call__`` and
-    ``__getattr__`` from ``nn.Module`` unchanged (else None: fx's own trace handles it).
-    GraphModules go to fx too (recompiling during the trace sets their class's ``__call__``),
-    and so does a bare ``nn.Module`` instance, whose class is the one fx patches anyway."""
-    classes = list(dict.fromkeys(type(m) for m in root.modules()))
+def _patchable_classes(modules: Iterable[nn.Module]) -> list[type] | None:
+    """The classes of ``modules``, when every one takes ``__call__`` and ``__getattr__``
+    from ``nn.Module`` unchanged (else None: fx's own trace handles it). GraphModules go to
+    fx too (recompiling during the trace sets their class's ``__call__``), and so does a bare
+    ``nn.Module`` instance, whose class is the one fx patches anyway."""
+    classes = list(dict.fromkeys(type(m) for m in modules))
     for cls in classes:
         if cls is nn.Module or issubclass(cls, fx.GraphModule) \
                 or cls.__call__ is not fx_trace._orig_module_call \
@@ -182,15 +181,17 @@ class _Tracer(fx.Tracer):
         """fx's ``Tracer.trace`` for a module, with module calls and attribute reads routed
         through the model's own classes instead of ``nn.Module`` (see ``_patched_classes``).
         Anything else goes to fx's own trace."""
-        classes = _patchable_classes(root) if _FAST_TRACE and concrete_args is None \
-            and isinstance(root, nn.Module) and not isinstance(root, fx.GraphModule) else None
+        if not (_FAST_TRACE and concrete_args is None and isinstance(root, nn.Module)):
+            return super().trace(root, concrete_args)
+        paths = {mod: name for name, mod in root.named_modules()}
+        classes = _patchable_classes(paths)
         if classes is None:
             return super().trace(root, concrete_args)
         with _fx_tracing():
             self.root = root
             fn = getattr(type(root), self.traced_func_name)
             self.root_module_name = root._get_name()
-            self.submodule_paths = {mod: name for name, mod in root.named_modules()}
+            self.submodule_paths = paths
             self.graph = fx.Graph(tracer_cls=type(self))
             code = fn.__code__
             self.graph._co_fields = {"co_name": code.co_name, "co_filename": code.co_filename,

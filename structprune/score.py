@@ -160,8 +160,8 @@ class _Norms:
         return self.cache[key]
 
     def prefetch(self, members: Iterable[tuple[str, int]], p: int) -> None:
-        """Compute the L2 norms of every large float32 CPU tensor among ``members`` at once,
-        in as many threads as torch may use."""
+        """Compute the L2 norms of every float32 CPU tensor among ``members`` of
+        ``_THREADED_FROM`` elements or more at once, in as many threads as torch may use."""
         threads = min(torch.get_num_threads(), os.cpu_count() or 1)
         if p != 2 or threads < 2:
             return
