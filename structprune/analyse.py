@@ -510,6 +510,16 @@ def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
     slot_comps = np.flatnonzero(has_slot)
     _, group_of = np.unique(signature[slot_comps], return_inverse=True)
     n_groups = int(group_of.max()) + 1 if group_of.size else 0
+    # groups in order of first appearance along the slots (parameter order, then position)
+    first_seen = np.full(n_groups, np.iinfo(np.int64).max, np.int64)
+    comps_sorted0, lead0 = np.unique(slot_comp, return_index=True)
+    where = np.searchsorted(slot_comps, comps_sorted0)
+    where = np.minimum(where, len(slot_comps) - 1) if len(slot_comps) else where
+    hit = (slot_comps[where] == comps_sorted0) if len(slot_comps) else np.zeros(0, bool)
+    np.minimum.at(first_seen, group_of[where[hit]], lead0[hit])
+    rank = np.empty(n_groups, np.int64)
+    rank[np.argsort(first_seen, kind="stable")] = np.arange(n_groups)
+    group_of = rank[group_of]
     group_of_comp = np.full(n_comp, -1, np.int64)
     group_of_comp[slot_comps] = group_of
 
