@@ -11,13 +11,7 @@ from .capture import Capture, capture
 from .errors import CaptureError, PlanError, StructPruneError, VerificationError
 from .io import load, save
 from .plan import Plan, PlanSettings, make_plan
-from .rules import (
-    DEFAULT_REGISTRY,
-    register_function,
-    register_method,
-    register_module,
-    register_resizer,
-)
+from .rules import DEFAULT_REGISTRY, register_op, register_rule
 from .score import score
 from .verify import masked_model, verify
 
@@ -26,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_REGISTRY", "Analysis", "Capture", "CaptureError", "Group", "Plan", "PlanError",
     "PlanSettings", "PruneResult", "StructPruneError", "VerificationError", "analyse",
-    "apply_plan", "capture", "load", "make_plan", "save", "masked_model", "prune", "register_function",
-    "register_method", "register_module", "register_resizer", "score", "verify",
+    "apply_plan", "capture", "load", "make_plan", "save", "masked_model", "prune", "register_op",
+    "register_rule", "score", "verify",
 ]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,35 +35,11 @@ import torch.nn as nn
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .capture import Capture, TensorSpec, resolve_target, tensor_index
-
-
-@dataclass(frozen=True, eq=False)
-class ChannelMap:
-    """Which atom each index of the dims ``dims`` of a tensor belongs to."""
-
-    dims: tuple[int, ...]
-    ids: np.ndarray  # shape == tuple(tensor.shape[d] for d in dims)
-
-
-@dataclass(frozen=True, eq=False)
-class TensorInfo:
-    """The analysis' view of a tensor: its shape and its channel maps."""
-
-    shape: tuple[int, ...]
-    maps: tuple[ChannelMap, ...] = ()
-    param: str | None = None  # set when the tensor is a parameter or buffer itself
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def map_on(self, dim: int) -> ChannelMap | None:
-        dim = dim % self.ndim if self.ndim else dim
-        for m in self.maps:
-            if dim in m.dims:
-                return m
-        return None
+from .capture import Capture
+from .registry import RuleRegistry
+from .rules import DEFAULT_REGISTRY
+from .tree import resolve_target, tensor_index
+from .types import ChannelMap, TensorInfo, TensorSpec, spec_to_info, tensor_infos
 
 
 @dataclass(frozen=True)
@@ -188,8 +164,9 @@ class AtomTable:
         return labels.astype(np.int64)
 
 
-class RuleContext:
-    """What a rule sees of the engine: the node, its module, and the atom operations."""
+class EngineContext:
+    """The engine's :class:`~structprune.types.RuleContext`: the node, its module, and the
+    atom operations."""
 
     def __init__(self, engine: _Engine, node: fx.Node, module: nn.Module | None):
         self._engine = engine
@@ -335,45 +312,8 @@ def _ids_of(what: Any) -> list[np.ndarray]:
     return []
 
 
-def iter_tensor_infos(value: Any) -> Iterator[TensorInfo]:
-    """The TensorInfos inside a (nested) argument value, lazily."""
-    if isinstance(value, TensorInfo):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from iter_tensor_infos(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from iter_tensor_infos(v)
-
-
-def tensor_infos(value: Any) -> list[TensorInfo]:
-    """All TensorInfos inside a (nested) argument value."""
-    return list(iter_tensor_infos(value))
-
-
-def _spec_to_info(spec: Any) -> Any:
-    if isinstance(spec, TensorSpec):
-        return TensorInfo(spec.shape)
-    if isinstance(spec, (list, tuple)) and not hasattr(spec, "_fields"):
-        return type(spec)(_spec_to_info(s) for s in spec)
-    if isinstance(spec, dict):
-        return {k: _spec_to_info(v) for k, v in spec.items()}
-    return spec
-
-
-def _has_tensor_spec(spec: Any) -> bool:
-    if isinstance(spec, TensorSpec):
-        return True
-    if isinstance(spec, (list, tuple)):
-        return any(_has_tensor_spec(s) for s in spec)
-    if isinstance(spec, dict):
-        return any(_has_tensor_spec(s) for s in spec.values())
-    return False
-
-
 class _Engine:
-    def __init__(self, capture: Capture, registry: Any):
+    def __init__(self, capture: Capture, registry: RuleRegistry):
         self.capture = capture
         self.registry = registry
         self.atoms = AtomTable()
@@ -427,11 +367,11 @@ class _Engine:
         values = self.capture.values
         for node in self.capture.graph.nodes:
             if node.op == "placeholder":
-                env[node] = _spec_to_info(values.get(node.name))
+                env[node] = spec_to_info(values.get(node.name))
             elif node.op == "get_attr":
                 env[node] = self.get_attr(node)
             elif node.op == "output":
-                ctx = RuleContext(self, node, None)
+                ctx = EngineContext(self, node, None)
                 outputs = fx.node.map_arg(node.args, env.__getitem__)
                 ctx.block(tensor_infos(outputs), "reaches a model output")
             else:
@@ -442,56 +382,25 @@ class _Engine:
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         spec = self.capture.values[node.name]
-        if next(iter_tensor_infos((args, kwargs)), None) is None:  # none: no list built
-            return _spec_to_info(spec)  # sizes, shape arithmetic, factories
+        if not tensor_infos((args, kwargs)):
+            return spec_to_info(spec)  # sizes, shape arithmetic, factories
         module = self.modules[node.target] if node.op == "call_module" else None
-        rule = self.registry.lookup(node, module)
-        ctx = RuleContext(self, node, module)
+        rule = self.registry.rule_for(node, module)
+        ctx = EngineContext(self, node, module)
         if rule is None:
             return self.registry.unknown(ctx, args, kwargs)
         return rule(ctx, *args, **kwargs)
 
 
 def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
-    """Group components by the set of parameter dimensions they touch (vectorised)."""
+    """Group components by the set of parameter dimensions they touch.
+
+    Groups and their units are numbered in order of first appearance along the slots
+    (parameter order, then position), so a group's units follow its first member's order.
+    """
     if not engine.slots:
         return []
-    all_keys = list(engine.slots)
-    # tensors sliced in lockstep (a BN's weight, bias and statistics) have identical
-    # component arrays: group one representative of each, then list all of them as members
-    representative: dict[bytes, int] = {}
-    of_array: dict[int, int] = {}  # slots that share one atom array (parameters that took it)
-    rep_of: list[int] = []
-    keys: list[tuple[str, int]] = []
-    for key in all_keys:
-        ids = engine.slots[key]
-        rep = of_array.get(id(ids))
-        if rep is None:
-            comps = component[ids]
-            rep = representative.setdefault(comps.tobytes() + bytes(str(comps.size), "ascii"),
-                                            len(representative))
-            of_array[id(ids)] = rep
-            if rep == len(keys):
-                keys.append(key)
-        rep_of.append(rep)
-    n_keys = len(keys)
     n_comp = int(component.max()) + 1
-    sizes = np.array([len(engine.slots[k]) for k in keys], np.int64)
-    slot_key = np.repeat(np.arange(n_keys, dtype=np.int64), sizes)
-    starts = np.cumsum(sizes) - sizes
-    slot_pos = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(starts, sizes)
-    slot_comp = component[np.concatenate([engine.slots[k] for k in keys])]
-
-    # distinct (component, key) pairs, with how many slots each pair has
-    codes, counts = np.unique(slot_comp * n_keys + slot_key, return_counts=True)
-    pair_comp, pair_key = codes // n_keys, codes % n_keys
-    rng = np.random.default_rng(0x5eed)
-    key_hash = rng.integers(1, 2**62, size=n_keys, dtype=np.int64).astype(np.uint64)
-    signature = np.zeros(n_comp, np.uint64)
-    np.add.at(signature, pair_comp, key_hash[pair_key])
-    has_slot = np.zeros(n_comp, bool)
-    has_slot[pair_comp] = True
-
     blocked = np.zeros(n_comp, bool)
     approximate = np.zeros(n_comp, bool)
     records: list[tuple[np.ndarray, str, str, str]] = []
@@ -504,70 +413,78 @@ def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
     taps = np.zeros(n_comp, bool)
     for ids in engine.atoms.kernel_taps:
         taps[component[ids.ravel()]] = True
-    has_slot &= ~(taps & ~blocked & ~approximate)
+    listed = ~(taps & ~blocked & ~approximate)  # kernel taps alone are no channel axis
     blocked |= taps
 
-    slot_comps = np.flatnonzero(has_slot)
-    _, group_of = np.unique(signature[slot_comps], return_inverse=True)
-    n_groups = int(group_of.max()) + 1 if group_of.size else 0
-    # groups in order of first appearance along the slots (parameter order, then position)
-    first_seen = np.full(n_groups, np.iinfo(np.int64).max, np.int64)
-    comps_sorted0, lead0 = np.unique(slot_comp, return_index=True)
-    where = np.searchsorted(slot_comps, comps_sorted0)
-    where = np.minimum(where, len(slot_comps) - 1) if len(slot_comps) else where
-    hit = (slot_comps[where] == comps_sorted0) if len(slot_comps) else np.zeros(0, bool)
-    np.minimum.at(first_seen, group_of[where[hit]], lead0[hit])
-    rank = np.empty(n_groups, np.int64)
-    rank[np.argsort(first_seen, kind="stable")] = np.arange(n_groups)
-    group_of = rank[group_of]
+    # tensors sliced in lockstep (a BN's weight, bias and statistics) have equal component
+    # arrays: one representative each stands for all of them
+    rep_of: dict[tuple[str, int], int] = {}
+    by_content: dict[bytes, int] = {}
+    reps: list[np.ndarray] = []
+    for key, ids in engine.slots.items():
+        comps = component[ids]
+        rep = by_content.setdefault(comps.tobytes() + str(comps.size).encode(), len(reps))
+        if rep == len(reps):
+            reps.append(comps)
+        rep_of[key] = rep
+
+    # for each component in order of first appearance: the representatives it touches, and
+    # its fewest slots in one of them
+    touched: dict[int, list[int]] = {}
+    fewest: dict[int, int] = {}
+    for rep, comps in enumerate(reps):
+        values, first, counts = np.unique(comps, return_index=True, return_counts=True)
+        order = np.argsort(first, kind="stable")
+        for comp, count in zip(values[order].tolist(), counts[order].tolist(), strict=True):
+            if comp in touched:
+                touched[comp].append(rep)
+                fewest[comp] = min(fewest[comp], count)
+            else:
+                touched[comp] = [rep]
+                fewest[comp] = count
+
+    group_of: dict[tuple[int, ...], int] = {}
+    units: list[list[int]] = []
+    widths: list[int] = []
     group_of_comp = np.full(n_comp, -1, np.int64)
-    group_of_comp[slot_comps] = group_of
+    for comp, touches in touched.items():
+        if not listed[comp]:
+            continue
+        g = group_of.setdefault(tuple(touches), len(units))
+        if g == len(units):
+            units.append([])
+            widths.append(fewest[comp])
+        units[g].append(comp)
+        widths[g] = min(widths[g], fewest[comp])
+        group_of_comp[comp] = g
 
-    reasons: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    reasons: list[dict[str, list[str]]] = [defaultdict(list) for _ in units]
     for comps, kind, reason, node in records:
-        for g in np.unique(group_of_comp[comps]):
+        for g in np.unique(group_of_comp[comps]).tolist():
             if g >= 0:
-                reasons[int(g)][f"{kind}: {reason}"].append(node)
-
-    # members: distinct (group, key) pairs in key order; width: fewest slots per pair
-    pair_group = group_of_comp[pair_comp]
-    valid = pair_group >= 0
-    member_codes = np.unique(pair_key[valid] + n_keys * pair_group[valid])
-    width = np.full(n_groups, np.iinfo(np.int64).max, np.int64)
-    np.minimum.at(width, pair_group[valid], counts[valid])
-    rep_groups: list[set[int]] = [set() for _ in range(n_keys)]
-    for code in member_codes.tolist():
-        rep_groups[code % n_keys].add(code // n_keys)
-    members: list[list[tuple[str, int]]] = [[] for _ in range(n_groups)]
-    for key, rep in zip(all_keys, rep_of, strict=True):
-        for g in sorted(rep_groups[rep]):
+                reasons[g][f"{kind}: {reason}"].append(node)
+    groups_of_rep: dict[int, list[int]] = defaultdict(list)
+    for touches, g in group_of.items():
+        for rep in touches:
+            groups_of_rep[rep].append(g)
+    members: list[list[tuple[str, int]]] = [[] for _ in units]
+    for key, rep in rep_of.items():  # in slot order
+        for g in groups_of_rep[rep]:
             members[g].append(key)
 
-    # unit order: by first slot position in the group's first member (slots are laid out
-    # in (key, position) order, so a component's first occurrence is that slot)
-    comps_sorted, lead = np.unique(slot_comp, return_index=True)
-    lead_group = group_of_comp[comps_sorted]
-    keep = lead_group >= 0
-    comps_sorted, lead_group = comps_sorted[keep], lead_group[keep]
-    by_group = np.lexsort((slot_pos[lead][keep], lead_group))
-    units_all, groups_all = comps_sorted[by_group], lead_group[by_group]
-    bounds = np.searchsorted(groups_all, np.arange(n_groups + 1))
-
     groups = []
-    for g in range(n_groups):
-        units = units_all[bounds[g]:bounds[g + 1]]
+    for g, unit_list in enumerate(units):
+        ids = np.asarray(unit_list, np.int64)
         groups.append(Group(
-            index=g, members=members[g], units=units, width=max(1, int(width[g])),
-            blocked=blocked[units], approximate=approximate[units] & ~blocked[units],
-            reasons={k: v for k, v in reasons[g].items()},
+            index=g, members=members[g], units=ids, width=max(1, widths[g]),
+            blocked=blocked[ids], approximate=approximate[ids] & ~blocked[ids],
+            reasons=dict(reasons[g]),
         ))
     return groups
 
 
-def analyse(capture: Capture, registry: Any = None) -> Analysis:
+def analyse(capture: Capture, registry: RuleRegistry | None = None) -> Analysis:
     """Find the pruning groups of a captured model."""
-    from .rules import DEFAULT_REGISTRY
-
     engine = _Engine(capture, registry or DEFAULT_REGISTRY)
     engine.run(capture)
     consumptions = list(engine.consumptions)  # the verifier masks the main graph only
@@ -580,5 +497,4 @@ def analyse(capture: Capture, registry: Any = None) -> Analysis:
                     engine.attributes)
 
 
-__all__ = ["Analysis", "AtomTable", "ChannelMap", "Consumption", "Group", "RuleContext",
-           "TensorInfo", "analyse", "tensor_infos"]
+__all__ = ["Analysis", "AtomTable", "Consumption", "EngineContext", "Group", "analyse"]

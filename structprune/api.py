@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,17 +15,11 @@ from .apply import apply_plan, check_plan
 from .capture import Capture, capture
 from .errors import CaptureError, VerificationError
 from .plan import Plan, PlanSettings, make_plan, sized_attributes, sliced_params
+from .registry import RuleRegistry
 from .report import count_macs, count_params
 from .score import score
-from .verify import (
-    Verification,
-    compare,
-    evaluation,
-    flatten_outputs,
-    random_inputs,
-    reference_outputs,
-    verify,
-)
+from .tree import evaluation, random_inputs
+from .verify import Verification, compare, flatten_outputs, reference_outputs, verify
 
 
 @dataclass
@@ -54,21 +46,6 @@ def exact_subplan(analysis: Analysis, plan: Plan) -> Plan:
                 attributes=sized_attributes(analysis, removed))
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector. The pass allocates many short-lived objects
-    and frees them by reference counting; its generational scans cost a few percent of a
-    ResNet-50 pass, and a full collection that falls inside it can cost as much as the pass."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-@_collector_paused()
 def prune(
     model: nn.Module,
     example_inputs: Sequence[Any] | Any,
@@ -84,7 +61,7 @@ def prune(
     inplace: bool = False,
     check: bool = True,
     leaf_modules: Sequence[type] = (),
-    registry: Any = None,
+    registry: RuleRegistry | None = None,
     tolerance: float = 1e-4,
     capture_method: str = "auto",
     plan: Plan | None = None,
@@ -155,7 +132,7 @@ def _fails_to_run(exc: BaseException, given_plan: bool) -> str:
 
 
 def _check(analysis: Analysis, plan: Plan, model: nn.Module, pruned: nn.Module,
-           inputs: tuple, tolerance: float, registry: Any, given_plan: bool = False,
+           inputs: tuple, tolerance: float, registry: RuleRegistry | None, given_plan: bool = False,
            ) -> Verification:
     """Compare with the masked dense model: the whole plan when it is exact, else its exact
     part; the pruned model itself must run and keep the dense output shapes either way."""
@@ -186,7 +163,7 @@ def _check(analysis: Analysis, plan: Plan, model: nn.Module, pruned: nn.Module,
 
 
 def figures_for(dense: dict[str, int], pruned: nn.Module, example_inputs: Sequence[Any],
-                leaf_modules: Sequence[type] = (), registry: Any = None, method: str = "auto",
+                leaf_modules: Sequence[type] = (), registry: RuleRegistry | None = None, method: str = "auto",
                 ) -> dict[str, Any]:
     """Parameters and MACs before (counted before surgery) and after."""
     pruned_capture = capture(pruned, example_inputs, leaf_modules, registry, method)

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from . import bench
+from .analyse import analyse
+from .capture import capture
 from .errors import StructPruneError
+from .io import load
+from .models import build_model, load_weights, parse_shape
+from .plan import Plan, check_ratio
+from .tree import random_inputs
+from .workflow import prune_to_dir, writable_parent
 
 EXIT_USER_ERROR = 2
 
@@ -96,15 +103,13 @@ def _round_to(text: str) -> int | str:
 
 
 def _model_and_inputs(args: argparse.Namespace):
-    from .capture import example_inputs_from_shapes
-    from .models import build_model, load_weights, parse_shape
 
     shapes = [parse_shape(s) for s in (args.input_shape or ["1,3,224,224"])]
     model = build_model(args.spec, args.seed)
     if args.weights:
         load_weights(model, args.weights)
     model.eval()
-    return model, example_inputs_from_shapes(shapes, args.seed)
+    return model, random_inputs(shapes, seed=args.seed)
 
 
 def _check_settings(args: argparse.Namespace) -> None:
@@ -114,32 +119,11 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise StructPruneError(f"--plan {args.plan} does not exist")
     if args.ratio is None:
         return
-    if not 0 <= args.ratio < 1:
-        raise StructPruneError(f"--ratio {args.ratio} is outside [0, 1): pass e.g. --ratio 0.5")
+    check_ratio(args.ratio, "--ratio")
     if args.round_to != "auto" and args.round_to < 1:
         raise StructPruneError(f"--round-to {args.round_to} must be 1 or more")
     if args.min_width < 1:
         raise StructPruneError(f"--min-width {args.min_width} must be 1 or more")
-
-
-def _writable_dir(out: Path) -> Path:
-    """The parent to stage output in; fails early, before any work, if it is not writable."""
-    if out.exists() and not out.is_dir():
-        raise StructPruneError(f"--out {out} exists and is not a directory")
-    parent = out.parent if not out.exists() else out
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise StructPruneError(f"--out {out}: {probe} is not writable; choose another directory")
-    return probe
-
-
-def _commit(staging: Path, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        os.replace(item, out / item.name)
-    staging.rmdir()
 
 
 def _table(rows: list[tuple[str, str, str]]) -> str:
@@ -161,66 +145,34 @@ def _human(n: float) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .api import prune
-    from .export import export_onnx, onnx_parity
-
     _check_settings(args)
     out = Path(args.out)
-    root = _writable_dir(out)
+    writable_parent(out)
     model, inputs = _model_and_inputs(args)
-    steps = ["prune + verify"] + ([] if args.no_onnx else ["export dense.onnx",
-                                                           "export pruned.onnx"])
-    staging = Path(tempfile.mkdtemp(prefix=".structprune-", dir=root))
-    try:
-        bar = tqdm(steps, desc="structprune", unit="step", file=sys.stderr,
-                   disable=not sys.stderr.isatty())
-        bar.set_postfix_str(steps[0])
-        t0 = time.perf_counter()
-        settings = dict(importance=args.importance, global_ranking=args.global_ranking,
-                        min_width=args.min_width, ignore=args.ignore, exact_only=args.exact_only,
-                        capture_method=args.capture)
-        if args.plan:
-            from .plan import Plan
-            result = prune(model, inputs, plan=Plan.load(args.plan), **settings)
-        elif args.round_to == "auto":
-            from .tune import fastest_rounding
-            bar.set_postfix_str("timing round_to candidates")
-            result = fastest_rounding(model, inputs, args.ratio, batch=args.tune_batch,
-                                      **settings)
-        else:
-            result = prune(model, inputs, args.ratio, round_to=args.round_to, **settings)
-        bar.update()
-        from .io import save
+    steps = 1 if args.no_onnx else 3
+    with tqdm(total=steps, desc="structprune", unit="step", file=sys.stderr,
+              disable=not sys.stderr.isatty()) as bar:
+        def progress(step: str) -> None:  # called as each step starts
+            if step != "prune + verify":
+                bar.update()  # the step before it is done
+            bar.set_postfix_str(step)
 
-        save(result.model, staging, result.plan)
-        figures: dict[str, Any] = dict(result.figures)
-        figures["verification"] = result.verification.to_json() if result.verification else None
-        if not args.no_onnx:
-            bar.set_postfix_str(steps[1])
-            figures["exporter_dense"] = export_onnx(model, inputs, staging / "dense.onnx",
-                                                    args.exporter, simplify=args.simplify)
-            bar.update()
-            bar.set_postfix_str(steps[2])
-            figures["exporter_pruned"] = export_onnx(result.model, inputs,
-                                                     staging / "pruned.onnx", args.exporter,
-                                                     simplify=args.simplify)
-            figures["onnx_rel_error"] = onnx_parity(staging / "pruned.onnx", result.model, inputs)
-            bar.update()
-        bar.close()
-        figures["spec"] = args.spec
-        figures["seed"] = args.seed
-        figures["weights"] = str(Path(args.weights).resolve()) if args.weights else None
-        figures["input_shapes"] = [list(x.shape) for x in inputs]
-        figures["wall_seconds"] = time.perf_counter() - t0
-        (staging / "report.json").write_text(json.dumps(figures, indent=1, default=float) + "\n")
-        _commit(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        result, figures = prune_to_dir(
+            model, inputs, out, ratio=args.ratio, plan=Plan.load(args.plan) if args.plan else None,
+            round_to=args.round_to, tune_batch=args.tune_batch, exporter=args.exporter,
+            simplify=args.simplify, onnx=not args.no_onnx, record=_record(args),
+            progress=progress, importance=args.importance, global_ranking=args.global_ranking,
+            min_width=args.min_width, ignore=args.ignore, exact_only=args.exact_only,
+            capture_method=args.capture)
+        bar.update()
     _print_report(args.spec, figures, result, out)
     return 0
+
+
+def _record(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``bench`` needs to rebuild the dense model."""
+    return {"spec": args.spec, "seed": args.seed,
+            "weights": str(Path(args.weights).resolve()) if args.weights else None}
 
 
 def _print_report(spec: str, f: dict[str, Any], result, out: Path) -> None:
@@ -250,8 +202,6 @@ def _print_report(spec: str, f: dict[str, Any], result, out: Path) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyse import analyse
-    from .capture import capture
 
     model, inputs = _model_and_inputs(args)
     analysis = analyse(capture(model, inputs, method=args.capture))
@@ -285,11 +235,7 @@ def _timing(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str, Any]:
-    import torch as _torch
 
-    from . import bench
-    from .io import load
-    from .models import build_model
 
     report_path = directory / "report.json"
     if not report_path.is_file():
@@ -306,12 +252,10 @@ def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str,
         if not (directory / name).is_file():
             raise StructPruneError(f"{directory / name} is missing: prune again without --no-onnx")
     torch_models = None
-    if _torch.cuda.is_available() and not args.no_torch:
+    if torch.cuda.is_available() and not args.no_torch:
         dense = build_model(spec, report.get("seed", 0))
         if report.get("weights"):
-            from .models import load_weights
             load_weights(dense, report["weights"])
-        import copy
         torch_models = (copy.deepcopy(dense), load(directory, dense))
 
     def progress(text: str) -> None:
@@ -326,19 +270,16 @@ def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str,
 
 
 def _cells_expected(args: argparse.Namespace) -> int:
-    import torch as _torch
 
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     n = len(threads) * len(args.batch or (1, 32))
-    if _torch.cuda.is_available() and not args.no_torch:
+    if torch.cuda.is_available() and not args.no_torch:
         n += 4 * len(args.batch or (1, 32))
     return n
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
-    from . import bench
 
     directory = Path(args.dir)
     _timing(args)
@@ -353,31 +294,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from . import bench
-
     try:
         ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError as exc:
         raise StructPruneError(f"--ratios {args.ratios!r} must be comma-separated numbers") from exc
     for r in ratios:
-        if not 0 <= r < 1:
-            raise StructPruneError(f"ratio {r} in --ratios is outside [0, 1)")
+        check_ratio(r, "ratio in --ratios")
     _timing(args)
     out = Path(args.out)
-    _writable_dir(out)
+    writable_parent(out)
+    model, inputs = _model_and_inputs(args)
     points = []
     for ratio in tqdm(ratios, desc="sweep", unit="ratio", file=sys.stderr,
                       disable=not sys.stderr.isatty()):
-        sub_args = argparse.Namespace(**{**vars(args), "ratio": ratio,
-                                         "out": str(out / f"ratio_{ratio:.2f}"),
-                                         "ignore": [], "global_ranking": False,
-                                         "importance": "l2", "min_width": 1, "no_onnx": False,
-                                         "plan": None, "simplify": False})
-        _run_quietly(cmd_prune, sub_args)
-        result = _bench_dir(Path(sub_args.out), args)
-        bench.write(result, Path(sub_args.out))
+        directory = out / f"ratio_{ratio:.2f}"
+        prune_to_dir(model, inputs, directory, ratio=ratio, round_to=args.round_to,
+                     exporter=args.exporter, record=_record(args), exact_only=args.exact_only,
+                     capture_method=args.capture)
+        result = _bench_dir(directory, args)
+        bench.write(result, directory)
         points.append({"ratio": ratio, **result})
     sweep = {"spec": args.spec, "points": points}
     (out / "sweep.json").write_text(json.dumps(sweep, indent=1) + "\n")
@@ -388,14 +323,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                   f"b={c['batch']:<3d} speed-up {c['speedup']:.2f}x (ideal {p['ideal_speedup']:.2f}x)")
     print(f"wrote {out}/sweep.json and sweep.png")
     return 0
-
-
-def _run_quietly(fn, args) -> None:
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        fn(args)
 
 
 def main(argv: list[str] | None = None) -> int:

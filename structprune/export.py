@@ -21,22 +21,12 @@ import torch
 import torch.nn as nn
 
 from .errors import StructPruneError
-from .verify import evaluation, flatten_outputs
+from .tree import evaluation, random_inputs
+from .verify import compare, flatten_outputs
 
 
 class ExportError(StructPruneError):
     """Export failed or ONNX Runtime disagrees with torch."""
-
-
-def _batched(inputs: Sequence[Any], batch: int) -> tuple[Any, ...]:
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.ndim > 0 and x.is_floating_point():
-            out.append(torch.randn((batch, *x.shape[1:]), generator=gen, dtype=x.dtype))
-        else:
-            out.append(x)
-    return tuple(out)
 
 
 def _names(inputs: Sequence[Any]) -> list[str]:
@@ -84,7 +74,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any], path: str | os.
     import onnx
 
     path = Path(path)
-    inputs = _batched(example_inputs, 2)  # batch 1 would be specialised by torch.export
+    inputs = random_inputs(example_inputs, batch=2)  # batch 1 would be specialised by torch.export
     order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"],
              "torchscript": ["torchscript"]}[exporter]
     errors = []
@@ -123,20 +113,18 @@ def run_onnx(path: str | os.PathLike, inputs: Sequence[Any], threads: int | None
 def onnx_parity(path: str | os.PathLike, model: nn.Module, example_inputs: Sequence[Any],
                 batch: int = 3, tolerance: float = 1e-4) -> float:
     """Relative error of ONNX Runtime against torch on random inputs (batch ``batch``)."""
-    inputs = _batched(example_inputs, batch)
+    inputs = random_inputs(example_inputs, batch=batch)
     with torch.no_grad(), evaluation(model):
         expected = flatten_outputs(model(*inputs))
-    got = run_onnx(path, inputs)
+    got = [torch.from_numpy(np.asarray(g)) for g in run_onnx(path, inputs)]
     if len(got) != len(expected):
         raise ExportError(f"{path}: ONNX has {len(got)} outputs, torch {len(expected)}")
-    worst = 0.0
     for e, g in zip(expected, got, strict=True):
-        e = e.double().numpy()
-        if e.shape != g.shape:
-            raise ExportError(f"{path}: ONNX output shape {g.shape} != torch {e.shape}")
-        scale = max(float(np.abs(e).max()) if e.size else 0.0, 1e-12)
-        worst = max(worst, float(np.abs(e - g).max()) / scale if e.size else 0.0)
-    if worst > tolerance:
+        if tuple(e.shape) != tuple(g.shape):
+            raise ExportError(f"{path}: ONNX output shape {tuple(g.shape)} != torch "
+                              f"{tuple(e.shape)}")
+    result = compare(expected, got, tolerance)
+    if not result.ok:
         raise ExportError(f"{path}: ONNX Runtime differs from torch (relative error "
-                          f"{worst:.2e} > {tolerance:.0e})")
-    return worst
+                          f"{result.max_rel_error:.2e} > {tolerance:.0e})")
+    return result.max_rel_error

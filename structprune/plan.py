@@ -26,6 +26,12 @@ from .errors import PlanError
 FORMAT = "structprune.plan/1"
 
 
+def check_ratio(ratio: Any, what: str = "ratio") -> None:
+    """Raise :class:`PlanError` unless ``ratio`` is a fraction of channels to remove."""
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1):
+        raise PlanError(f"{what} {ratio} is outside [0, 1): pass a fraction such as 0.5")
+
+
 @dataclass
 class PlanSettings:
     """How many channels to remove, and where.
@@ -49,8 +55,7 @@ class PlanSettings:
 
     def validate(self) -> None:
         for r in [self.ratio, *self.ratios.values()]:
-            if not (isinstance(r, (int, float)) and 0 <= r < 1):
-                raise PlanError(f"ratio {r} is outside [0, 1): pass a fraction such as 0.5")
+            check_ratio(r)
         if int(self.round_to) != self.round_to or self.round_to < 1:
             raise PlanError(f"round_to {self.round_to} must be an integer >= 1")
         if self.min_width < 1:

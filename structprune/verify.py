@@ -8,8 +8,7 @@ anything else that mattered, or sliced a tensor inconsistently, outputs differ.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .analyse import Analysis
-from .capture import resolve_target
 from .plan import Plan
+from .tree import evaluation, resolve_target
 
 
 @dataclass
@@ -42,19 +41,6 @@ class Verification:
                 "max_rel_error": self.max_rel_error, "tolerance": self.tolerance,
                 "exact_units_only": self.exact_units_only,
                 "approximate_rel_error": self.approximate_rel_error}
-
-
-@contextlib.contextmanager
-def evaluation(*models: nn.Module) -> Iterator[None]:
-    """Put models in eval mode and restore each submodule's own flag afterwards."""
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 def masked_model(analysis: Analysis, plan: Plan) -> fx.GraphModule:
@@ -100,15 +86,19 @@ def masked_model(analysis: Analysis, plan: Plan) -> fx.GraphModule:
 
 
 def flatten_outputs(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in flatten_outputs(v)]
-    if isinstance(value, dict):
-        return [t for k in sorted(value, key=str) for t in flatten_outputs(value[k])]
-    if hasattr(value, "__dict__") and not isinstance(value, (int, float, str)):
-        return flatten_outputs(vars(value))
-    return []
+    """The tensors in a model's output, in the order the exporters keep (dicts by insertion,
+    objects such as dataclasses by their attributes)."""
+    found: list[torch.Tensor] = []
+
+    def visit(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif hasattr(v, "__dict__") and not isinstance(v, (int, float, str, nn.Module)):
+            fx.node.map_aggregate(vars(v), visit)
+        return v
+
+    fx.node.map_aggregate(value, visit)
+    return found
 
 
 def compare(reference: Any, candidate: Any, tolerance: float = 1e-4) -> Verification:
@@ -150,15 +140,3 @@ def verify(analysis: Analysis, plan: Plan, pruned: nn.Module, inputs: Sequence[A
     with torch.no_grad(), evaluation(pruned):
         out = pruned(*inputs)
     return compare(reference, out, tolerance)
-
-
-def random_inputs(example_inputs: Sequence[Any], seed: int = 0) -> tuple[Any, ...]:
-    """Fresh random tensors shaped like the example inputs (non-tensors are kept)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for x in example_inputs:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            out.append(torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device))
-        else:
-            out.append(x)
-    return tuple(out)

@@ -425,7 +425,7 @@ class WithCustomLeaf(nn.Module):
 
 def test_user_registered_rule_for_a_leaf_module():
     registry = sp.DEFAULT_REGISTRY.copy()
-    registry.module(Gate)(lambda ctx, module, x: ctx.result(x.maps))
+    registry.op(Gate, rule=lambda ctx, module, x: ctx.result(x.maps))
     model = randomize(WithCustomLeaf())
     cap = capture(model, x4(), registry=registry)
     assert any(n.op == "call_module" and n.target == "gate" for n in cap.graph.nodes)
@@ -471,7 +471,7 @@ def test_split_by_sizes_a_resizer_maintains_is_pruned_part_by_part():
     assert g.blocked.all() and any("hard-coded" in r for r in g.reasons)
 
     registry = sp.DEFAULT_REGISTRY.copy()
-    registry.resizer(MixedParts, maintains=("splits",))(_resize_mixed_parts)
+    registry.op(MixedParts, resize=_resize_mixed_parts, maintains=("splits",))
     model = randomize(MixedParts())
     groups = [g for g in sp.analyse(capture(model, x4(), registry=registry), registry).groups
               if ("a.0.weight", 0) in g.members]

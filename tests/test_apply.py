@@ -127,17 +127,21 @@ def test_norms_without_tensors_get_their_channel_count_from_the_plan(tmp_path):
         sp.apply_plan(WeightlessNorms(), sp.Plan.load(path))
 
 
-@pytest.mark.parametrize("one_pass_from", [0, 1 << 60])
-def test_weights_cut_on_both_axes_keep_exactly_the_listed_slices(monkeypatch, one_pass_from):
-    """Both gathers (one pass for large intermediates, two index_selects otherwise) keep the
-    rows and columns the plan lists, in order, against a numpy reference."""
-    from structprune import apply as apply_stage
-
-    monkeypatch.setattr(apply_stage, "_ONE_PASS_FROM", one_pass_from)
+def test_weights_cut_on_both_axes_keep_exactly_the_listed_slices():
+    """A weight cut on its output and input axes keeps the rows and columns the plan lists,
+    in order, against a numpy reference."""
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(12, 10, 3, 3, generator=gen)
+    model = nn.Sequential(nn.Conv2d(10, 12, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(12, 10, 3, 3, generator=gen))
     rows, columns = [0, 3, 4, 11], [1, 2, 7, 9]
-    got = apply_stage._sliced(weight, [(0, rows), (1, columns)], apply_stage._Indices())
-    want = weight.numpy()[rows][:, columns]
+    plan = sp.Plan([{"name": "0.weight", "dim": 0, "size": 12, "keep": rows},
+                    {"name": "0.weight", "dim": 1, "size": 10, "keep": columns},
+                    {"name": "0.bias", "dim": 0, "size": 12, "keep": rows}])
+    pruned = sp.apply_plan(model, plan)
+    got = pruned[0].weight.detach()
+    want = model[0].weight.detach().numpy()[rows][:, columns]
     assert got.is_contiguous() and tuple(got.shape) == (4, 4, 3, 3)
     assert (got.numpy() == want).all()
+    assert (pruned[0].in_channels, pruned[0].out_channels) == (4, 4)
+    assert model[0].weight.shape == (12, 10, 3, 3)  # the dense model is untouched

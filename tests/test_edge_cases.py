@@ -181,38 +181,6 @@ def test_exact_units_of_a_partly_approximate_group_stay_checked():
     assert not set(cut[4:]) & set(kept)  # the exact cuts in the same group stay checked
 
 
-class GcProbe(nn.Module):
-    """Records whether the cyclic collector ran enabled while the pass traced it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.seen: list[bool] = []
-
-    def forward(self, x):
-        import gc
-        self.seen.append(gc.isenabled())
-        return self.conv(x)
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_the_pass_pauses_the_garbage_collector_and_restores_it(enabled):
-    import gc
-
-    probe = GcProbe()
-    was = gc.isenabled()
-    (gc.enable if enabled else gc.disable)()
-    try:
-        sp.prune(probe, X, 0.5, check=False)
-        assert probe.seen and not probe.seen[0]  # traced with the collector paused
-        assert gc.isenabled() is enabled
-        with pytest.raises(sp.StructPruneError):
-            sp.prune(probe, X, 1.5)
-        assert gc.isenabled() is enabled
-    finally:
-        (gc.enable if was else gc.disable)()
-
-
 class DropoutHead(nn.Module):
     """Functional dropout keyed on self.training, as timm writes it."""
 

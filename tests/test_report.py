@@ -45,8 +45,8 @@ class Blur(nn.Module):
 
 def test_a_registered_counter_counts_a_leaf_module():
     registry = sp.DEFAULT_REGISTRY.copy()
-    registry.module(Blur)(lambda ctx, module, x: ctx.result(x.maps))
-    registry.macs(Blur)(lambda capture, node, module: 9 * 16)
+    registry.op(Blur, rule=lambda ctx, module, x: ctx.result(x.maps),
+                macs=lambda capture, node, module: 9 * 16)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), Blur())
     cap = sp.capture(model, (torch.randn(1, 3, 2, 2),), registry=registry)
     assert count_macs(cap, registry) == 4 * 4 * 3 + 9 * 16

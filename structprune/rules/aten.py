@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..analyse import RuleContext
+from ..registry import DEFAULT_REGISTRY as R
+from ..types import RuleContext
 from . import layers, reduce, shape
-from .base import elementwise
-from .registry import DEFAULT_REGISTRY as R
+from .base import elementwise, metadata
 
 aten = torch.ops.aten
 
@@ -28,7 +28,32 @@ def _overloads(*names: str) -> list:
     return found
 
 
-R.function(*_overloads(
+# Multiply-accumulates
+
+
+def _conv_macs(capture, node, module):
+    return layers.conv_macs(capture, node, node.args[0], node.args[1], False)
+
+
+def _conv_t_macs(capture, node, module):
+    return layers.conv_macs(capture, node, node.args[0], node.args[1], True)
+
+
+def _convolution_macs(capture, node, module):
+    transposed = bool(node.args[6]) if len(node.args) > 6 else False
+    return layers.conv_macs(capture, node, node.args[0], node.args[1], transposed)
+
+
+def _matmul_macs(capture, node, module):
+    return layers.matmul_macs(capture, node, node.args[0])
+
+
+def _addmm_macs(capture, node, module):
+    return layers.matmul_macs(capture, node, node.args[1])
+
+
+
+R.rule(*_overloads(
     "relu", "relu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "gelu", "gelu_",
     "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_", "elu",
     "elu_", "leaky_relu", "leaky_relu_", "mish", "mish_", "softplus", "exp", "log", "abs", "neg",
@@ -40,32 +65,33 @@ R.function(*_overloads(
 ))(elementwise)
 
 
-@R.function(*_overloads("conv1d", "conv2d", "conv3d"))
+@R.rule(*_overloads("conv1d", "conv2d", "conv3d"), macs=_conv_macs)
 def _conv(ctx: RuleContext, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return layers.convolution(ctx, input, weight, bias, groups, False,
                               layers.groups_owned(ctx, weight, groups))
 
 
-@R.function(*_overloads("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
+@R.rule(*_overloads("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+        macs=_conv_t_macs)
 def _conv_t(ctx: RuleContext, input, weight, bias=None, stride=1, padding=0, output_padding=0,
             groups=1, dilation=1):
     return layers.convolution(ctx, input, weight, bias, groups, True,
                               layers.groups_owned(ctx, weight, groups))
 
 
-@R.function(*_overloads("convolution"))
+@R.rule(*_overloads("convolution"), macs=_convolution_macs)
 def _convolution(ctx: RuleContext, input, weight, bias, stride, padding, dilation, transposed,
                  output_padding, groups):
     return layers.convolution(ctx, input, weight, bias, groups, transposed,
                               layers.groups_owned(ctx, weight, groups))
 
 
-@R.function(*_overloads("linear"))
+@R.rule(*_overloads("linear"), macs=_matmul_macs)
 def _linear(ctx: RuleContext, input, weight, bias=None):
     return layers.linear(ctx, input, weight, bias)
 
 
-@R.function(*_overloads("batch_norm", "_native_batch_norm_legit_no_training",
+@R.rule(*_overloads("batch_norm", "_native_batch_norm_legit_no_training",
                         "_native_batch_norm_legit", "native_batch_norm"))
 def _batch_norm(ctx: RuleContext, input, weight=None, bias=None, running_mean=None,
                 running_var=None, *rest, **kwargs):
@@ -76,55 +102,55 @@ def _batch_norm(ctx: RuleContext, input, weight=None, bias=None, running_mean=No
     return ctx.result(input.maps)
 
 
-@R.function(*_overloads("layer_norm"))
+@R.rule(*_overloads("layer_norm"))
 def _layer_norm(ctx: RuleContext, input, normalized_shape, weight=None, bias=None, *rest):
-    return layers._layer_norm_fn(ctx, input, normalized_shape, weight, bias)
+    return layers.functional_layer_norm(ctx, input, normalized_shape, weight, bias)
 
 
-@R.function(*_overloads("group_norm"))
+@R.rule(*_overloads("group_norm"))
 def _group_norm(ctx: RuleContext, input, num_groups, weight=None, bias=None, *rest):
-    return layers._group_norm_fn(ctx, input, num_groups, weight, bias)
+    return layers.functional_group_norm(ctx, input, num_groups, weight, bias)
 
 
-@R.function(*_overloads("mm", "bmm", "matmul"))
+@R.rule(*_overloads("mm", "bmm", "matmul"), macs=_matmul_macs)
 def _matmul(ctx: RuleContext, a, b):
-    return layers._matmul(ctx, a, b)
+    return layers.matmul(ctx, a, b)
 
 
-@R.function(*_overloads("addmm"))
+@R.rule(*_overloads("addmm"), macs=_addmm_macs)
 def _addmm(ctx: RuleContext, bias, a, b, *rest, **kwargs):
-    return elementwise(ctx, layers._matmul(ctx, a, b), bias)
+    return elementwise(ctx, layers.matmul(ctx, a, b), bias)
 
 
-R.function(*_overloads("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
+R.rule(*_overloads("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
                        "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                        "adaptive_avg_pool3d", "adaptive_max_pool2d", "max_pool2d_with_indices",
                        "upsample_nearest2d", "upsample_bilinear2d", "_adaptive_avg_pool2d",
                        "upsample_nearest1d", "upsample_linear1d", "upsample_bicubic2d"))(
-    reduce._pool_fn)
+    reduce.pool)
 
 
-@R.function(*_overloads("mean"))
+@R.rule(*_overloads("mean"))
 def _mean(ctx: RuleContext, input, dim=None, keepdim=False, *rest, **kwargs):
     return reduce.reduce(ctx, input, dim, keepdim, False, "mean")
 
 
-@R.function(*_overloads("sum"))
+@R.rule(*_overloads("sum"))
 def _sum(ctx: RuleContext, input, dim=None, keepdim=False, *rest, **kwargs):
     return reduce.reduce(ctx, input, dim, keepdim, True, "sum")
 
 
-@R.function(*_overloads("amax", "amin", "max", "min"))
+@R.rule(*_overloads("amax", "amin", "max", "min"))
 def _amax(ctx: RuleContext, input, dim=None, keepdim=False, *rest, **kwargs):
     return reduce.reduce(ctx, input, dim, keepdim, False, "max/min")
 
 
-@R.function(*_overloads("_softmax", "softmax", "_log_softmax", "log_softmax"))
+@R.rule(*_overloads("_softmax", "softmax", "_log_softmax", "log_softmax"))
 def _softmax(ctx: RuleContext, input, dim, *rest, **kwargs):
     return reduce.softmax(ctx, input, dim, "softmax")
 
 
-@R.function(*_overloads("view", "reshape", "_unsafe_view"))
+@R.rule(*_overloads("view", "reshape", "_unsafe_view"))
 def _view(ctx: RuleContext, input, size):
     # a torch.export graph holds every size as a literal: the reshape can only stay exact
     # if it keeps the channel axis in place, so sizes of the input's own axes count as free
@@ -132,91 +158,62 @@ def _view(ctx: RuleContext, input, size):
     return shape.reshape(ctx, input, literal)
 
 
-@R.function(*_overloads("flatten"))
+@R.rule(*_overloads("flatten"))
 def _flatten(ctx: RuleContext, input, start_dim=0, end_dim=-1):
     return shape.reshape(ctx, input, set())
 
 
-@R.function(*_overloads("squeeze", "unsqueeze", "squeeze_", "unsqueeze_"))
+@R.rule(*_overloads("squeeze", "unsqueeze", "squeeze_", "unsqueeze_"))
 def _squeeze(ctx: RuleContext, input, *dims):
     return shape.reshape(ctx, input, set())
 
 
-@R.function(*_overloads("permute"))
+@R.rule(*_overloads("permute"))
 def _permute(ctx: RuleContext, input, dims):
     return shape.permute(ctx, input, dims)
 
 
-@R.function(*_overloads("transpose"))
+@R.rule(*_overloads("transpose"))
 def _transpose(ctx: RuleContext, input, dim0, dim1):
-    return shape._transpose(ctx, input, dim0, dim1)
+    return shape.transpose(ctx, input, dim0, dim1)
 
 
-@R.function(*_overloads("cat", "concat"))
+@R.rule(*_overloads("cat", "concat"))
 def _cat(ctx: RuleContext, tensors, dim=0):
-    return shape._cat(ctx, tensors, dim)
+    return shape.cat(ctx, tensors, dim)
 
 
-@R.function(*_overloads("stack"))
+@R.rule(*_overloads("stack"))
 def _stack(ctx: RuleContext, tensors, dim=0):
-    return shape._stack(ctx, tensors, dim)
+    return shape.stack(ctx, tensors, dim)
 
 
-@R.function(*_overloads("chunk"))
+@R.rule(*_overloads("chunk"))
 def _chunk(ctx: RuleContext, input, chunks, dim=0):
     return shape.split_equal(ctx, input, chunks, dim, "chunk")
 
 
-@R.function(*_overloads("split", "split_with_sizes", "unsafe_split"))
+@R.rule(*_overloads("split", "split_with_sizes", "unsafe_split"))
 def _split(ctx: RuleContext, input, split_size, dim=0):
     return shape.literal_split(ctx, input, split_size, dim,
                                "split sizes are fixed in the exported graph")
 
 
-@R.function(*_overloads("pad", "constant_pad_nd"))
+@R.rule(*_overloads("pad", "constant_pad_nd"))
 def _pad(ctx: RuleContext, input, pad, *rest):
-    return shape._pad(ctx, input, pad)
+    return shape.pad(ctx, input, pad)
 
 
-@R.function(*_overloads("pixel_shuffle"))
+@R.rule(*_overloads("pixel_shuffle"))
 def _pixel_shuffle(ctx: RuleContext, input, upscale_factor):
     return shape.pixel_shuffle(ctx, input, upscale_factor)
 
 
-@R.function(*_overloads("expand"))
+@R.rule(*_overloads("expand"))
 def _expand(ctx: RuleContext, input, size, *rest):
-    return shape._expand(ctx, input, size)
+    return shape.expand(ctx, input, size)
 
 
-@R.function(*_overloads("sym_size", "size", "dim", "numel"))
+@R.rule(*_overloads("sym_size", "size", "dim", "numel"))
 def _metadata(ctx: RuleContext, *args, **kwargs):
-    from .base import metadata
     return metadata(ctx)
-
-
-# Multiply-accumulates, for the reports
-
-@R.macs(*_overloads("conv1d", "conv2d", "conv3d"))
-def _conv_macs(capture, node, module):
-    return layers.conv_macs(capture, node, node.args[0], node.args[1], False)
-
-
-@R.macs(*_overloads("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
-def _conv_t_macs(capture, node, module):
-    return layers.conv_macs(capture, node, node.args[0], node.args[1], True)
-
-
-@R.macs(*_overloads("convolution"))
-def _convolution_macs(capture, node, module):
-    transposed = bool(node.args[6]) if len(node.args) > 6 else False
-    return layers.conv_macs(capture, node, node.args[0], node.args[1], transposed)
-
-
-@R.macs(*_overloads("linear", "mm", "bmm", "matmul"))
-def _matmul_macs(capture, node, module):
-    return layers.matmul_macs(capture, node, node.args[0])
-
-
-@R.macs(*_overloads("addmm"))
-def _addmm_macs(capture, node, module):
-    return layers.matmul_macs(capture, node, node.args[1])

@@ -7,9 +7,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 import torch.fx as fx
 
-from ..analyse import ChannelMap, RuleContext, TensorInfo, tensor_infos
+from ..types import ChannelMap, RuleContext, TensorInfo, spec_to_info, tensor_infos
 
 
 def shifted(cmap: ChannelMap, offset: int) -> ChannelMap:
@@ -190,6 +191,32 @@ def size_query(ctx: RuleContext, node: fx.Node) -> tuple[TensorInfo, int] | None
     return None
 
 
+# Output shapes, for capture (see RuleRegistry.op)
+
+
+def same_shape(module: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any] | None:
+    """The first input's shape and dtype: activations, norms, dropout."""
+    x = args[0] if args else None
+    return (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None
+
+
+def broadcast_shape(module: Any, args: tuple, kwargs: dict,
+                    ) -> tuple[tuple[int, ...], Any] | None:
+    """Two operands of one dtype broadcast, or a float tensor and a Python number; None for
+    anything that type promotion could change."""
+    if len(args) != 2 or kwargs or not isinstance(args[0], torch.Tensor):
+        return None
+    first, other = args
+    if isinstance(other, torch.Tensor):
+        if other.dtype != first.dtype:
+            return None
+        return tuple(torch.broadcast_shapes(first.shape, other.shape)), first.dtype
+    if isinstance(other, (int, float)) and not isinstance(other, bool) \
+            and first.is_floating_point():
+        return tuple(first.shape), first.dtype
+    return None
+
+
 def unknown(ctx: RuleContext, args: tuple, kwargs: dict) -> Any:
     """No rule: every channel that reaches this op is kept, and the output carries no map."""
     target = ctx.node.target
@@ -197,14 +224,9 @@ def unknown(ctx: RuleContext, args: tuple, kwargs: dict) -> Any:
     if ctx.module is not None:
         name = f"{type(ctx.module).__name__} module"
     ctx.block(tensor_infos((args, kwargs)), f"no channel rule for {name}")
-    return _plain(ctx.output)
-
-
-def _plain(spec: Any) -> Any:
-    from ..analyse import _spec_to_info
-    return _spec_to_info(spec)
+    return spec_to_info(ctx.output)
 
 
 def metadata(ctx: RuleContext, *args: Any, **kwargs: Any) -> Any:
     """Size and dtype queries read no data: the result is the captured value."""
-    return _plain(ctx.output)
+    return spec_to_info(ctx.output)

@@ -8,9 +8,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..analyse import RuleContext, TensorInfo
-from .base import elementwise, merge_elementwise, metadata, passthrough, project
-from .registry import DEFAULT_REGISTRY as R
+from ..registry import DEFAULT_REGISTRY as R
+from ..types import RuleContext, TensorInfo
+from .base import (
+    broadcast_shape,
+    elementwise,
+    merge_elementwise,
+    metadata,
+    passthrough,
+    project,
+    same_shape,
+)
 
 _UNARY_FUNCTIONS = [
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs,
@@ -57,33 +65,50 @@ _BINARY_METHODS = [
     "__rmul__", "__sub__", "__truediv__", "rsub", "fmod", "remainder",
 ]
 
-R.function(*_UNARY_FUNCTIONS, *_BINARY_FUNCTIONS)(elementwise)
-R.method(*_UNARY_METHODS, *_BINARY_METHODS)(elementwise)
+# outputs capture computes from the inputs instead of running the op on meta tensors
+_KEEP_SHAPE = {
+    torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.silu, F.gelu, F.hardswish,
+    F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.mish, F.dropout, F.hardtanh,
+    F.softplus, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone",
+    "detach", "mul_", "add_", "clamp", "clamp_", "hardtanh_",
+}
+_BROADCAST = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+    operator.isub, torch.add, torch.mul, torch.sub, "add", "mul", "sub", "div",
+}
+for _target in dict.fromkeys([*_UNARY_FUNCTIONS, *_BINARY_FUNCTIONS, *_UNARY_METHODS,
+                              *_BINARY_METHODS]):
+    R.op(_target, rule=elementwise, shape=same_shape if _target in _KEEP_SHAPE else
+         broadcast_shape if _target in _BROADCAST else None)
 
 
-@R.method("expand_as")
+@R.rule("expand_as")
 def _expand_as(ctx: RuleContext, x: TensorInfo, other: TensorInfo) -> TensorInfo:
     return ctx.result(merge_elementwise(ctx, [x, other], ctx.out_shape))
 
 
-@R.method("to", "type_as", "type")
+@R.rule("to", "type_as", "type")
 def _convert(ctx: RuleContext, x: TensorInfo, *args, **kwargs) -> TensorInfo:
     """Dtype/device conversion: another tensor argument only lends its dtype."""
     return passthrough(ctx, x)
 
 
-@R.module(*_UNARY_MODULES)
+@R.rule(*_UNARY_MODULES, shape=same_shape)
 def _unary_module(ctx: RuleContext, module: nn.Module, x: TensorInfo, *rest) -> TensorInfo:
     return passthrough(ctx, x)
 
 
-@R.module(nn.PReLU)
+def _resize_prelu(module: nn.PReLU) -> None:
+    module.num_parameters = module.weight.numel()
+
+
+@R.rule(nn.PReLU, resize=_resize_prelu, shape=same_shape)
 def _prelu(ctx: RuleContext, module: nn.PReLU, x: TensorInfo) -> TensorInfo:
     weight = ctx.module_param("weight")
     return _prelu_channels(ctx, x, weight)
 
 
-@R.function(F.prelu, torch.prelu)
+@R.rule(F.prelu, torch.prelu)
 def _prelu_fn(ctx: RuleContext, x: TensorInfo, weight: TensorInfo) -> TensorInfo:
     return _prelu_channels(ctx, x, weight)
 
@@ -99,31 +124,10 @@ def _prelu_channels(ctx: RuleContext, x: TensorInfo, weight: TensorInfo | None) 
     return passthrough(ctx, x)
 
 
-@R.resizer(nn.PReLU)
-def _resize_prelu(module: nn.PReLU) -> None:
-    module.num_parameters = module.weight.numel()
-
-
-@R.method("size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous",
+@R.rule("size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous",
           "element_size", "is_floating_point")
 def _metadata_method(ctx: RuleContext, *args, **kwargs):
     return metadata(ctx)
 
 
-R.function(getattr, len, torch.numel, torch.is_tensor, torch.is_floating_point)(metadata)
-
-
-# Capture's shortcut: these outputs follow from the inputs' shapes, no dispatch needed
-R.same_shape(
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity, nn.Hardtanh,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.PReLU,
-    torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.silu, F.gelu, F.hardswish,
-    F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.mish, F.dropout, F.hardtanh,
-    F.softplus,
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "detach", "mul_",
-    "add_", "clamp", "clamp_", "hardtanh_",
-)
-R.broadcast_shape(operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
-                  operator.imul, operator.isub, torch.add, torch.mul, torch.sub,
-                  "add", "mul", "sub", "div")
+R.rule(getattr, len, torch.numel, torch.is_tensor, torch.is_floating_point)(metadata)

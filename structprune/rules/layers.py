@@ -12,14 +12,61 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..analyse import ChannelMap, RuleContext, TensorInfo
-from .base import block_except, filled, merge_elementwise, passthrough, project
-from .registry import DEFAULT_REGISTRY as R
+from ..registry import DEFAULT_REGISTRY as R
+from ..types import ChannelMap, RuleContext, TensorInfo
+from .base import block_except, filled, merge_elementwise, passthrough, project, same_shape
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NO_INPUT = "input channels come from a tensor that cannot be pruned"
 _NOT_SLICEABLE = "the weight is computed, not a parameter that can be sliced"
+
+
+# Multiply-accumulates, for the reports
+
+
+def conv_macs(capture: Any, node: fx.Node, x: Any, weight: Any, transposed: bool) -> int:
+    """A conv's output elements times its weight's fan-in; a transposed conv's input elements
+    times its weight's fan-out. ``x`` and ``weight`` are node arguments or tensors."""
+    w_shape = weight.shape if isinstance(weight, torch.Tensor) else \
+        getattr(capture.tensor_spec(weight), "shape", None)
+    if w_shape is None:
+        return 0
+    if transposed:
+        x_spec = capture.tensor_spec(x)
+        return math.prod(x_spec.shape) * math.prod(w_shape[1:]) if x_spec else 0
+    return math.prod(capture.values[node.name].shape) * math.prod(w_shape[1:])
+
+
+def matmul_macs(capture: Any, node: fx.Node, a: Any) -> int:
+    """Output elements times the contracted size (the last axis of ``a``)."""
+    a_spec = capture.tensor_spec(a)
+    return math.prod(capture.values[node.name].shape) * a_spec.shape[-1] if a_spec else 0
+
+
+def _arg(node: fx.Node, position: int, name: str) -> Any:
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name)
+
+
+def _conv_module_macs(capture, node: fx.Node, module: nn.Module) -> int:
+    return conv_macs(capture, node, _arg(node, 0, "input"), module.weight, module.transposed)
+
+
+def _conv_fn_macs(capture, node: fx.Node, module: None) -> int:
+    return conv_macs(capture, node, _arg(node, 0, "input"), _arg(node, 1, "weight"), False)
+
+
+def _conv_t_fn_macs(capture, node: fx.Node, module: None) -> int:
+    return conv_macs(capture, node, _arg(node, 0, "input"), _arg(node, 1, "weight"), True)
+
+
+def _linear_module_macs(capture, node: fx.Node, module: nn.Linear) -> int:
+    return math.prod(capture.values[node.name].shape) * module.in_features
+
+
+def _matmul_macs(capture, node: fx.Node, module: None) -> int:
+    return matmul_macs(capture, node, _arg(node, 0, "input"))
+
 
 
 def convolution(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: TensorInfo | None,
@@ -66,7 +113,6 @@ def convolution(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: Tenso
     return ctx.result([ChannelMap((cdim,), out)] if out is not None else [])
 
 
-@R.module(*_CONVS, *_CONV_TRANSPOSES)
 def _conv_module(ctx: RuleContext, module: nn.Module, x: TensorInfo, *output_size) -> TensorInfo:
     transposed = isinstance(module, _CONV_TRANSPOSES)
     cdim = x.ndim - len(module.kernel_size) - 1
@@ -84,44 +130,19 @@ def groups_owned(ctx: RuleContext, weight: TensorInfo, groups: int) -> bool:
     return isinstance(owner, nn.modules.conv._ConvNd) and owner.groups == groups
 
 
-@R.function(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+@R.rule(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
+        macs=_conv_fn_macs)
 def _conv_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=None, stride=1,
              padding=0, dilation=1, groups=1) -> TensorInfo:
     return convolution(ctx, input, weight, bias, groups, False, groups_owned(ctx, weight, groups))
 
 
-@R.function(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+@R.rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, macs=_conv_t_fn_macs)
 def _conv_t_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=None, stride=1,
                padding=0, output_padding=0, groups=1, dilation=1) -> TensorInfo:
     return convolution(ctx, input, weight, bias, groups, True, groups_owned(ctx, weight, groups))
 
 
-def _single_input(args: tuple, kwargs: dict, weight: torch.Tensor) -> torch.Tensor | None:
-    """The one positional tensor input of a module call, when its dtype matches ``weight``."""
-    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
-        return None
-    return args[0] if args[0].dtype == weight.dtype else None
-
-
-@R.output_shape(*_CONVS)
-def _conv_shape(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-    x = _single_input(args, kwargs, module.weight)
-    n = len(module.kernel_size)
-    if x is None or x.ndim not in (n + 1, n + 2) or x.shape[-n - 1] != module.in_channels:
-        return None
-    if module.padding == "same":
-        spatial = tuple(x.shape[-n:])
-    else:
-        padding = (0,) * n if module.padding == "valid" else module.padding
-        spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
-            x.shape[-n:], module.kernel_size, module.stride, padding, module.dilation,
-            strict=True))
-    if min(spatial) < 1:
-        return None  # the op raises its own error
-    return (*x.shape[:-n - 1], module.out_channels, *spatial)
-
-
-@R.resizer(*_CONVS)
 def _resize_conv(module: nn.Module) -> None:
     out = module.weight.shape[0]
     if module.groups > 1:
@@ -130,7 +151,6 @@ def _resize_conv(module: nn.Module) -> None:
     module.in_channels = module.weight.shape[1] * module.groups
 
 
-@R.resizer(*_CONV_TRANSPOSES)
 def _resize_conv_t(module: nn.Module) -> None:
     c_in = module.weight.shape[0]
     if module.groups > 1:
@@ -139,55 +159,8 @@ def _resize_conv_t(module: nn.Module) -> None:
     module.out_channels = module.weight.shape[1] * module.groups
 
 
-# Multiply-accumulates, for the reports
-
-
-def conv_macs(capture: Any, node: fx.Node, x: Any, weight: Any, transposed: bool) -> int:
-    """A conv's output elements times its weight's fan-in; a transposed conv's input elements
-    times its weight's fan-out. ``x`` and ``weight`` are node arguments or tensors."""
-    w_shape = weight.shape if isinstance(weight, torch.Tensor) else \
-        getattr(capture.tensor_spec(weight), "shape", None)
-    if w_shape is None:
-        return 0
-    if transposed:
-        x_spec = capture.tensor_spec(x)
-        return math.prod(x_spec.shape) * math.prod(w_shape[1:]) if x_spec else 0
-    return math.prod(capture.values[node.name].shape) * math.prod(w_shape[1:])
-
-
-def matmul_macs(capture: Any, node: fx.Node, a: Any) -> int:
-    """Output elements times the contracted size (the last axis of ``a``)."""
-    a_spec = capture.tensor_spec(a)
-    return math.prod(capture.values[node.name].shape) * a_spec.shape[-1] if a_spec else 0
-
-
-def _arg(node: fx.Node, position: int, name: str) -> Any:
-    return node.args[position] if len(node.args) > position else node.kwargs.get(name)
-
-
-@R.macs(*_CONVS, *_CONV_TRANSPOSES)
-def _conv_module_macs(capture, node: fx.Node, module: nn.Module) -> int:
-    return conv_macs(capture, node, _arg(node, 0, "input"), module.weight, module.transposed)
-
-
-@R.macs(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
-def _conv_fn_macs(capture, node: fx.Node, module: None) -> int:
-    return conv_macs(capture, node, _arg(node, 0, "input"), _arg(node, 1, "weight"), False)
-
-
-@R.macs(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-def _conv_t_fn_macs(capture, node: fx.Node, module: None) -> int:
-    return conv_macs(capture, node, _arg(node, 0, "input"), _arg(node, 1, "weight"), True)
-
-
-@R.macs(nn.Linear)
-def _linear_module_macs(capture, node: fx.Node, module: nn.Linear) -> int:
-    return math.prod(capture.values[node.name].shape) * module.in_features
-
-
-@R.macs(torch.matmul, operator.matmul, torch.mm, torch.bmm, F.linear, "matmul", "mm", "bmm")
-def _matmul_macs(capture, node: fx.Node, module: None) -> int:
-    return matmul_macs(capture, node, _arg(node, 0, "input"))
+R.op(*_CONVS, rule=_conv_module, macs=_conv_module_macs, resize=_resize_conv)
+R.op(*_CONV_TRANSPOSES, rule=_conv_module, macs=_conv_module_macs, resize=_resize_conv_t)
 
 
 def linear(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: TensorInfo | None,
@@ -211,32 +184,23 @@ def linear(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: TensorInfo
     return ctx.result(maps)
 
 
-@R.module(nn.Linear, nn.LazyLinear)
-def _linear_module(ctx: RuleContext, module: nn.Linear, x: TensorInfo) -> TensorInfo:
-    return linear(ctx, x, ctx.module_param("weight"), ctx.module_param("bias"))
-
-
-@R.function(F.linear)
-def _linear_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=None) -> TensorInfo:
-    return linear(ctx, input, weight, bias)
-
-
-@R.output_shape(nn.Linear)
-def _linear_shape(module: nn.Linear, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-    x = _single_input(args, kwargs, module.weight)
-    if x is None or x.ndim < 1 or x.shape[-1] != module.in_features:
-        return None
-    return (*x.shape[:-1], module.out_features)
-
-
-@R.resizer(nn.Linear)
 def _resize_linear(module: nn.Linear) -> None:
     module.out_features, module.in_features = module.weight.shape
 
 
-@R.function(torch.matmul, operator.matmul, torch.mm, torch.bmm)
-@R.method("matmul", "mm", "bmm", "__matmul__")
-def _matmul(ctx: RuleContext, a: TensorInfo, b: TensorInfo) -> TensorInfo:
+@R.rule(nn.Linear, nn.LazyLinear, macs=_linear_module_macs, resize=_resize_linear)
+def _linear_module(ctx: RuleContext, module: nn.Linear, x: TensorInfo) -> TensorInfo:
+    return linear(ctx, x, ctx.module_param("weight"), ctx.module_param("bias"))
+
+
+@R.rule(F.linear, macs=_matmul_macs)
+def _linear_fn(ctx: RuleContext, input: TensorInfo, weight: TensorInfo, bias=None) -> TensorInfo:
+    return linear(ctx, input, weight, bias)
+
+
+@R.rule(torch.matmul, operator.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm",
+        "__matmul__", macs=_matmul_macs)
+def matmul(ctx: RuleContext, a: TensorInfo, b: TensorInfo) -> TensorInfo:
     """Contraction over a's last and b's second-to-last axis: a sum, so masking is exact."""
     if not isinstance(a, TensorInfo) or not isinstance(b, TensorInfo) or a.ndim < 2 or b.ndim < 2:
         ctx.block([a, b], "matmul with a vector operand")
@@ -298,7 +262,15 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
-@R.module(*_BATCH_NORMS)
+def _resize_batch_norm(module: nn.Module) -> None:
+    for attr in ("weight", "running_mean"):
+        t = getattr(module, attr, None)
+        if isinstance(t, torch.Tensor):
+            module.num_features = t.shape[0]
+            return
+
+
+@R.rule(*_BATCH_NORMS, resize=_resize_batch_norm, shape=same_shape)
 def _batch_norm(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
     cdim = 1 if x.ndim > 1 and not (isinstance(module, nn.InstanceNorm1d) and x.ndim == 2) else 0
     if isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
@@ -315,23 +287,21 @@ def _batch_norm(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInf
     return passthrough(ctx, x)
 
 
-@R.function(F.batch_norm, F.instance_norm)
+@R.rule(F.batch_norm, F.instance_norm)
 def _batch_norm_fn(ctx: RuleContext, input: TensorInfo, running_mean=None, running_var=None,
                    weight=None, bias=None, *rest, **kwargs) -> TensorInfo:
     per_channel(ctx, input, [running_mean, running_var, weight, bias])
     return passthrough(ctx, input)
 
 
-@R.resizer(*_BATCH_NORMS)
-def _resize_batch_norm(module: nn.Module) -> None:
-    for attr in ("weight", "running_mean"):
-        t = getattr(module, attr, None)
-        if isinstance(t, torch.Tensor):
-            module.num_features = t.shape[0]
-            return
+def _resize_group_norm(module: nn.GroupNorm) -> None:
+    channels = module.weight.shape[0]
+    if module.num_groups > 1:
+        module.num_groups = module.num_groups * channels // module.num_channels
+    module.num_channels = channels
 
 
-@R.module(nn.GroupNorm)
+@R.rule(nn.GroupNorm, resize=_resize_group_norm, shape=same_shape)
 def _group_norm(ctx: RuleContext, module: nn.GroupNorm, x: TensorInfo) -> TensorInfo:
     return _group_norm_channels(ctx, x, module.num_groups, ctx.module_param("weight"),
                                 ctx.module_param("bias"))
@@ -349,14 +319,6 @@ def _group_norm_channels(ctx: RuleContext, x: TensorInfo, groups: int, weight, b
         ctx.unify_along(x_ids.reshape(groups, -1), [1])  # whole groups only
         per_channel(ctx, x, [weight, bias])
     return passthrough(ctx, x)
-
-
-@R.resizer(nn.GroupNorm)
-def _resize_group_norm(module: nn.GroupNorm) -> None:
-    channels = module.weight.shape[0]
-    if module.num_groups > 1:
-        module.num_groups = module.num_groups * channels // module.num_channels
-    module.num_channels = channels
 
 
 def layer_norm(ctx: RuleContext, x: TensorInfo, n_axes: int, weight, bias,
@@ -380,14 +342,19 @@ def layer_norm(ctx: RuleContext, x: TensorInfo, n_axes: int, weight, bias,
     return passthrough(ctx, x)
 
 
-@R.module(nn.LayerNorm, nn.RMSNorm)
+def _resize_layer_norm(module: nn.Module) -> None:
+    if getattr(module, "weight", None) is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+
+
+@R.rule(nn.LayerNorm, nn.RMSNorm, resize=_resize_layer_norm, shape=same_shape)
 def _layer_norm(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
     shape = module.normalized_shape
     return layer_norm(ctx, x, len(shape), ctx.module_param("weight"), ctx.module_param("bias"))
 
 
-@R.function(F.layer_norm, F.rms_norm)
-def _layer_norm_fn(ctx: RuleContext, input: TensorInfo, normalized_shape, weight=None, bias=None,
+@R.rule(F.layer_norm, F.rms_norm)
+def functional_layer_norm(ctx: RuleContext, input: TensorInfo, normalized_shape, weight=None, bias=None,
                    *rest, **kwargs) -> TensorInfo:
     out = layer_norm(ctx, input, len(normalized_shape), weight,
                      bias if isinstance(bias, TensorInfo) else None)
@@ -402,8 +369,8 @@ def _layer_norm_fn(ctx: RuleContext, input: TensorInfo, normalized_shape, weight
     return out
 
 
-@R.function(F.group_norm)
-def _group_norm_fn(ctx: RuleContext, input: TensorInfo, num_groups: int, weight=None, bias=None,
+@R.rule(F.group_norm)
+def functional_group_norm(ctx: RuleContext, input: TensorInfo, num_groups: int, weight=None, bias=None,
                    eps: float = 1e-5) -> TensorInfo:
     owner = ctx.owner(weight)
     if isinstance(owner, nn.GroupNorm) and owner.num_groups == num_groups:
@@ -412,13 +379,7 @@ def _group_norm_fn(ctx: RuleContext, input: TensorInfo, num_groups: int, weight=
     return passthrough(ctx, input)
 
 
-@R.resizer(nn.LayerNorm, nn.RMSNorm)
-def _resize_layer_norm(module: nn.Module) -> None:
-    if getattr(module, "weight", None) is not None:
-        module.normalized_shape = tuple(module.weight.shape)
-
-
-@R.module(nn.LocalResponseNorm, nn.CrossMapLRN2d)
+@R.rule(nn.LocalResponseNorm, nn.CrossMapLRN2d)
 def _lrn(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
     for m in x.maps:
         if 1 in m.dims:
@@ -426,11 +387,6 @@ def _lrn(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
     return passthrough(ctx, x)
 
 
-@R.function(F.local_response_norm)
+@R.rule(F.local_response_norm)
 def _lrn_fn(ctx: RuleContext, input: TensorInfo, *args, **kwargs) -> TensorInfo:
     return _lrn(ctx, None, input)
-
-
-# Capture's shortcut: norms keep their input's shape and dtype
-R.same_shape(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
-             nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..analyse import ChannelMap, RuleContext, TensorInfo
+from ..registry import DEFAULT_REGISTRY as R
+from ..types import ChannelMap, RuleContext, TensorInfo
 from .base import channel_passthrough, elementwise, passthrough
-from .registry import DEFAULT_REGISTRY as R
 
 
 def reduce(ctx: RuleContext, x: TensorInfo, dim: Any, keepdim: bool, exact: bool,
@@ -49,26 +49,26 @@ def _reducer(exact: bool, what: str):
     return rule
 
 
-R.function(torch.sum, torch.nansum)(_reducer(True, "sum"))
-R.method("sum", "nansum")(_reducer(True, "sum"))
-R.function(torch.mean, torch.nanmean)(_reducer(False, "mean"))
-R.method("mean", "nanmean")(_reducer(False, "mean"))
-R.function(torch.amax, torch.amin, torch.max, torch.min, torch.argmax, torch.argmin,
+R.rule(torch.sum, torch.nansum)(_reducer(True, "sum"))
+R.rule("sum", "nansum")(_reducer(True, "sum"))
+R.rule(torch.mean, torch.nanmean)(_reducer(False, "mean"))
+R.rule("mean", "nanmean")(_reducer(False, "mean"))
+R.rule(torch.amax, torch.amin, torch.max, torch.min, torch.argmax, torch.argmin,
            torch.logsumexp, torch.prod, torch.median, torch.all, torch.any)(
     _reducer(False, "max/min/prod"))
-R.method("amax", "amin", "max", "min", "argmax", "argmin", "logsumexp", "prod", "median",
+R.rule("amax", "amin", "max", "min", "argmax", "argmin", "logsumexp", "prod", "median",
          "all", "any")(_reducer(False, "max/min/prod"))
 
 
-@R.function(torch.std, torch.var)
-@R.method("std", "var")
+@R.rule(torch.std, torch.var)
+@R.rule("std", "var")
 def _moments(ctx: RuleContext, input: TensorInfo, dim: Any = None, *args: Any, keepdim=False,
              **kwargs: Any) -> Any:
     return reduce(ctx, input, dim, keepdim, False, "variance")
 
 
-@R.function(torch.norm, torch.linalg.vector_norm)
-@R.method("norm")
+@R.rule(torch.norm, torch.linalg.vector_norm)
+@R.rule("norm")
 def _norm(ctx: RuleContext, input: TensorInfo, p: Any = 2, dim: Any = None, keepdim=False,
           *args: Any, **kwargs: Any) -> Any:
     if ctx.node.target is torch.linalg.vector_norm:
@@ -84,29 +84,29 @@ def softmax(ctx: RuleContext, x: TensorInfo, dim: int, what: str) -> TensorInfo:
     return passthrough(ctx, x)
 
 
-@R.function(F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax)
-@R.method("softmax", "log_softmax")
+@R.rule(F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax)
+@R.rule("softmax", "log_softmax")
 def _softmax(ctx: RuleContext, input: TensorInfo, dim: int | None = None, *args, **kwargs):
     return softmax(ctx, input, -1 if dim is None else dim, "softmax")
 
 
-@R.module(nn.Softmax, nn.LogSoftmax, nn.Softmin)
+@R.rule(nn.Softmax, nn.LogSoftmax, nn.Softmin)
 def _softmax_module(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
     return softmax(ctx, x, -1 if module.dim is None else module.dim, "softmax")
 
 
-@R.module(nn.Softmax2d)
+@R.rule(nn.Softmax2d)
 def _softmax2d(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
     return softmax(ctx, x, -3, "softmax")
 
 
-@R.function(F.normalize)
+@R.rule(F.normalize)
 def _normalize(ctx: RuleContext, input: TensorInfo, p: float = 2.0, dim: int = 1, *args, **kwargs):
     return softmax(ctx, input, dim, "normalize")
 
 
-@R.function(torch.cumsum, torch.cumprod)
-@R.method("cumsum", "cumprod")
+@R.rule(torch.cumsum, torch.cumprod)
+@R.rule("cumsum", "cumprod")
 def _cumulative(ctx: RuleContext, input: TensorInfo, dim: int, *args, **kwargs) -> TensorInfo:
     dim = dim % input.ndim
     ctx.block(input.map_on(dim), "cumulative op over a channel axis")
@@ -129,8 +129,8 @@ _POOL_MODULES = [
 ]
 
 
-@R.function(*_POOL_FUNCTIONS)
-def _pool_fn(ctx: RuleContext, input: TensorInfo, *args: Any, **kwargs: Any) -> Any:
+@R.rule(*_POOL_FUNCTIONS)
+def pool(ctx: RuleContext, input: TensorInfo, *args: Any, **kwargs: Any) -> Any:
     out = ctx.output
     if isinstance(out, tuple):  # return_indices=True
         first = channel_passthrough(ctx, input)
@@ -138,79 +138,6 @@ def _pool_fn(ctx: RuleContext, input: TensorInfo, *args: Any, **kwargs: Any) -> 
     return channel_passthrough(ctx, input)
 
 
-@R.module(*_POOL_MODULES)
+@R.rule(*_POOL_MODULES)
 def _pool_module(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> Any:
-    return _pool_fn(ctx, x)
-
-
-_POOL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
-              nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
-_ADAPTIVE_DIMS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
-                  nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
-
-
-def _per_dim(value: Any, n: int) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-
-
-def _pool_input(module: nn.Module, args: tuple, kwargs: dict, n: int) -> torch.Tensor | None:
-    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) \
-            or getattr(module, "return_indices", False):
-        return None
-    x = args[0]
-    return x if x.ndim in (n + 1, n + 2) and x.is_floating_point() else None
-
-
-@R.output_shape(*_POOL_DIMS)
-def _pool_shape(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-    """Max and average pooling, as ATen's ``pooling_output_shape`` computes it."""
-    n = _POOL_DIMS[type(module)]
-    x = _pool_input(module, args, kwargs, n)
-    if x is None:
-        return None
-    kernel = _per_dim(module.kernel_size, n)
-    stride = _per_dim(module.stride or module.kernel_size, n)
-    padding = _per_dim(module.padding, n)
-    dilation = _per_dim(getattr(module, "dilation", 1), n)
-    spatial = []
-    for size, k, s, p, d in zip(x.shape[-n:], kernel, stride, padding, dilation, strict=True):
-        if 2 * p > k or size < d * (k - 1) + 1:
-            return None  # the op may raise its own error: let it
-        extra = s - 1 if module.ceil_mode else 0
-        out = (size + 2 * p - d * (k - 1) - 1 + extra) // s + 1
-        if module.ceil_mode and (out - 1) * s >= size + p:
-            out -= 1
-        if out < 1:
-            return None
-        spatial.append(out)
-    return (*x.shape[:-n], *spatial)
-
-
-def _adaptive_output(x: Any, output_size: Any, n: int) -> tuple[int, ...] | None:
-    """``x``'s shape with its last ``n`` axes set to ``output_size`` (None keeps one)."""
-    if not isinstance(x, torch.Tensor) or x.ndim not in (n + 1, n + 2) \
-            or not x.is_floating_point() or min(x.shape[-n:]) < 1:
-        return None
-    sizes = _per_dim(output_size, n)
-    if not all((o is None and n > 1) or (isinstance(o, int) and o >= 1) for o in sizes):
-        return None
-    return (*x.shape[:-n], *(s if o is None else o
-                             for s, o in zip(x.shape[-n:], sizes, strict=True)))
-
-
-@R.output_shape(*_ADAPTIVE_DIMS)
-def _adaptive_pool_shape(module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-    if len(args) != 1 or kwargs or getattr(module, "return_indices", False):
-        return None
-    return _adaptive_output(args[0], module.output_size, _ADAPTIVE_DIMS[type(module)])
-
-
-def _adaptive_fn_shape(n: int):
-    """Output shape of ``F.adaptive_avg_pool{n}d(x, output_size)``."""
-    def shape(module: None, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-        return _adaptive_output(*args, n) if len(args) == 2 and not kwargs else None
-    return shape
-
-
-for _n, _fn in enumerate((F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d), 1):
-    R.output_shape(_fn)(_adaptive_fn_shape(_n))
+    return pool(ctx, x)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -13,9 +12,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..analyse import ChannelMap, RuleContext, TensorInfo
+from ..registry import DEFAULT_REGISTRY as R
+from ..types import ChannelMap, RuleContext, TensorInfo
 from .base import filled, merge_elementwise, passthrough, project, size_query, size_sources
-from .registry import DEFAULT_REGISTRY as R
 
 HARD_CODED = "a size in view/reshape is hard-coded in forward()"
 
@@ -147,14 +146,14 @@ def _sized_reshape(ctx: RuleContext, x: TensorInfo, first: int, packed: bool) ->
     return out
 
 
-@R.method("view_as", "reshape_as")
+@R.rule("view_as", "reshape_as")
 def _view_as(ctx: RuleContext, x: TensorInfo, other: TensorInfo) -> TensorInfo:
     """Sizes come from ``other``: its axes without channel maps keep their size."""
     literal = {d for d in range(other.ndim) if other.map_on(d) is None and other.shape[d] > 1}
     return reshape(ctx, x, literal)
 
 
-@R.method("view", "reshape")
+@R.rule("view", "reshape")
 def _view(ctx: RuleContext, x: TensorInfo, *shape: Any) -> TensorInfo:
     sizes, packed = _size_args(shape)
     if len(sizes) == 1 and isinstance(sizes[0], torch.dtype):
@@ -162,64 +161,38 @@ def _view(ctx: RuleContext, x: TensorInfo, *shape: Any) -> TensorInfo:
     return _sized_reshape(ctx, x, 1, packed)
 
 
-@R.function(torch.reshape)
+@R.rule(torch.reshape)
 def _reshape_fn(ctx: RuleContext, input: TensorInfo, shape: Any) -> TensorInfo:
     return _sized_reshape(ctx, input, 1, True)
 
 
-@R.function(torch.flatten)
-@R.method("flatten")
+@R.rule(torch.flatten)
+@R.rule("flatten")
 def _flatten(ctx: RuleContext, input: TensorInfo, start_dim: int = 0, end_dim: int = -1):
     return reshape(ctx, input, set())
 
 
-@R.module(nn.Flatten)
+@R.rule(nn.Flatten)
 def _flatten_module(ctx: RuleContext, module: nn.Flatten, x: TensorInfo) -> TensorInfo:
     return reshape(ctx, x, set())
 
 
-def _flattened(x: Any, start_dim: Any = 0, end_dim: Any = -1) -> tuple[int, ...] | None:
-    if not isinstance(x, torch.Tensor) or not isinstance(start_dim, int) \
-            or not isinstance(end_dim, int):
-        return None
-    if x.ndim == 0:
-        return (1,)
-    start, end = start_dim % x.ndim, end_dim % x.ndim
-    if start > end:
-        return None
-    return (*x.shape[:start], math.prod(x.shape[start:end + 1]), *x.shape[end + 1:])
-
-
-@R.output_shape(torch.flatten, "flatten")
-def _flatten_shape(module: None, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-    try:
-        return _flattened(*args, **kwargs)
-    except TypeError:  # unexpected arguments: let the op say what is wrong
-        return None
-
-
-@R.output_shape(nn.Flatten)
-def _flatten_module_shape(module: nn.Flatten, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-    return _flattened(args[0], module.start_dim, module.end_dim) \
-        if len(args) == 1 and not kwargs else None
-
-
-@R.method("unflatten")
-@R.function(torch.unflatten)
+@R.rule("unflatten")
+@R.rule(torch.unflatten)
 def _unflatten(ctx: RuleContext, input: TensorInfo, dim: int, sizes: Sequence[int]) -> TensorInfo:
     dim = dim % input.ndim
     literal = {dim + i for i, s in enumerate(sizes) if s != -1}
     return reshape(ctx, input, literal)
 
 
-@R.module(nn.Unflatten)
+@R.rule(nn.Unflatten)
 def _unflatten_module(ctx: RuleContext, module: nn.Unflatten, x: TensorInfo) -> TensorInfo:
     dim = module.dim % x.ndim
     return reshape(ctx, x, {dim + i for i, s in enumerate(module.unflattened_size) if s != -1})
 
 
-@R.function(torch.squeeze, torch.unsqueeze)
-@R.method("squeeze", "unsqueeze", "squeeze_", "unsqueeze_")
+@R.rule(torch.squeeze, torch.unsqueeze)
+@R.rule("squeeze", "unsqueeze", "squeeze_", "unsqueeze_")
 def _squeeze(ctx: RuleContext, input: TensorInfo, *dims: Any) -> TensorInfo:
     return reshape(ctx, input, set())
 
@@ -235,40 +208,28 @@ def permute(ctx: RuleContext, x: TensorInfo, order: Sequence[int]) -> TensorInfo
     return ctx.result(maps)
 
 
-@R.output_shape("permute", torch.permute)
-def _permute_shape(module: None, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-    if kwargs or len(args) < 2 or not isinstance(args[0], torch.Tensor):
-        return None
-    x = args[0]
-    order = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-    if not all(isinstance(d, int) for d in order) or x.ndim == 0 \
-            or sorted(d % x.ndim for d in order) != list(range(x.ndim)):
-        return None
-    return tuple(x.shape[d] for d in order)
-
-
-@R.method("permute")
+@R.rule("permute")
 def _permute(ctx: RuleContext, x: TensorInfo, *dims: Any) -> TensorInfo:
     order, _ = _size_args(dims)
     return permute(ctx, x, order)
 
 
-@R.function(torch.permute)
+@R.rule(torch.permute)
 def _permute_fn(ctx: RuleContext, input: TensorInfo, dims: Sequence[int]) -> TensorInfo:
     return permute(ctx, input, dims)
 
 
-@R.function(torch.transpose, torch.swapaxes, torch.swapdims)
-@R.method("transpose", "swapaxes", "swapdims")
-def _transpose(ctx: RuleContext, input: TensorInfo, dim0: int, dim1: int) -> TensorInfo:
+@R.rule(torch.transpose, torch.swapaxes, torch.swapdims)
+@R.rule("transpose", "swapaxes", "swapdims")
+def transpose(ctx: RuleContext, input: TensorInfo, dim0: int, dim1: int) -> TensorInfo:
     order = list(range(input.ndim))
     a, b = dim0 % input.ndim, dim1 % input.ndim
     order[a], order[b] = order[b], order[a]
     return permute(ctx, input, order)
 
 
-@R.function(torch.movedim, torch.moveaxis)
-@R.method("movedim", "moveaxis")
+@R.rule(torch.movedim, torch.moveaxis)
+@R.rule("movedim", "moveaxis")
 def _movedim(ctx: RuleContext, input: TensorInfo, source: Any, destination: Any) -> TensorInfo:
     src = [source] if isinstance(source, int) else list(source)
     dst = [destination] if isinstance(destination, int) else list(destination)
@@ -283,27 +244,8 @@ def _movedim(ctx: RuleContext, input: TensorInfo, source: Any, destination: Any)
     return permute(ctx, input, order)
 
 
-@R.output_shape(torch.cat, torch.concat)
-def _cat_shape(module: None, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-    """Tensors of one dtype and rank that agree on every axis but ``dim``."""
-    if not args or set(kwargs) - {"dim"} or len(args) > 2:
-        return None
-    tensors, dim = args[0], kwargs.get("dim", args[1] if len(args) == 2 else 0)
-    if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int) \
-            or not all(isinstance(t, torch.Tensor) for t in tensors):
-        return None
-    first = tensors[0]
-    if first.ndim == 0 or any(t.ndim != first.ndim or t.dtype != first.dtype for t in tensors):
-        return None
-    dim %= first.ndim
-    rest = [s for i, s in enumerate(first.shape) if i != dim]
-    if any([s for i, s in enumerate(t.shape) if i != dim] != rest for t in tensors):
-        return None
-    return (*first.shape[:dim], sum(t.shape[dim] for t in tensors), *first.shape[dim + 1:])
-
-
-@R.function(torch.cat, torch.concat, torch.concatenate)
-def _cat(ctx: RuleContext, tensors: Sequence[Any], dim: int = 0, axis: int | None = None):
+@R.rule(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx: RuleContext, tensors: Sequence[Any], dim: int = 0, axis: int | None = None):
     dim = axis if axis is not None else dim
     parts = [t for t in tensors if isinstance(t, TensorInfo) and t.shape != (0,)]
     n = len(ctx.out_shape)
@@ -324,8 +266,8 @@ def _cat(ctx: RuleContext, tensors: Sequence[Any], dim: int = 0, axis: int | Non
     return ctx.result(maps)
 
 
-@R.function(torch.stack)
-def _stack(ctx: RuleContext, tensors: Sequence[Any], dim: int = 0) -> TensorInfo:
+@R.rule(torch.stack)
+def stack(ctx: RuleContext, tensors: Sequence[Any], dim: int = 0) -> TensorInfo:
     n = len(ctx.out_shape)
     dim = dim % n
     lifted = []
@@ -377,14 +319,14 @@ def literal_split(ctx: RuleContext, x: TensorInfo, sizes: Any, dim: int, why: st
     return tuple(results)
 
 
-@R.function(torch.chunk)
-@R.method("chunk")
+@R.rule(torch.chunk)
+@R.rule("chunk")
 def _chunk(ctx: RuleContext, input: TensorInfo, chunks: int, dim: int = 0) -> tuple:
     return split_equal(ctx, input, chunks, dim, "chunk")
 
 
-@R.function(torch.split)
-@R.method("split")
+@R.rule(torch.split)
+@R.rule("split")
 def _split(ctx: RuleContext, tensor: TensorInfo, split_size_or_sections: Any, dim: int = 0):
     raw = ctx.raw_arg(1, ctx.node.kwargs.get("split_size_or_sections",
                                               ctx.node.kwargs.get("split_size")))
@@ -396,13 +338,13 @@ def _split(ctx: RuleContext, tensor: TensorInfo, split_size_or_sections: Any, di
                          f"split sizes {sizes} are hard-coded in forward()")
 
 
-@R.method("split_with_sizes")
+@R.rule("split_with_sizes")
 def _split_sizes(ctx: RuleContext, tensor: TensorInfo, split_sizes: Any, dim: int = 0):
     return literal_split(ctx, tensor, split_sizes, dim, "split sizes are hard-coded in forward()")
 
 
-@R.function(torch.unbind)
-@R.method("unbind")
+@R.rule(torch.unbind)
+@R.rule("unbind")
 def _unbind(ctx: RuleContext, input: TensorInfo, dim: int = 0) -> tuple:
     dim = dim % input.ndim
     ctx.block(input.map_on(dim), "unbind over a channel axis")
@@ -416,7 +358,7 @@ def _full_slice(s: slice, size: int) -> bool:
     return start == 0 and stop == size and step == 1
 
 
-@R.function(operator.getitem)
+@R.rule(operator.getitem)
 def _getitem(ctx: RuleContext, obj: Any, index: Any) -> Any:
     if not isinstance(obj, TensorInfo):
         return obj[index]
@@ -461,8 +403,8 @@ def expanded_slice(expanded: list[Any], dim: int) -> slice:
     return real[dim]
 
 
-@R.method("expand")
-def _expand(ctx: RuleContext, x: TensorInfo, *sizes: Any) -> TensorInfo:
+@R.rule("expand")
+def expand(ctx: RuleContext, x: TensorInfo, *sizes: Any) -> TensorInfo:
     sizes_list, packed = _size_args(sizes)
     raw = ctx.node.args[1] if packed else ctx.node.args[1:]
     off = len(sizes_list) - x.ndim
@@ -474,8 +416,8 @@ def _expand(ctx: RuleContext, x: TensorInfo, *sizes: Any) -> TensorInfo:
     return ctx.result([ChannelMap(tuple(d + off for d in m.dims), m.ids) for m in x.maps])
 
 
-@R.method("repeat", "tile")
-@R.function(torch.tile)
+@R.rule("repeat", "tile")
+@R.rule(torch.tile)
 def _repeat(ctx: RuleContext, x: TensorInfo, *reps: Any) -> TensorInfo:
     reps_list, _ = _size_args(reps)
     off = len(reps_list) - x.ndim
@@ -490,8 +432,8 @@ def _repeat(ctx: RuleContext, x: TensorInfo, *reps: Any) -> TensorInfo:
     return ctx.result(maps)
 
 
-@R.function(F.pad)
-def _pad(ctx: RuleContext, input: TensorInfo, pad: Sequence[int], mode: str = "constant",
+@R.rule(F.pad)
+def pad(ctx: RuleContext, input: TensorInfo, pad: Sequence[int], mode: str = "constant",
          value: float | None = None) -> TensorInfo:
     padded = {input.ndim - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
     return passthrough(ctx, input, [d for d in range(input.ndim) if d not in padded],
@@ -503,9 +445,9 @@ _PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.Constant
          nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad2d)
 
 
-@R.module(*_PADS)
+@R.rule(*_PADS)
 def _pad_module(ctx: RuleContext, module: nn.Module, x: TensorInfo) -> TensorInfo:
-    return _pad(ctx, x, module.padding)
+    return pad(ctx, x, module.padding)
 
 
 def pixel_shuffle(ctx: RuleContext, x: TensorInfo, factor: int) -> TensorInfo:
@@ -528,22 +470,22 @@ def pixel_unshuffle(ctx: RuleContext, x: TensorInfo, factor: int) -> TensorInfo:
     return ctx.result([ChannelMap((cdim,), np.repeat(ids, factor * factor))])
 
 
-@R.function(F.pixel_shuffle, torch.pixel_shuffle)
+@R.rule(F.pixel_shuffle, torch.pixel_shuffle)
 def _pixel_shuffle_fn(ctx: RuleContext, input: TensorInfo, upscale_factor: int) -> TensorInfo:
     return pixel_shuffle(ctx, input, upscale_factor)
 
 
-@R.module(nn.PixelShuffle)
+@R.rule(nn.PixelShuffle)
 def _pixel_shuffle_module(ctx: RuleContext, module: nn.PixelShuffle, x: TensorInfo):
     return pixel_shuffle(ctx, x, module.upscale_factor)
 
 
-@R.function(F.pixel_unshuffle, torch.pixel_unshuffle)
+@R.rule(F.pixel_unshuffle, torch.pixel_unshuffle)
 def _pixel_unshuffle_fn(ctx: RuleContext, input: TensorInfo, downscale_factor: int):
     return pixel_unshuffle(ctx, input, downscale_factor)
 
 
-@R.module(nn.PixelUnshuffle)
+@R.rule(nn.PixelUnshuffle)
 def _pixel_unshuffle_module(ctx: RuleContext, module: nn.PixelUnshuffle, x: TensorInfo):
     return pixel_unshuffle(ctx, x, module.downscale_factor)
 
@@ -559,12 +501,12 @@ def channel_shuffle(ctx: RuleContext, x: TensorInfo, groups: int) -> TensorInfo:
     return ctx.result(rest + [ChannelMap((1,), np.ascontiguousarray(grid.T).reshape(-1))])
 
 
-@R.function(F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle)
+@R.rule(F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle)
 def _channel_shuffle_fn(ctx: RuleContext, input: TensorInfo, groups: int) -> TensorInfo:
     return channel_shuffle(ctx, input, groups)
 
 
-@R.module(nn.ChannelShuffle)
+@R.rule(nn.ChannelShuffle)
 def _channel_shuffle_module(ctx: RuleContext, module: nn.ChannelShuffle, x: TensorInfo):
     return channel_shuffle(ctx, x, module.groups)
 
@@ -581,12 +523,12 @@ def glu(ctx: RuleContext, x: TensorInfo, dim: int) -> TensorInfo:
     return ctx.result(rest + [ChannelMap((dim,), first)])
 
 
-@R.function(F.glu)
+@R.rule(F.glu)
 def _glu_fn(ctx: RuleContext, input: TensorInfo, dim: int = -1) -> TensorInfo:
     return glu(ctx, input, dim)
 
 
-@R.module(nn.GLU)
+@R.rule(nn.GLU)
 def _glu_module(ctx: RuleContext, module: nn.GLU, x: TensorInfo) -> TensorInfo:
     return glu(ctx, x, module.dim)
 

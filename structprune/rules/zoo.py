@@ -7,9 +7,10 @@ splits by sizes it keeps as an attribute; its resizer recomputes them.
 
 from __future__ import annotations
 
-from ..analyse import RuleContext, TensorInfo
+from ..registry import DEFAULT_REGISTRY as R
+from ..types import RuleContext, TensorInfo
+from .base import same_shape
 from .layers import layer_norm
-from .registry import DEFAULT_REGISTRY as R
 from .shape import permute
 
 
@@ -28,7 +29,7 @@ except ImportError:  # pragma: no cover - torchvision is a dependency
     _TvLayerNorm2d = None
 
 if _TvLayerNorm2d is not None:
-    R.module(_TvLayerNorm2d)(layer_norm_2d)
+    R.rule(_TvLayerNorm2d)(layer_norm_2d)
 
 
 def _stochastic_depth(ctx: RuleContext, input: TensorInfo, *args, **kwargs) -> TensorInfo:
@@ -43,9 +44,9 @@ except ImportError:  # pragma: no cover
     _tv_stochastic_depth = _TvStochasticDepth = None
 
 if _tv_stochastic_depth is not None:
-    R.function(_tv_stochastic_depth)(_stochastic_depth)
-    R.module(_TvStochasticDepth)(lambda ctx, module, x: _stochastic_depth(ctx, x))
-    R.same_shape(_TvStochasticDepth, _tv_stochastic_depth)
+    R.op(_tv_stochastic_depth, rule=_stochastic_depth, shape=same_shape)
+    R.op(_TvStochasticDepth, rule=lambda ctx, module, x: _stochastic_depth(ctx, x),
+         shape=same_shape)
 
 
 def _resize_mixed_conv(module) -> None:
@@ -59,7 +60,7 @@ def _resize_mixed_conv(module) -> None:
 def _register_timm(registry) -> None:
     from timm.layers.mixed_conv2d import MixedConv2d
 
-    registry.resizer(MixedConv2d, maintains=("splits",))(_resize_mixed_conv)
+    registry.op(MixedConv2d, resize=_resize_mixed_conv, maintains=("splits",))
 
 
 # timm is optional, and importing it adds some 700 module classes, which slow every fx trace

@@ -1,0 +1,84 @@
+"""The whole job into a folder: prune, save, export both models, check ONNX, write a report.
+
+``prune_to_dir`` is what ``structprune prune`` runs, and ``sweep`` runs it once per ratio.
+Everything is written to a staging folder beside the output and moved into place only when
+all of it succeeded, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from .api import PruneResult, prune
+from .errors import StructPruneError
+from .export import export_onnx, onnx_parity
+from .io import save
+from .plan import Plan
+from .tune import fastest_rounding
+
+
+def writable_parent(out: Path) -> Path:
+    """The existing folder to stage output in; fails before any work if it is not writable."""
+    if out.exists() and not out.is_dir():
+        raise StructPruneError(f"--out {out} exists and is not a directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise StructPruneError(f"--out {out}: {probe} is not writable; choose another directory")
+    return probe
+
+
+def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.PathLike, *,
+                 ratio: float | None = None, plan: Plan | None = None,
+                 round_to: int | str = 1, tune_batch: int = 1, exporter: str = "auto",
+                 simplify: bool = False, onnx: bool = True, record: dict[str, Any] | None = None,
+                 progress: Callable[[str], None] = lambda step: None,
+                 **settings: Any) -> tuple[PruneResult, dict[str, Any]]:
+    """Prune ``model`` (by ``ratio``, or apply ``plan``) and write into ``out``: ``plan.json``,
+    ``pruned.safetensors``, ``dense.onnx`` and ``pruned.onnx`` (unless ``onnx=False``) and
+    ``report.json`` (the figures, plus ``record``). ``round_to="auto"`` picks the multiple
+    that times fastest here. Returns the result and the report's figures."""
+    out = Path(out)
+    staging = Path(tempfile.mkdtemp(prefix=".structprune-", dir=writable_parent(out)))
+    try:
+        start = time.perf_counter()
+        progress("prune + verify")
+        if plan is not None:
+            result = prune(model, example_inputs, plan=plan, **settings)
+        elif round_to == "auto":
+            result = fastest_rounding(model, example_inputs, ratio, batch=tune_batch, **settings)
+        else:
+            result = prune(model, example_inputs, ratio, round_to=round_to, **settings)
+        save(result.model, staging, result.plan)
+        figures = dict(result.figures)
+        figures["verification"] = result.verification.to_json() if result.verification else None
+        if onnx:
+            progress("export dense.onnx")
+            figures["exporter_dense"] = export_onnx(model, example_inputs, staging / "dense.onnx",
+                                                    exporter, simplify=simplify)
+            progress("export pruned.onnx")
+            figures["exporter_pruned"] = export_onnx(result.model, example_inputs,
+                                                     staging / "pruned.onnx", exporter,
+                                                     simplify=simplify)
+            figures["onnx_rel_error"] = onnx_parity(staging / "pruned.onnx", result.model,
+                                                    example_inputs)
+        figures.update(record or {})
+        figures["input_shapes"] = [list(x.shape) for x in example_inputs]
+        figures["wall_seconds"] = time.perf_counter() - start
+        (staging / "report.json").write_text(json.dumps(figures, indent=1, default=float) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result, figures

@@ -1,0 +1,102 @@
+"""The import graph follows the pipeline: leaf modules first, then the op declarations, then
+the stages in order, then what is built on them. Function-local imports count too."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import structprune
+
+PACKAGE = Path(structprune.__file__).parent
+
+# each module may import only modules of its own rank or lower; leaves import nothing of
+# structprune
+ORDER = [
+    ["errors", "types", "registry", "tree"],
+    ["rules", "rules.base", "rules.aten", "rules.elementwise", "rules.layers", "rules.reduce",
+     "rules.shape", "rules.zoo"],
+    ["capture"], ["analyse"], ["score"], ["plan"], ["apply"], ["verify"], ["report"],
+    ["export"], ["bench"], ["data", "evaluate", "models"], ["api", "io"], ["tune"], ["workflow"], ["cli"],
+]
+RANK = {name: rank for rank, names in enumerate(ORDER) for name in names}
+LEAVES = set(ORDER[0])
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            found[".".join(parts)] = path
+    return found
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """structprune modules ``name`` imports anywhere in its file (relative and absolute)."""
+    is_package = path.name == "__init__.py"
+    here = name.split(".") if is_package else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[:len(here) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif (node.module or "").startswith("structprune"):
+                target = node.module.removeprefix("structprune").lstrip(".")
+            else:
+                continue
+            for alias in node.names:  # `from . import bench` names a module
+                child = f"{target}.{alias.name}" if target else alias.name
+                found.add(child if child in known else target)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("structprune."):
+                    found.add(alias.name.removeprefix("structprune."))
+    return {m for m in found if m in known and m != name}
+
+
+def test_every_module_has_a_place_in_the_pipeline():
+    assert set(_modules()) == set(RANK)
+
+
+def test_imports_follow_the_pipeline_without_cycles():
+    modules = _modules()
+    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    for name, imported in graph.items():
+        if name in LEAVES:
+            assert not imported, f"{name} is a leaf but imports {imported}"
+        for other in imported:
+            if name == "rules" or (name.startswith("rules.") and other.startswith("rules")):
+                continue  # the declarations package and its parts
+            assert RANK[other] <= RANK[name], f"{name} imports the later stage {other}"
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        assert state.get(name) != 1, f"import cycle: {' -> '.join(path + [name])}"
+        state[name] = 1
+        for other in sorted(graph[name]):
+            if not (name == "rules" and other.startswith("rules.")):
+                visit(other, path + [name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_each_module_imports_on_its_own():
+    modules = sorted(_modules())
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    for loaded in [m for m in sys.modules if m.startswith('structprune')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module('structprune.' + name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
