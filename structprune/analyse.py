@@ -245,12 +245,7 @@ class EngineContext:
         those atoms instead of fresh ones, which would only be unified with them.
         """
         module = self.module
-        if attr in module._parameters:  # nn.Module.__getattr__ is a slow fallback
-            tensor = module._parameters[attr]
-        elif attr in module._buffers:
-            tensor = module._buffers[attr]
-        else:
-            tensor = getattr(module, attr, None)
+        tensor = getattr(module, attr, None)
         if not isinstance(tensor, torch.Tensor):
             return None
         name = self._engine.tensor_names.get(id(tensor))

@@ -68,8 +68,8 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False,
             new = new.contiguous()
             if isinstance(old, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
-            for module, attr, is_param in holders[id(old)]:
-                (module._parameters if is_param else module._buffers)[attr] = new
+            for module, attr in holders[id(old)]:
+                setattr(module, attr, new)  # re-registers the parameter or buffer
                 touched[id(module)] = module
     for module in _with_ancestors(model, touched):
         resize = registry.resizer_for(module)

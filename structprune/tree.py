@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-Holders = dict[int, list[tuple[nn.Module, str, bool]]]
+Holders = dict[int, list[tuple[nn.Module, str]]]
 
 
 class TensorIndex(NamedTuple):
@@ -22,7 +22,7 @@ class TensorIndex(NamedTuple):
     # by each of its names, in the order of ``state_dict()`` (which leaves out
     # non-persistent buffers)
     named: dict[str, torch.Tensor]
-    # every (module, attribute, is a parameter) holding each tensor (tied weights have several)
+    # every (module, attribute) holding each tensor (tied weights have several)
     holders: Holders
     # each tensor's canonical name: its first as a parameter (a state_dict key, and scored),
     # else its first at all
@@ -40,17 +40,17 @@ def tensor_index(model: nn.Module) -> TensorIndex:
         first = id(module) not in seen
         seen.add(id(module))
         prefix = f"{prefix}." if prefix else ""
-        for is_param, table in ((True, module._parameters), (False, module._buffers)):
-            for attr, t in table.items():
-                if t is None:
-                    continue
+        own = [(True, module.named_parameters(recurse=False, remove_duplicate=False)),
+               (False, module.named_buffers(recurse=False, remove_duplicate=False))]
+        for is_param, table in own:
+            for attr, t in table:
                 name = prefix + attr
                 named[name] = t
                 first_any.setdefault(id(t), name)
                 if is_param:
                     first_param.setdefault(id(t), name)
                 if first:
-                    holders[id(t)].append((module, attr, is_param))
+                    holders[id(t)].append((module, attr))
     return TensorIndex(named, holders, {**first_any, **first_param})
 
 
