@@ -154,8 +154,10 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any],
     with torch.no_grad():
         for meta in (True, False):
             runner.meta = meta
-            swapped = {k: torch.empty_like(v, device="meta") if meta
-                       else v if isinstance(v, nn.Parameter) else v.clone()
+            stand_ins: dict[int, torch.Tensor] = {}  # one per tensor: tied weights stay tied
+            swapped = {k: stand_ins.setdefault(id(v), torch.empty_like(v, device="meta") if meta
+                                               else v if isinstance(v, nn.Parameter)
+                                               else v.clone())
                        for k, v in state.items()}
             try:
                 functional_call(runner, swapped, tuple(example_inputs), strict=False)

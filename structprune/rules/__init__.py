@@ -16,11 +16,13 @@ from ..registry import DEFAULT_REGISTRY, RuleRegistry
 from . import aten, elementwise, layers, reduce, shape, zoo  # noqa: F401 - the declarations
 from .base import (
     block_except,
+    broadcast_shape,
     channel_passthrough,
     filled,
     merge_elementwise,
     passthrough,
     project,
+    same_shape,
     unknown,
 )
 from .base import (
@@ -35,8 +37,9 @@ register_op = DEFAULT_REGISTRY.op
 register_rule = DEFAULT_REGISTRY.rule
 
 __all__ = [
-    "DEFAULT_REGISTRY", "RuleRegistry", "block_except", "channel_passthrough", "channel_shuffle",
+    "DEFAULT_REGISTRY", "RuleRegistry", "block_except", "broadcast_shape", "channel_passthrough",
+    "channel_shuffle",
     "convolution", "elementwise_rule", "filled", "glu", "layer_norm", "linear",
     "merge_elementwise", "passthrough", "per_channel", "pixel_shuffle", "project",
-    "register_op", "register_rule", "reshape", "split_equal",
+    "register_op", "register_rule", "reshape", "same_shape", "split_equal",
 ]
