@@ -16,7 +16,7 @@ ORDER = [
     ["errors", "types", "registry", "tree"],
     ["rules", "rules.base", "rules.aten", "rules.elementwise", "rules.layers", "rules.reduce",
      "rules.shape", "rules.zoo"],
-    ["capture"], ["analyse"], ["score"], ["plan"], ["apply"], ["verify"], ["report"],
+    ["capture"], ["analyse"], ["score"], ["plan"], ["apply"], ["verify"], ["report", "plots"],
     ["export"], ["bench"], ["data", "evaluate", "models"], ["api", "io"], ["tune"], ["workflow"], ["cli"],
 ]
 RANK = {name: rank for rank, names in enumerate(ORDER) for name in names}
