@@ -1,22 +1,42 @@
 """Stage 3, score: importance of every unit of every group.
 
-A unit's magnitude importance is the mean, over the group's parameter members, of the norm
-of the slices it owns (L1 or L2; buffers such as BN statistics do not count), so every conv,
-norm and linear slice that loses the unit has its say. Scores are divided by the group's
-mean so that groups compare on one scale when ranked globally.
+A criterion is a callable ``(analysis, group) -> one raw score per unit``. Every built-in one
+scores a unit over *every* member of its group (each conv, norm and linear slice that loses
+the unit, or every place its channel is consumed), not over one layer as per-layer tools do.
+:data:`IMPORTANCE` names them:
+
+- ``l1``, ``l2``: weight magnitude (:class:`Magnitude`), the default; needs no data;
+- ``taylor``, ``gradient``: first-order Taylor and mean gradient magnitude, from the gradients
+  of the cross-entropy loss on calibration batches (:class:`Taylor`, :class:`Gradient`);
+- ``bn``: the scale (gamma) of the unit's normalisation layers (:class:`NormScale`);
+- ``fpgm``: distance from the other filters, FPGM's geometric median (:class:`FPGM`);
+- ``lamp``: layer-adaptive magnitude (:class:`LAMP`);
+- ``activation``: mean absolute activation where the channel is consumed (:class:`Activation`);
+- ``random``: seeded uniform scores, the control any comparison needs (:class:`Random`).
+
+:func:`score` then divides each group's scores by their mean (or max or sum) so that groups
+compare on one scale when ranked globally. Criteria that need data are in :data:`NEEDS_DATA`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 
-from .analyse import Analysis, Group
-from .capture import graph_parameters
+from .analyse import Analysis, Consumption, Group
+from .capture import Capture, graph_parameters
+from .errors import PlanError
+from .tree import evaluation
 
 Importance = Callable[[Analysis, Group], np.ndarray]
+Batch = tuple[Any, Any]  # (inputs: a tensor or a tuple of tensors, targets)
 
 
 _BLOCK = 1 << 20  # elements in a block of rows: a few MB, in cache
@@ -46,54 +66,492 @@ def slice_norms(tensor: torch.Tensor, dim: int, p: int) -> np.ndarray:
     return total.pow(1 / p).cpu().numpy()
 
 
-class Magnitude:
-    """Per-unit L1 (``p=1``) or L2 (``p=2``) magnitude, averaged over a group's parameter
-    members. One instance scores many groups: a tensor in several of them is read once."""
+def slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """``tensor``'s slices along ``dim`` as the rows of a ``[size, rest]`` float64 matrix."""
+    t = tensor.detach()
+    return t.movedim(dim, 0).reshape(t.shape[dim], -1).double()
 
-    def __init__(self, analysis: Analysis, p: int):
+
+class Criterion:
+    """Base of the built-in criteria: ``criterion(analysis, group)`` is one raw score per unit
+    of ``group`` (in ``group.units`` order); subclasses implement :meth:`measure`.
+
+    ``fallbacks`` lists the indices of the groups a criterion could not score by its own rule
+    and scored by ``l2`` magnitude instead (``bn`` for a group without a norm, ...), filled
+    while scoring, so a caller can report them.
+    """
+
+    def __init__(self, analysis: Analysis):
         self.analysis = analysis
-        self.p = p
-        self.params = graph_parameters(analysis.capture)
-        self.norms: dict[tuple[str, int], np.ndarray] = {}
+        self.params = graph_parameters(analysis.capture)  # parameters count, buffers do not
+        self.fallbacks: list[int] = []
         self.unit_of = np.full(analysis.component.size and int(analysis.component.max()) + 1,
                                -1, np.int64)
+        self._per_slot: dict[tuple[str, int], np.ndarray] = {}  # a tensor read once
+        self._magnitude: Magnitude | None = None
 
     def __call__(self, analysis: Analysis, group: Group) -> np.ndarray:
         self.unit_of[group.units] = np.arange(group.size)
+        try:
+            return self.measure(group)
+        finally:
+            self.unit_of[group.units] = -1
+
+    def measure(self, group: Group) -> np.ndarray:
+        raise NotImplementedError
+
+    def parameter_members(self, group: Group) -> list[tuple[str, int]]:
+        return [(name, dim) for name, dim in group.members if name in self.params]
+
+    def per_slot(self, key: tuple[str, int],
+                 compute: Callable[[str, int], np.ndarray]) -> np.ndarray:
+        """``compute(name, dim)``, one value per slot of member ``key``, cached: a tensor
+        in several groups is read once."""
+        if key not in self._per_slot:
+            self._per_slot[key] = compute(*key)
+        return self._per_slot[key]
+
+    def into_units(self, group: Group, key: tuple[str, int], values: np.ndarray) -> np.ndarray:
+        """Sum per-slot ``values`` of member ``key`` into the group's units (a unit may own
+        several slots; slots of units in other groups are left out)."""
+        units = self.unit_of[self.analysis.component[self.analysis.slots[key]]]
+        inside = units >= 0
+        return np.bincount(units[inside], values[inside], minlength=group.size)
+
+    def fall_back(self, group: Group) -> np.ndarray:
+        """``l2`` magnitude for a group this criterion cannot score; recorded in fallbacks."""
+        if group.index not in self.fallbacks:
+            self.fallbacks.append(group.index)
+        if self._magnitude is None:
+            self._magnitude = Magnitude(self.analysis, 2)
+        return self._magnitude(self.analysis, group)
+
+
+class Magnitude(Criterion):
+    """Per-unit L1 (``p=1``) or L2 (``p=2``) magnitude, averaged over a group's parameter
+    members (Li et al. 2017, "Pruning Filters for Efficient ConvNets", lifted to groups):
+
+        score(u) = 1/|M| * sum_{m in M} sum_{s in slots_m(u)} ||W_m[s]||_p
+
+    with M the group's parameter members (buffers do not count) and ``W_m[s]`` the slice of
+    member m at slot s. One instance scores many groups: a tensor in several is read once."""
+
+    def __init__(self, analysis: Analysis, p: int):
+        super().__init__(analysis)
+        self.p = p
+
+    def measure(self, group: Group) -> np.ndarray:
         total = np.zeros(group.size)
         counted = 0
-        for name, dim in group.members:
-            if name not in self.params:
-                continue
-            if (name, dim) not in self.norms:
-                self.norms[(name, dim)] = slice_norms(self.params[name], dim, self.p)
-            units = self.unit_of[analysis.component[analysis.slots[(name, dim)]]]
-            inside = units >= 0
-            total += np.bincount(units[inside], self.norms[(name, dim)][inside],
-                                 minlength=group.size)
+        for key in self.parameter_members(group):
+            norms = self.per_slot(key, lambda name, dim: slice_norms(self.params[name], dim,
+                                                                     self.p))
+            total += self.into_units(group, key, norms)
             counted += 1
-        self.unit_of[group.units] = -1
         return total / max(counted, 1)
 
 
-IMPORTANCE: dict[str, Callable[[Analysis], Importance]] = {
-    "l1": lambda analysis: Magnitude(analysis, 1),
-    "l2": lambda analysis: Magnitude(analysis, 2),
+class NormScale(Criterion):
+    """Network slimming (Liu et al. 2017, "Learning Efficient Convolutional Networks through
+    Network Slimming"): the scale factors of the unit's normalisation layers,
+
+        score(u) = sum_{m in N} sum_{s in slots_m(u)} sum |gamma_m[s]|
+
+    over N, *every* norm weight among the group's members (two BatchNorms joined by a residual
+    add both count). Norms are torch.nn's batch, instance, group, layer and RMS norms and
+    torchvision's FrozenBatchNorm2d. A group with no norm weight falls back to ``l2``
+    magnitude (listed in ``fallbacks``)."""
+
+    def __init__(self, analysis: Analysis):
+        super().__init__(analysis)
+        self.tensors = analysis.capture.model.state_dict(keep_vars=True)  # weights or buffers
+
+    def measure(self, group: Group) -> np.ndarray:
+        total = np.zeros(group.size)
+        found = False
+        for name, dim in group.members:
+            if name not in self.tensors or not is_norm_weight(self.analysis.capture.model, name):
+                continue
+            gamma = slices(self.tensors[name], dim).abs().sum(dim=1).cpu().numpy()
+            total += self.into_units(group, (name, dim), gamma)
+            found = True
+        return total if found else self.fall_back(group)
+
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+
+
+def is_norm_weight(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` (a state_dict name of ``model``) is a normalisation layer's weight."""
+    owner, _, attr = name.rpartition(".")
+    if attr != "weight":
+        return False
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    # FrozenBatchNorm2d by name: its weight is a buffer, and torchvision is not imported here
+    return isinstance(module, NORM_TYPES) or type(module).__name__ == "FrozenBatchNorm2d"
+
+
+def _distance_sums(tensor: torch.Tensor, dim: int) -> np.ndarray:
+    """For each slice v_i along ``dim``: sum_j ||v_i - v_j||_2, in blocks of rows."""
+    v = slices(tensor, dim)
+    step = max(1, (1 << 22) // max(1, v.shape[0]))
+    return torch.cat([torch.cdist(block, v).sum(dim=1) for block in v.split(step)]) \
+        .cpu().numpy()
+
+
+class FPGM(Criterion):
+    """Filter pruning via geometric median (He et al. 2019, CVPR): a filter close to all
+    the others is replaceable. For each parameter member m with two or more axes, with
+    v_i the flattened slice of m at slot i,
+
+        d_m(i) = sum_j ||v_i - v_j||_2        (over every slot j of m's axis)
+        score(u) = 1/|M2| * sum_{m in M2} sum_{i in slots_m(u)} d_m(i)
+
+    the approximation of the distance from the geometric median that the paper's code and
+    Torch-Pruning compute with cdist. One-axis members (norm weights, biases) are skipped; a
+    group with none of two or more axes falls back to ``l2`` (listed in ``fallbacks``)."""
+
+    def measure(self, group: Group) -> np.ndarray:
+        total = np.zeros(group.size)
+        counted = 0
+        for key in self.parameter_members(group):
+            if self.params[key[0]].ndim < 2:
+                continue
+            sums = self.per_slot(key, lambda name, dim: _distance_sums(self.params[name], dim))
+            total += self.into_units(group, key, sums)
+            counted += 1
+        return total / counted if counted else self.fall_back(group)
+
+
+class LAMP(Criterion):
+    """Layer-adaptive magnitude-based pruning (Lee et al. 2021, ICLR), lifted from weights
+    to units: with m_u the squared ``l2`` magnitude of unit u (as :class:`Magnitude`) and
+    units ranked by m ascending (ties in stable-sort order),
+
+        score(u) = m_u / sum_{v: rank(v) >= rank(u)} m_v
+
+    (0 where that sum is 0)."""
+
+    def __init__(self, analysis: Analysis):
+        super().__init__(analysis)
+        self.magnitude = Magnitude(analysis, 2)
+
+    def measure(self, group: Group) -> np.ndarray:
+        m = np.square(self.magnitude(self.analysis, group))
+        order = np.argsort(m, kind="stable")
+        tail = np.cumsum(m[order][::-1])[::-1]  # sum over this rank and every higher one
+        out = np.zeros(group.size)
+        out[order] = np.divide(m[order], tail, out=np.zeros(group.size), where=tail > 0)
+        return out
+
+
+class Random(Criterion):
+    """Uniform scores in [0, 1) from ``np.random.default_rng(seed)``, one draw per group in
+    scoring order: the control every criterion must beat."""
+
+    def __init__(self, analysis: Analysis, seed: int = 0):
+        super().__init__(analysis)
+        self.rng = np.random.default_rng(seed)
+
+    def measure(self, group: Group) -> np.ndarray:
+        return self.rng.random(group.size)
+
+
+# ----------------------------------------------------------------------- data-driven criteria
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _inputs(batch: Batch, device: torch.device) -> tuple[Any, ...]:
+    inputs = batch[0] if isinstance(batch[0], (tuple, list)) else (batch[0],)
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """The model's output, or the first tensor of a tuple, list or dict of outputs."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else \
+        output if isinstance(output, (tuple, list)) else ()
+    for value in values:
+        try:
+            return _first_tensor(value)
+        except PlanError:
+            continue
+    raise PlanError(f"the model's output ({type(output).__name__}) holds no tensor to take a "
+                    "loss of")
+
+
+class _Gradients(Criterion):
+    """Base of the gradient criteria: on first use, the gradients of the summed per-batch
+    cross-entropy losses of the model (in eval mode, so BN statistics stay) with respect to
+    the graph's parameters, accumulated into ``.grad`` as ``backward()`` does. The user's
+    ``.grad`` and ``requires_grad`` are restored afterwards."""
+
+    def __init__(self, analysis: Analysis, batches: list[Batch]):
+        super().__init__(analysis)
+        self.batches = batches
+        self._grads: dict[str, torch.Tensor] | None = None
+
+    @property
+    def grads(self) -> dict[str, torch.Tensor]:
+        if self._grads is None:
+            self._grads = self._accumulate()
+        return self._grads
+
+    def _accumulate(self) -> dict[str, torch.Tensor]:
+        model = self.analysis.capture.model
+        device = _device(model)
+        tensors = {id(t): t for t in [*model.parameters(), *self.params.values()]}.values()
+        saved = [(t, t.grad, t.requires_grad) for t in tensors]
+        try:
+            for t in tensors:
+                t.grad = None
+            for t in self.params.values():
+                t.requires_grad_(True)
+            with evaluation(model), torch.enable_grad():
+                for batch in self.batches:
+                    output = _first_tensor(model(*_inputs(batch, device)))
+                    targets = torch.as_tensor(batch[1]).to(output.device)
+                    F.cross_entropy(output, targets).backward()
+            return {name: torch.zeros_like(t) if t.grad is None else t.grad.detach().clone()
+                    for name, t in self.params.items()}
+        finally:
+            for t, grad, flag in saved:
+                t.grad = grad
+                t.requires_grad_(flag)
+
+
+class Taylor(_Gradients):
+    """First-order Taylor importance (Molchanov et al. 2019, "Importance Estimation for
+    Neural Network Pruning", CVPR): the loss change from removing the unit, estimated as
+
+        score(u) = | sum_{m in M} sum_{s in slots_m(u)} sum (W_m[s] * G_m[s]) |
+
+    with G the gradient of sum_b CE(model(x_b), y_b) over the calibration batches and M the
+    group's parameter members (buffers do not count): the whole group, one Taylor term."""
+
+    def measure(self, group: Group) -> np.ndarray:
+        total = np.zeros(group.size)
+        for key in self.parameter_members(group):
+            products = self.per_slot(key, lambda name, dim: (
+                slices(self.params[name], dim) * slices(self.grads[name], dim))
+                .sum(dim=1).cpu().numpy())
+            total += self.into_units(group, key, products)
+        return np.abs(total)
+
+
+class Gradient(_Gradients):
+    """Mean gradient magnitude: with G as for :class:`Taylor` and |s| the elements of a slice,
+
+        score(u) = 1/|M| * sum_{m in M} sum_{s in slots_m(u)} mean |G_m[s]|
+
+    averaged over the group's parameter members as :class:`Magnitude` averages."""
+
+    def measure(self, group: Group) -> np.ndarray:
+        total = np.zeros(group.size)
+        counted = 0
+        for key in self.parameter_members(group):
+            means = self.per_slot(key, lambda name, dim: slices(self.grads[name], dim)
+                                  .abs().mean(dim=1).cpu().numpy())
+            total += self.into_units(group, key, means)
+            counted += 1
+        return total / max(counted, 1)
+
+
+class _ConsumedActivations(fx.Interpreter):
+    """Runs a graph and adds, for every consumption, sum |x| over all axes but its channel
+    axes (``sums[k]``, shaped like those axes) and the number of elements summed
+    (``counts[k]``)."""
+
+    def __init__(self, module: fx.GraphModule, consumptions: list[Consumption]):
+        super().__init__(module)
+        self.at: dict[str, list[tuple[int, Consumption]]] = {}
+        for k, c in enumerate(consumptions):
+            self.at.setdefault(c.node, []).append((k, c))
+        self.sums: list[np.ndarray] = [np.zeros(c.ids.shape) for c in consumptions]
+        self.counts = np.zeros(len(consumptions))
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.name in self.at:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            for k, c in self.at[n.name]:
+                x = args[c.arg] if isinstance(c.arg, int) else kwargs.get(c.arg)
+                if not isinstance(x, torch.Tensor) or x.ndim != c.ndim \
+                        or tuple(x.shape[d] for d in c.dims) != c.ids.shape:
+                    continue
+                rest = [d for d in range(x.ndim) if d not in c.dims]
+                flat = x.detach().abs().permute(*c.dims, *rest).reshape(*c.ids.shape, -1)
+                self.sums[k] += flat.double().sum(dim=-1).cpu().numpy()
+                self.counts[k] += flat.shape[-1]
+        return super().run_node(n)
+
+
+def _fixed_batches(capture: Capture, inputs: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """``inputs`` as the graph takes them: whole for fx; for torch.export, whose graph holds
+    the example inputs' batch size, cut into pieces of that size (a rest is left out)."""
+    size = capture.example_inputs[0].shape[0] \
+        if capture.method == "export" and isinstance(capture.example_inputs[0], torch.Tensor) \
+        and capture.example_inputs[0].ndim else None
+    if size is None or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[0] == size:
+        return [inputs]
+    pieces = [tuple(x[i:i + size] if isinstance(x, torch.Tensor) else x for x in inputs)
+              for i in range(0, inputs[0].shape[0] - size + 1, size)]
+    if not pieces:
+        raise PlanError(f"the torch.export graph takes batches of {size}: pass calibration "
+                        f"batches of {size} or more samples")
+    return pieces
+
+
+class Activation(Criterion):
+    """Mean absolute activation of the unit's channel on the calibration batches, measured
+    where the channel is consumed (the inputs the verifier zeroes: the next convs, linears,
+    ...), with no gradients and the model in eval mode:
+
+        a_e = mean over the batches' samples and the other axes of |x_e|
+        score(u) = mean over e in E(u) of a_e
+
+    with E(u) every consumption entry (a consumed input and a position along its channel
+    axes) carrying u. A group with a unit consumed nowhere falls back to ``l2`` (listed in
+    ``fallbacks``). The graph run is the captured one (``analysis.capture.graph_module``); a
+    torch.export graph, fixed to the example batch size, takes the batches in pieces of it."""
+
+    def __init__(self, analysis: Analysis, batches: list[Batch]):
+        super().__init__(analysis)
+        self.batches = batches
+        self._by_component: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _measure_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per component: the sum of its entries' mean |x|, and its number of entries."""
+        capture, component = self.analysis.capture, self.analysis.component
+        runner = _ConsumedActivations(capture.graph_module, self.analysis.consumptions)
+        device = _device(capture.model)
+        with torch.no_grad(), evaluation(capture.model):  # fx: the same modules
+            for batch in self.batches:
+                for inputs in _fixed_batches(capture, _inputs(batch, device)):
+                    runner.run(*inputs)
+        n = self.unit_of.size
+        total, entries = np.zeros(n), np.zeros(n)
+        for c, sums, count in zip(self.analysis.consumptions, runner.sums, runner.counts,
+                                  strict=True):
+            if count == 0:
+                continue
+            comps = component[c.ids.ravel()]
+            total += np.bincount(comps, sums.ravel() / count, minlength=n)
+            entries += np.bincount(comps, minlength=n)
+        return total, entries
+
+    def measure(self, group: Group) -> np.ndarray:
+        if self._by_component is None:
+            self._by_component = self._measure_all()
+        total, entries = (a[group.units] for a in self._by_component)
+        if (entries == 0).any():
+            return self.fall_back(group)
+        return total / entries
+
+
+# ---------------------------------------------------------------------------------- registry
+
+
+IMPORTANCE: dict[str, Callable[[Analysis, list[Batch], int], Importance]] = {
+    "l1": lambda analysis, batches, seed: Magnitude(analysis, 1),
+    "l2": lambda analysis, batches, seed: Magnitude(analysis, 2),
+    "taylor": lambda analysis, batches, seed: Taylor(analysis, batches),
+    "gradient": lambda analysis, batches, seed: Gradient(analysis, batches),
+    "bn": lambda analysis, batches, seed: NormScale(analysis),
+    "fpgm": lambda analysis, batches, seed: FPGM(analysis),
+    "lamp": lambda analysis, batches, seed: LAMP(analysis),
+    "activation": lambda analysis, batches, seed: Activation(analysis, batches),
+    "random": lambda analysis, batches, seed: Random(analysis, seed),
 }
+"""Built-in criteria by name: ``factory(analysis, batches, seed) -> criterion``."""
+
+NEEDS_DATA = ("taylor", "gradient", "activation")
+"""Criteria that need calibration data (``data=...``; CLI ``--data``)."""
+
+NORMALIZE = ("mean", "max", "sum", "none")
+"""How :func:`score` scales a group's raw scores for global ranking."""
+
+DEFAULT_BATCHES = 8  # batches taken from data that is not a list or tuple
+
+
+def calibration(data: Iterable, batches: int | None = None) -> list[Batch]:
+    """The first ``batches`` ``(inputs, targets)`` pairs of ``data``: by default all of a list
+    or tuple, or the first 8 of anything else (an iterator, a DataLoader)."""
+    if batches is None:
+        batches = len(data) if isinstance(data, (list, tuple)) else DEFAULT_BATCHES
+    if int(batches) < 1:
+        raise PlanError(f"number of calibration batches {batches} must be 1 or more")
+    taken = []
+    for batch in islice(data, int(batches)):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise PlanError(f"the calibration data gave a {type(batch).__name__}, not an "
+                            "(inputs, targets) pair: yield (inputs, targets)")
+        taken.append((batch[0], batch[1]))
+    if not taken:
+        raise PlanError("the calibration data gave no batches: check it is not empty")
+    return taken
+
+
+def make_criterion(name: str, analysis: Analysis, *, data: Iterable | None = None,
+                   seed: int = 0, batches: int | None = None) -> Importance:
+    """The built-in criterion ``name`` for ``analysis``; ``data`` (taken as
+    :func:`calibration` takes it) only for the criteria in :data:`NEEDS_DATA`. Raises
+    :class:`PlanError` for an unknown name or missing data."""
+    if name not in IMPORTANCE:
+        raise PlanError(f"unknown importance criterion {name!r}: use one of "
+                        f"{', '.join(IMPORTANCE)}, or a callable (analysis, group) -> scores")
+    if name in NEEDS_DATA and data is None:
+        raise PlanError(f"criterion {name!r} needs calibration data: pass data=... "
+                        "(CLI: --data digits|DIR|file.py:FACTORY)")
+    taken = calibration(data, batches) if name in NEEDS_DATA else []
+    return IMPORTANCE[name](analysis, taken, seed)
+
+
+def normalise(s: np.ndarray, how: str = "mean") -> np.ndarray:
+    """``s`` divided by its mean, max or sum (unchanged for ``none``, or when that is not
+    positive)."""
+    if how == "none" or not s.size:
+        return s
+    scale = {"mean": np.mean, "max": np.max, "sum": np.sum}[how](s)
+    return s / scale if scale > 0 else s
 
 
 def score(analysis: Analysis, importance: str | Importance = "l2",
-          groups: list[Group] | None = None) -> dict[int, np.ndarray]:
+          groups: list[Group] | None = None, *, data: Iterable | None = None,
+          normalize: str = "mean", seed: int = 0, batches: int | None = None,
+          ) -> dict[int, np.ndarray]:
     """Normalised importance per unit, for each group (by group index).
 
     ``importance`` names a built-in criterion (:data:`IMPORTANCE`) or is a callable
-    ``(analysis, group) -> one score per unit``.
+    ``(analysis, group) -> one score per unit``, e.g. one :func:`make_criterion` made (whose
+    ``fallbacks`` then says which groups were scored by ``l2`` instead). ``data`` is an
+    iterable of ``(inputs, targets)`` batches for the criteria in :data:`NEEDS_DATA`, of
+    which the first ``batches`` are used (default: all of a list, 8 of anything else);
+    ``seed`` seeds ``random``. ``normalize`` (:data:`NORMALIZE`) divides each group's scores
+    by their ``mean`` (the default), ``max`` or ``sum``, or leaves them (``none``).
     """
+    if normalize not in NORMALIZE:
+        raise PlanError(f"unknown normalization {normalize!r}: use one of {', '.join(NORMALIZE)}")
     groups = analysis.groups if groups is None else groups
-    measure = IMPORTANCE[importance](analysis) if isinstance(importance, str) else importance
+    measure = make_criterion(importance, analysis, data=data, seed=seed, batches=batches) \
+        if isinstance(importance, str) else importance
     scores = {}
     for group in groups:
         s = np.asarray(measure(analysis, group), dtype=np.float64)
-        mean = s.mean() if s.size else 0.0
-        scores[group.index] = s / mean if mean > 0 else s
+        scores[group.index] = normalise(s, normalize)
     return scores
+
+
+__all__ = ["FPGM", "IMPORTANCE", "LAMP", "NEEDS_DATA", "NORMALIZE", "Activation", "Criterion",
+           "Gradient", "Magnitude", "NormScale", "Random", "Taylor", "calibration",
+           "make_criterion", "normalise", "score", "slice_norms"]
