@@ -204,21 +204,23 @@ def _distance_sums(tensor: torch.Tensor, dim: int) -> np.ndarray:
 
 class FPGM(Criterion):
     """Filter pruning via geometric median (He et al. 2019, CVPR): a filter close to all
-    the others is replaceable. For each parameter member m with two or more axes, with
-    v_i the flattened slice of m at slot i,
+    the others is replaceable. For each filter member m of the group (a weight of two or
+    more axes sliced on axis 0: every conv or linear map producing the unit), with v_i the
+    flattened filter i,
 
-        d_m(i) = sum_j ||v_i - v_j||_2        (over every slot j of m's axis)
-        score(u) = 1/|M2| * sum_{m in M2} sum_{i in slots_m(u)} d_m(i)
+        d_m(i) = sum_j ||v_i - v_j||_2        (over every filter j of m)
+        score(u) = 1/|M_f| * sum_{m in M_f} sum_{i in slots_m(u)} d_m(i)
 
     the approximation of the distance from the geometric median that the paper's code and
-    Torch-Pruning compute with cdist. One-axis members (norm weights, biases) are skipped; a
-    group with none of two or more axes falls back to ``l2`` (listed in ``fallbacks``)."""
+    Torch-Pruning compute with cdist. Input columns of consumers are not filters (and a
+    flatten into a large linear map would make tens of thousands of them); a group without
+    filters falls back to ``l2`` (listed in ``fallbacks``)."""
 
     def measure(self, group: Group) -> np.ndarray:
         total = np.zeros(group.size)
         counted = 0
         for key in self.parameter_members(group):
-            if self.params[key[0]].ndim < 2:
+            if self.params[key[0]].ndim < 2 or key[1] != 0:
                 continue
             sums = self.per_slot(key, lambda name, dim: _distance_sums(self.params[name], dim))
             total += self.into_units(group, key, sums)

@@ -1,4 +1,5 @@
-"""The whole job into a folder: prune, save, export both models, check ONNX, write a report.
+"""The whole job into a folder: prune, save, export both models, check ONNX, evaluate on
+data when given, draw where the channels went, write a report.
 
 ``prune_to_dir`` is what ``structprune prune`` runs, and ``sweep`` runs it once per ratio.
 Everything is written to a staging folder beside the output and moved into place only when
@@ -19,10 +20,13 @@ from typing import Any
 import torch.nn as nn
 
 from .api import PruneResult, prune
+from .data import DataSplits
 from .errors import StructPruneError
+from .evaluate import evaluate, plot_confusion
 from .export import export_onnx, onnx_parity
 from .io import save
 from .plan import Plan
+from .plots import plot_widths
 from .tune import fastest_rounding
 
 
@@ -41,13 +45,16 @@ def writable_parent(out: Path) -> Path:
 def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.PathLike, *,
                  ratio: float | None = None, plan: Plan | None = None,
                  round_to: int | str = 1, tune_batch: int = 1, exporter: str = "auto",
-                 simplify: bool = False, onnx: bool = True, record: dict[str, Any] | None = None,
+                 simplify: bool = False, onnx: bool = True, data: DataSplits | None = None,
+                 record: dict[str, Any] | None = None,
                  progress: Callable[[str], None] = lambda step: None,
                  **settings: Any) -> tuple[PruneResult, dict[str, Any]]:
     """Prune ``model`` (by ``ratio``, or apply ``plan``) and write into ``out``: ``plan.json``,
-    ``pruned.safetensors``, ``dense.onnx`` and ``pruned.onnx`` (unless ``onnx=False``) and
-    ``report.json`` (the figures, plus ``record``). ``round_to="auto"`` picks the multiple
-    that times fastest here. Returns the result and the report's figures."""
+    ``pruned.safetensors``, ``dense.onnx`` and ``pruned.onnx`` (unless ``onnx=False``),
+    ``widths.png`` and ``report.json`` (the figures, plus ``record``). With ``data``, both
+    models are evaluated on its validation split (``dense`` and ``pruned`` metrics in the
+    report, ``confusion.png``). ``round_to="auto"`` picks the multiple that times fastest
+    here. Returns the result and the report's figures."""
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".structprune-", dir=writable_parent(out)))
     try:
@@ -60,6 +67,7 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
         else:
             result = prune(model, example_inputs, ratio, round_to=round_to, **settings)
         save(result.model, staging, result.plan)
+        plot_widths(result.plan, result.analysis.sizes, staging / "widths.png")
         figures = dict(result.figures)
         figures["verification"] = result.verification.to_json() if result.verification else None
         if onnx:
@@ -72,6 +80,12 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
                                                      simplify=simplify)
             figures["onnx_rel_error"] = onnx_parity(staging / "pruned.onnx", result.model,
                                                     example_inputs)
+        if data is not None:
+            progress("evaluate")
+            scores = {"dense": evaluate(model, data.val), "pruned": evaluate(result.model, data.val)}
+            plot_confusion(scores, staging / "confusion.png", data.classes)
+            figures["metrics"] = {name: m.to_json() for name, m in scores.items()}
+            figures["data"] = data.summary()
         figures.update(record or {})
         figures["input_shapes"] = [list(x.shape) for x in example_inputs]
         figures["wall_seconds"] = time.perf_counter() - start

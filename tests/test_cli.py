@@ -29,7 +29,7 @@ def test_prune_writes_plan_weights_and_onnx(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "MACs" in printed and "verification: OK" in printed
     assert {p.name for p in out.iterdir()} == {"plan.json", "pruned.safetensors", "dense.onnx",
-                                               "pruned.onnx", "report.json"}
+                                               "pruned.onnx", "report.json", "widths.png"}
     plan = sp.Plan.load(out / "plan.json")
     model = sp.io.load(out, TINY)
     assert model[0].out_channels == 8
