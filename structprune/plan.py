@@ -19,16 +19,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.fx as fx
 
-from .analyse import Analysis
+from .analyse import Analysis, Group
+from .capture import Capture
 from .errors import PlanError
+from .registry import RuleRegistry
+from .rules import DEFAULT_REGISTRY
+from .tree import resolve_target, tensor_index
+from .types import TensorSpec
 
 FORMAT = "structprune.plan/1"
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
 def check_ratio(ratio: Any, what: str = "ratio") -> None:
     """Raise :class:`PlanError` unless ``ratio`` is a fraction of channels to remove."""
-    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1):
+    if not (_is_number(ratio) and 0 <= ratio < 1):
         raise PlanError(f"{what} {ratio} is outside [0, 1): pass a fraction such as 0.5")
 
 
@@ -42,6 +53,14 @@ class PlanSettings:
     min_width: fewest channels a group keeps.
     ignore: module names (or globs) whose parameters must stay untouched.
     exact_only: prune only groups whose removal equals masking (no approximate groups).
+    max_group_ratio: most of a group's units that global ranking, a threshold or a budget
+        removes.
+    threshold: instead of a ratio, remove every unit whose normalised score is below this.
+    macs_budget: instead of a ratio, keep at most this fraction of the dense model's MACs,
+        removing the units of least importance per MAC saved first, over all groups.
+    params_budget: the same for the parameter count.
+    At most one of threshold, macs_budget and params_budget is set; with one, ``ratio`` and
+    ``global_ranking`` play no part.
     """
 
     ratio: float = 0.5
@@ -52,10 +71,38 @@ class PlanSettings:
     exact_only: bool = False
     ratios: dict[str, float] = field(default_factory=dict)
     max_group_ratio: float = 0.9
+    threshold: float | None = None
+    macs_budget: float | None = None
+    params_budget: float | None = None
+
+    @property
+    def mode(self) -> str:
+        """``ratio``, ``threshold``, ``macs_budget`` or ``params_budget``."""
+        for name in ("threshold", "macs_budget", "params_budget"):
+            if getattr(self, name) is not None:
+                return name
+        return "ratio"
 
     def validate(self) -> None:
         for r in [self.ratio, *self.ratios.values()]:
             check_ratio(r)
+        chosen = [n for n in ("threshold", "macs_budget", "params_budget")
+                  if getattr(self, n) is not None]
+        if len(chosen) > 1:
+            raise PlanError(f"{' and '.join(chosen)} are both set: pass only one of threshold, "
+                            "macs_budget and params_budget")
+        for name in ("macs_budget", "params_budget"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and 0 < value <= 1):
+                raise PlanError(f"{name} {value} is outside (0, 1]: pass the fraction to "
+                                "keep, such as 0.4")
+        if self.threshold is not None and not (_is_number(self.threshold)
+                                               and self.threshold >= 0):
+            raise PlanError(f"threshold {self.threshold} must be a number >= 0: units scoring "
+                            "below it are removed")
+        if chosen and self.ratios:
+            raise PlanError(f"per-module ratios apply to ratio pruning, not to {chosen[0]}: "
+                            "drop the ratio overrides or use --ignore")
         if int(self.round_to) != self.round_to or self.round_to < 1:
             raise PlanError(f"round_to {self.round_to} must be an integer >= 1")
         if self.min_width < 1:
@@ -222,9 +269,170 @@ def sized_attributes(analysis: Analysis, removed: np.ndarray) -> list[dict[str, 
     return entries
 
 
+# Cost model: MACs and parameters after removing units, counted from the graph
+
+
+def count_node_macs(capture: Capture, registry: RuleRegistry | None = None) -> dict[str, int]:
+    """Multiply-accumulates per node name (nodes with a counter and a nonzero count)."""
+    registry = registry or DEFAULT_REGISTRY
+    counts: dict[str, int] = {}
+    for node in capture.graph.nodes:
+        if not isinstance(capture.values.get(node.name), TensorSpec):
+            continue
+        module = capture.graph_module.get_submodule(node.target) \
+            if node.op == "call_module" else None
+        counter = registry.macs_for(node, module)
+        if counter is not None:
+            macs = int(counter(capture, node, module))
+            if macs:
+                counts[node.name] = macs
+    return counts
+
+
+def _weight_name(capture: Capture, node: fx.Node, names: dict[int, str],
+                 named: dict[str, torch.Tensor]) -> str | None:
+    """The canonical name of the parameter whose shape scales ``node``'s MACs: a called
+    module's ``weight``, else the one model tensor of two or more axes that the node reads
+    through ``get_attr`` (F.conv2d's, F.linear's or an ATen conv's weight)."""
+    if node.op == "call_module":
+        weight = getattr(capture.graph_module.get_submodule(node.target), "weight", None)
+        return names.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+    found = set()
+    for arg in node.all_input_nodes:
+        if arg.op != "get_attr":
+            continue
+        value = resolve_target(capture.graph_module, arg.target)
+        if not isinstance(value, torch.Tensor) or value.ndim < 2:
+            continue
+        name = names.get(id(value))
+        if name is None and arg.target in named:  # torch.export: copies by name
+            name = names.get(id(named[arg.target]))
+        if name is not None:
+            found.add(name)
+    return found.pop() if len(found) == 1 else None
+
+
+class PruneCost:
+    """MACs and parameters of the pruned model, counted from the dense graph.
+
+    A conv's, transposed conv's or linear map's MACs are proportional to its weight's size
+    (out-channels x in-channels per group x kernel taps; spatial sizes stay), so after
+    removing units they are the dense count times kept/size along each sliced axis of the
+    weight; nodes whose MACs no parameter scales (a product of two activations) keep theirs.
+    A parameter's size likewise scales by kept/size along each sliced axis (buffers are not
+    parameters). Kept counts per axis are the slots whose component is not removed, the same
+    rule :func:`sliced_params` follows, so the figures equal a recount of the pruned model
+    (:func:`structprune.report.count_macs`, ``count_params``) wherever every MAC-bearing node
+    reads a weight; ``node_weight`` names each node's (None where the count stays dense).
+    """
+
+    def __init__(self, analysis: Analysis, registry: RuleRegistry | None = None):
+        self.analysis = analysis
+        capture = analysis.capture
+        index = tensor_index(capture.model)
+        self.node_macs = count_node_macs(capture, registry)
+        # node name -> the parameter scaling its MACs, or None
+        self.node_weight: dict[str, str | None] = {}
+        nodes = {node.name: node for node in capture.graph.nodes}
+        for name in self.node_macs:
+            self.node_weight[name] = _weight_name(capture, nodes[name], index.canonical,
+                                                  index.named)
+
+        # one axis per distinct slot array (tensors sliced in lockstep share theirs)
+        axis_of: dict[int, int] = {}
+        arrays: list[np.ndarray] = []
+        self.axis: dict[tuple[str, int], int] = {}
+        for key, ids in analysis.slots.items():
+            a = axis_of.setdefault(id(ids), len(arrays))
+            if a == len(arrays):
+                arrays.append(ids)
+            self.axis[key] = a
+        self.n_axes = len(arrays)
+        self.sizes = np.array([len(ids) for ids in arrays] + [1], np.int64)  # + a unit axis
+        self._components = np.concatenate([analysis.component[ids] for ids in arrays]) \
+            if arrays else np.zeros(0, np.int64)
+        self._axis_of_slot = np.repeat(np.arange(self.n_axes), self.sizes[:-1])
+        self.n_components = int(analysis.component.max()) + 1 if analysis.component.size else 0
+
+        def axes_of(name: str) -> list[int]:
+            return [self.axis[(name, d)] for d in range(len(analysis.sizes[name]))
+                    if (name, d) in self.axis]
+
+        macs_terms = [(m, axes_of(self.node_weight[n]) if self.node_weight[n] else [])
+                      for n, m in self.node_macs.items()]
+        params = {index.canonical[id(p)]: p.numel()
+                  for p in capture.model.parameters()}  # parameters() skips shared ones
+        param_terms = [(numel, axes_of(name) if name in analysis.sizes else [])
+                       for name, numel in params.items()]
+        self.dense_macs = int(sum(self.node_macs.values()))
+        self.dense_params = int(sum(params.values()))
+        self._macs = self._terms(macs_terms)
+        self._params = self._terms(param_terms)
+
+    def _terms(self, terms: list[tuple[int, list[int]]]) -> tuple[np.ndarray, ...]:
+        """Values and their sliced axes as arrays (padded with the unit axis)."""
+        width = max([len(axes) for _, axes in terms] + [1])
+        axes = np.full((len(terms), width), self.n_axes, np.int64)
+        for t, (_, ax) in enumerate(terms):
+            axes[t, :len(ax)] = ax
+        values = np.array([v for v, _ in terms], np.int64).reshape(-1)
+        denom = self.sizes[axes].prod(axis=1)
+        return values, axes, denom
+
+    # exact figures after removal
+
+    def kept_counts(self, removed: np.ndarray) -> np.ndarray:
+        """Kept indices per axis (and 1 for the unit axis at the end)."""
+        kept = np.bincount(self._axis_of_slot, weights=~removed[self._components],
+                           minlength=self.n_axes)
+        return np.append(np.rint(kept).astype(np.int64), 1)
+
+    def _after(self, terms: tuple[np.ndarray, ...], removed: np.ndarray) -> int:
+        values, axes, denom = terms
+        if not values.size:
+            return 0
+        kept = self.kept_counts(np.asarray(removed, bool))[axes].prod(axis=1)
+        exact = values % denom == 0
+        total = int(((values[exact] // denom[exact]) * kept[exact]).sum())
+        for v, k, d in zip(values[~exact].tolist(), kept[~exact].tolist(),
+                           denom[~exact].tolist(), strict=True):
+            total += v * k // d  # a counter not proportional to its weight's size
+        return total
+
+    def macs_after(self, removed: np.ndarray) -> int:
+        """MACs of the model without the components flagged in ``removed``."""
+        return self._after(self._macs, removed)
+
+    def params_after(self, removed: np.ndarray) -> int:
+        """Parameters of the model without the components flagged in ``removed``."""
+        return self._after(self._params, removed)
+
+    # marginal costs at the dense model
+
+    def _saved(self, terms: tuple[np.ndarray, ...]) -> np.ndarray:
+        values, axes, _ = terms
+        # each slot of axis a carries value / size_a of every term over a
+        per_axis = np.zeros(self.n_axes + 1)
+        np.add.at(per_axis, axes, values[:, None] / self.sizes[axes])
+        per_axis[-1] = 0.0
+        return np.bincount(self._components, weights=per_axis[self._axis_of_slot],
+                           minlength=self.n_components)
+
+    def unit_macs(self) -> np.ndarray:
+        """Per component: the MACs saved by removing it alone from the dense model."""
+        return self._saved(self._macs)
+
+    def unit_params(self) -> np.ndarray:
+        """Per component: the parameters saved by removing it alone from the dense model."""
+        return self._saved(self._params)
+
+
 def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
-              settings: PlanSettings | None = None) -> Plan:
-    """Choose the units each group keeps and list the resulting tensor slices."""
+              settings: PlanSettings | None = None, *, cost: PruneCost | None = None) -> Plan:
+    """Choose the units each group keeps and list the resulting tensor slices.
+
+    ``cost`` is the cost model for a MACs or parameter budget (built from ``analysis`` with
+    the default registry when not given)."""
     settings = settings or PlanSettings()
     settings.validate()
     check_names(analysis, settings.ignore, "ignored name")
@@ -250,20 +458,35 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
         if prunable.any() and group.index in scores:
             candidates[group.index] = prunable
 
-    wanted: dict[int, int] = {}
-    if settings.global_ranking and candidates:
-        pool = np.concatenate([scores[g][c] for g, c in candidates.items()])
-        k = int(len(pool) * settings.ratio)
-        threshold = np.partition(pool, k - 1)[k - 1] if k > 0 else -np.inf
-        for g, c in candidates.items():
-            below = int((scores[g][c] <= threshold).sum())
-            wanted[g] = min(below, int(len(c) * settings.max_group_ratio))
+    groups = {group.index: group for group in analysis.groups}
+    # per candidate group: its prunable units (local indices), first to go first
+    ranked = {g: np.flatnonzero(c)[np.argsort(scores[g][c], kind="stable")]
+              for g, c in candidates.items()}
+    extra: dict[str, Any] = {}
+    mode = settings.mode
+    if mode in ("macs_budget", "params_budget"):
+        cost = cost or PruneCost(analysis)
+        keep, ranked, extra["budget"] = _budget(groups, candidates, scores, settings, cost)
     else:
-        for g, c in candidates.items():
-            wanted[g] = int(len(c) * group_ratio[g])
+        wanted: dict[int, int] = {}
+        if mode == "threshold":
+            for g, c in candidates.items():
+                below = int((scores[g][c] < settings.threshold).sum())
+                wanted[g] = min(below, int(len(c) * settings.max_group_ratio))
+        elif settings.global_ranking and candidates:
+            pool = np.concatenate([scores[g][c] for g, c in candidates.items()])
+            k = int(len(pool) * settings.ratio)
+            threshold = np.partition(pool, k - 1)[k - 1] if k > 0 else -np.inf
+            for g, c in candidates.items():
+                below = int((scores[g][c] <= threshold).sum())
+                wanted[g] = min(below, int(len(c) * settings.max_group_ratio))
+        else:
+            for g, c in candidates.items():
+                wanted[g] = int(len(c) * group_ratio[g])
+        keep = {g: _group_keep(groups[g], c, wanted[g], settings)
+                for g, c in candidates.items()}
 
     for group in analysis.groups:
-        prunable = candidates.get(group.index)
         entry: dict[str, Any] = {
             "index": group.index, "units": group.size, "width": group.width,
             "members": [f"{n}:{d}" for n, d in group.members],
@@ -272,21 +495,88 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
         }
         if group.reasons:
             entry["reasons"] = {k: sorted(set(v))[:5] for k, v in group.reasons.items()}
-        kept = group.size
-        if prunable is not None:
-            unprunable = int((~prunable).sum())
-            min_units = math.ceil(settings.min_width / group.width)
-            keep = _rounded_keep(group.size, wanted[group.index],
-                                 _step(settings.round_to, group.width), unprunable, min_units)
-            n_remove = group.size - keep
-            if n_remove > 0:
-                order = np.flatnonzero(prunable)
-                ranked = order[np.argsort(scores[group.index][order], kind="stable")]
-                drop = ranked[:n_remove]
-                removed[group.units[drop]] = True
-                kept = keep
+        kept = keep.get(group.index, group.size)
+        if kept < group.size:
+            removed[group.units[ranked[group.index][:group.size - kept]]] = True
         entry["kept"] = kept
         decisions.append(entry)
 
-    return Plan(sliced_params(analysis, removed), decisions, asdict(settings),
+    return Plan(sliced_params(analysis, removed), decisions, asdict(settings), extra,
                 attributes=sized_attributes(analysis, removed))
+
+
+def _group_keep(group: Group, prunable: np.ndarray, wanted: int, settings: PlanSettings) -> int:
+    """Units a group keeps when ``wanted`` of its prunable units should go: at least its
+    unprunable units and ``min_width`` channels, a multiple of ``round_to`` channels."""
+    return _rounded_keep(group.size, wanted, _step(settings.round_to, group.width),
+                         int((~prunable).sum()), math.ceil(settings.min_width / group.width))
+
+
+def _budget(groups: dict[int, Group], candidates: dict[int, np.ndarray],
+            scores: Mapping[int, np.ndarray], settings: PlanSettings, cost: PruneCost,
+            ) -> tuple[dict[int, int], dict[int, np.ndarray], dict[str, Any]]:
+    """Kept units per group and each group's removal order for a MACs or parameter budget.
+
+    All prunable units are ordered by score per unit of cost saved (MACs or parameters of
+    the dense model, cheapest importance first, ties in group order). Removing the first k
+    of them, within each group's constraints (max_group_ratio, min_width, round_to), leaves
+    a cost that never grows with k; a bisection finds the smallest k within the budget."""
+    kind = "macs" if settings.mode == "macs_budget" else "params"
+    fraction = settings.macs_budget if kind == "macs" else settings.params_budget
+    after = cost.macs_after if kind == "macs" else cost.params_after
+    dense = cost.dense_macs if kind == "macs" else cost.dense_params
+    unit_cost = cost.unit_macs() if kind == "macs" else cost.unit_params()
+    limit = fraction * dense
+
+    order_g = list(candidates)
+    local = [np.flatnonzero(candidates[g]) for g in order_g]
+    group_of = np.repeat(np.arange(len(order_g)), [len(u) for u in local]).astype(np.int64)
+    units = np.concatenate(local) if local else np.zeros(0, np.int64)
+    score = np.concatenate([scores[g][u] for g, u in zip(order_g, local, strict=True)]) \
+        if local else np.zeros(0)
+    saved = np.concatenate([unit_cost[groups[g].units[u]]
+                            for g, u in zip(order_g, local, strict=True)]) \
+        if local else np.zeros(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_cost = np.where(saved > 0, score / np.where(saved > 0, saved, 1.0), np.inf)
+    order = np.argsort(per_cost, kind="stable")
+    # each group's units in global order: the group removes a prefix of them
+    ranked = {g: np.zeros(0, np.int64) for g in candidates}
+    position = np.empty(len(order), np.int64)
+    position[order] = np.arange(len(order))
+    for i, g in enumerate(order_g):
+        mine = np.flatnonzero(group_of == i)
+        ranked[g] = units[mine[np.argsort(position[mine], kind="stable")]]
+    caps = np.array([int(groups[g].size * settings.max_group_ratio) for g in order_g], np.int64)
+
+    def plan_of(k: int) -> tuple[dict[int, int], np.ndarray]:
+        wanted = np.minimum(np.bincount(group_of[order[:k]], minlength=len(order_g)), caps)
+        keep, removed = {}, np.zeros(cost.n_components, bool)
+        for i, g in enumerate(order_g):
+            keep[g] = _group_keep(groups[g], candidates[g], int(wanted[i]), settings)
+            removed[groups[g].units[ranked[g][:groups[g].size - keep[g]]]] = True
+        return keep, removed
+
+    lo, hi = 0, len(order)  # the answer lies in [lo, hi]
+    keep, removed = plan_of(hi)
+    lowest = after(removed)
+    if lowest > limit:
+        reachable = math.ceil(lowest / dense * 1000) / 1000
+        raise PlanError(
+            f"{kind}_budget {fraction:g} cannot be reached: the lowest reachable is "
+            f"{lowest / dense:.4f} of the dense {'MACs' if kind == 'macs' else 'parameters'}; "
+            f"pass {reachable:g} or more, or relax max_group_ratio, min_width, round_to, "
+            "ignore or exact_only")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if after(plan_of(mid)[1]) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    keep, removed = plan_of(hi)
+    info = {"kind": kind, "target": fraction, "units_ranked": int(hi),
+            "macs_ratio_predicted": cost.macs_after(removed) / cost.dense_macs
+            if cost.dense_macs else 1.0,
+            "params_ratio_predicted": cost.params_after(removed) / cost.dense_params
+            if cost.dense_params else 1.0}
+    return keep, ranked, info

@@ -9,24 +9,19 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .capture import Capture
+from .plan import count_node_macs
 from .registry import RuleRegistry
-from .rules import DEFAULT_REGISTRY
-from .types import TensorSpec
+
+
+def node_macs(capture: Capture, registry: RuleRegistry | None = None) -> dict[str, int]:
+    """Multiply-accumulates per node name, for the example inputs: the nodes with a counter
+    and a nonzero count, in graph order."""
+    return count_node_macs(capture, registry)
 
 
 def count_macs(capture: Capture, registry: RuleRegistry | None = None) -> int:
     """Multiply-accumulates of convolutions and matrix products, for the example inputs."""
-    registry = registry or DEFAULT_REGISTRY
-    total = 0
-    for node in capture.graph.nodes:
-        if not isinstance(capture.values.get(node.name), TensorSpec):
-            continue
-        module = capture.graph_module.get_submodule(node.target) \
-            if node.op == "call_module" else None
-        counter = registry.macs_for(node, module)
-        if counter is not None:
-            total += counter(capture, node, module)
-    return int(total)
+    return int(sum(node_macs(capture, registry).values()))
 
 
 def count_params(model: nn.Module) -> int:
