@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,10 +14,10 @@ from .analyse import Analysis, analyse
 from .apply import apply_plan, check_plan
 from .capture import Capture, capture
 from .errors import CaptureError, VerificationError
-from .plan import Plan, PlanSettings, make_plan, sized_attributes, sliced_params
+from .plan import Plan, PlanSettings, PruneCost, make_plan, sized_attributes, sliced_params
 from .registry import RuleRegistry
 from .report import count_macs, count_params
-from .score import score
+from .score import Importance, score
 from .tree import evaluation, random_inputs
 from .verify import Verification, compare, flatten_outputs, reference_outputs, verify
 
@@ -51,7 +51,14 @@ def prune(
     example_inputs: Sequence[Any] | Any,
     ratio: float = 0.5,
     *,
-    importance: str = "l2",
+    importance: str | Importance = "l2",
+    data: Iterable | None = None,
+    calibration_batches: int | None = None,
+    normalize: str = "mean",
+    threshold: float | None = None,
+    macs_budget: float | None = None,
+    params_budget: float | None = None,
+    seed: int = 0,
     global_ranking: bool = False,
     round_to: int = 1,
     min_width: int = 1,
@@ -72,13 +79,21 @@ def prune(
     removed channels are masked; a mismatch raises :class:`VerificationError`. When
     approximate groups were pruned, the check covers the exact part of the plan.
     A given ``plan`` (e.g. loaded from plan.json) is applied instead of making one.
+
+    What goes: ``ratio`` (per group, or over all groups with ``global_ranking``), or
+    ``threshold`` (units whose normalised importance is below it), or ``macs_budget`` /
+    ``params_budget`` (the fraction of dense MACs or parameters to keep, cheapest importance
+    per MAC or parameter first). ``importance`` names a criterion of
+    :data:`structprune.score.IMPORTANCE` or is a callable; ``taylor``, ``gradient`` and
+    ``activation`` read ``calibration_batches`` batches of ``data`` (``(inputs, targets)``).
     """
     given_plan = plan is not None
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     settings = PlanSettings(ratio=ratio, global_ranking=global_ranking, round_to=round_to,
                             min_width=min_width, ignore=list(ignore), exact_only=exact_only,
-                            ratios=dict(ratios or {}))
+                            ratios=dict(ratios or {}), threshold=threshold,
+                            macs_budget=macs_budget, params_budget=params_budget)
     settings.validate()
     t0 = time.perf_counter()
     cap: Capture = capture(model, example_inputs, leaf_modules, registry, capture_method)
@@ -86,9 +101,12 @@ def prune(
     analysis = analyse(cap, registry)
     t2 = time.perf_counter()
     if plan is None:
-        scores = score(analysis, importance, [g for g in analysis.groups if (~g.blocked).any()])
+        scores = score(analysis, importance, [g for g in analysis.groups if (~g.blocked).any()],
+                       data=data, normalize=normalize, seed=seed, batches=calibration_batches)
         t3 = time.perf_counter()
-        plan = make_plan(analysis, scores, settings)
+        budget = settings.mode in ("macs_budget", "params_budget")
+        plan = make_plan(analysis, scores, settings,
+                         cost=PruneCost(analysis, registry) if budget else None)
     else:
         check_plan(model, plan)
         t3 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""structprune: structured channel pruning. Commands: prune, bench, sweep, analyze."""
+"""structprune: structured channel pruning. Commands: prune, eval, bench, sweep, analyze."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ from tqdm import tqdm
 from . import bench
 from .analyse import analyse
 from .capture import capture
+from .data import DataSplits, load_data
 from .errors import StructPruneError
+from .evaluate import evaluate, plot_confusion, predict
 from .io import load
 from .models import build_model, load_weights, parse_shape
-from .plan import Plan, check_ratio
+from .plan import Plan, PlanSettings, check_ratio
+from .score import IMPORTANCE, NEEDS_DATA, NORMALIZE
 from .tree import random_inputs
 from .workflow import prune_to_dir, writable_parent
 
@@ -39,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed for zoo models' random weights")
         p.add_argument("--capture", choices=["auto", "fx", "export"], default="auto",
                        help="fx tracing, torch.export, or fx with torch.export as fallback")
+
+    def data_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", metavar="SOURCE",
+                       help="digits, an ImageFolder directory, or file.py:FACTORY returning "
+                            "(train_loader, val_loader)")
+        p.add_argument("--batch-size", type=int, default=None, help="batch size of --data")
+        p.add_argument("--calibration-batches", type=int, default=8,
+                       help="training batches the data-driven criteria read")
 
     def timing_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--batch", type=int, action="append", default=None,
@@ -69,7 +80,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="module (or glob) whose parameters stay untouched; repeatable")
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across all groups instead of per group")
-    p.add_argument("--importance", choices=["l1", "l2"], default="l2")
+    p.add_argument("--criterion", "--importance", dest="criterion", default="l2",
+                   help="importance of a channel: " + ", ".join(IMPORTANCE))
+    p.add_argument("--normalize", default="mean",
+                   help="scale of each group's scores for --global, --threshold and budgets: "
+                        + ", ".join(NORMALIZE))
+    p.add_argument("--threshold", type=float, help="remove units whose normalised importance "
+                   "is below this (instead of --ratio)")
+    p.add_argument("--macs-budget", type=float, metavar="F",
+                   help="keep at most this fraction of the dense MACs (instead of --ratio)")
+    p.add_argument("--params-budget", type=float, metavar="F",
+                   help="keep at most this fraction of the dense parameters")
+    p.add_argument("--auto", action="store_true",
+                   help="with --data and --macs-budget: per-group ratios from the measured "
+                        "sensitivity of each group (writes sensitivity.json and .png)")
+    data_args(p)
     p.add_argument("--min-width", type=int, default=1, help="fewest channels a group keeps")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX files")
@@ -87,10 +112,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
     timing_args(s)
 
+    e = sub.add_parser("eval", help="accuracy, recall and F1 of dense and pruned models in DIR")
+    e.add_argument("dir", metavar="DIR", help="output directory of `structprune prune`")
+    data_args(e)
+
     a = sub.add_parser("analyze", help="list pruning groups and what is left unpruned, and why")
     model_args(a)
     a.add_argument("--json", action="store_true", help="print the analysis as JSON")
     return parser
+
+
+def default_input_shape(spec: str) -> str:
+    """The input shape a spec's model takes when --input-shape is not given."""
+    return "1,1,32,32" if spec == "structprune:digits_cnn" else "1,3,224,224"
 
 
 def _round_to(text: str) -> int | str:
@@ -104,7 +138,7 @@ def _round_to(text: str) -> int | str:
 
 def _model_and_inputs(args: argparse.Namespace):
 
-    shapes = [parse_shape(s) for s in (args.input_shape or ["1,3,224,224"])]
+    shapes = [parse_shape(s) for s in (args.input_shape or [default_input_shape(args.spec)])]
     model = build_model(args.spec, args.seed)
     if args.weights:
         load_weights(model, args.weights)
@@ -113,17 +147,48 @@ def _model_and_inputs(args: argparse.Namespace):
 
 
 def _check_settings(args: argparse.Namespace) -> None:
-    if args.ratio is None and not args.plan:
-        raise StructPruneError("give --ratio (e.g. --ratio 0.5) or --plan plan.json")
+    """Refuse bad settings before any work, one line each."""
+    modes = [m for m in ("ratio", "threshold", "macs_budget", "params_budget")
+             if getattr(args, m) is not None]
+    if not modes and not args.plan:
+        raise StructPruneError("say what goes: --ratio 0.5, --threshold T, --macs-budget F, "
+                               "--params-budget F or --plan plan.json")
     if args.plan and not Path(args.plan).is_file():
         raise StructPruneError(f"--plan {args.plan} does not exist")
-    if args.ratio is None:
-        return
-    check_ratio(args.ratio, "--ratio")
+    if len(modes) > 1:
+        raise StructPruneError("give one of --ratio, --threshold, --macs-budget and "
+                               f"--params-budget, not {len(modes)}")
+    if args.criterion not in IMPORTANCE:
+        raise StructPruneError(f"unknown criterion {args.criterion!r}: use one of "
+                               + ", ".join(IMPORTANCE))
+    if args.normalize not in NORMALIZE:
+        raise StructPruneError(f"unknown --normalize {args.normalize!r}: use one of "
+                               + ", ".join(NORMALIZE))
+    if args.criterion in NEEDS_DATA and not args.data:
+        raise StructPruneError(f"criterion {args.criterion} needs calibration data: pass "
+                               "--data digits, an ImageFolder directory or file.py:FACTORY")
+    if args.auto and not (args.data and args.macs_budget is not None):
+        raise StructPruneError("--auto measures sensitivity on data to meet a MACs budget: "
+                               "give --data and --macs-budget")
+    if args.ratio is not None:
+        check_ratio(args.ratio, "--ratio")
     if args.round_to != "auto" and args.round_to < 1:
         raise StructPruneError(f"--round-to {args.round_to} must be 1 or more")
-    if args.min_width < 1:
-        raise StructPruneError(f"--min-width {args.min_width} must be 1 or more")
+    PlanSettings(min_width=args.min_width, threshold=args.threshold,
+                 macs_budget=args.macs_budget, params_budget=args.params_budget).validate()
+
+
+def _data(args: argparse.Namespace, model: Any, inputs: tuple) -> DataSplits | None:
+    """The --data splits, shaped like the model's input, checked against its outputs."""
+    if not args.data:
+        return None
+    splits = load_data(args.data, tuple(inputs[0].shape), seed=args.seed if "seed" in args
+                       else 0, batch_size=args.batch_size)
+    first = next(iter(splits.val), None)
+    if first is None:
+        raise StructPruneError(f"--data {args.data} has no validation samples")
+    predict(model, [first], num_classes=splits.num_classes)  # one batch: class count agrees
+    return splits
 
 
 def _table(rows: list[tuple[str, str, str]]) -> str:
@@ -149,7 +214,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     writable_parent(out)
     model, inputs = _model_and_inputs(args)
-    steps = 1 if args.no_onnx else 3
+    data = _data(args, model, inputs)
+    steps = (1 if args.no_onnx else 3) + (data is not None)
     with tqdm(total=steps, desc="structprune", unit="step", file=sys.stderr,
               disable=not sys.stderr.isatty()) as bar:
         def progress(step: str) -> None:  # called as each step starts
@@ -160,10 +226,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         result, figures = prune_to_dir(
             model, inputs, out, ratio=args.ratio, plan=Plan.load(args.plan) if args.plan else None,
             round_to=args.round_to, tune_batch=args.tune_batch, exporter=args.exporter,
-            simplify=args.simplify, onnx=not args.no_onnx, record=_record(args),
-            progress=progress, importance=args.importance, global_ranking=args.global_ranking,
+            simplify=args.simplify, onnx=not args.no_onnx, data=data, auto=args.auto,
+            record=_record(args), progress=progress, importance=args.criterion,
+            normalize=args.normalize, calibration_batches=args.calibration_batches,
+            threshold=args.threshold, macs_budget=args.macs_budget,
+            params_budget=args.params_budget, global_ranking=args.global_ranking,
             min_width=args.min_width, ignore=args.ignore, exact_only=args.exact_only,
-            capture_method=args.capture)
+            capture_method=args.capture, seed=args.seed)
         bar.update()
     _print_report(args.spec, figures, result, out)
     return 0
@@ -182,6 +251,8 @@ def _print_report(spec: str, f: dict[str, Any], result, out: Path) -> None:
             ("MACs kept", "100.0%", f"{100 * f['macs_ratio']:.1f}%"),
             ("groups pruned", "", f"{f['groups_pruned']} of {f['prunable_groups']} prunable"),
             ("approximate groups pruned", "", str(f["approximate_groups_pruned"]))]
+    if "metrics" in f:
+        rows += _metric_rows(f["metrics"])[1:]
     print(f"structprune: {spec} (captured with {f['capture']})")
     print(_table(rows))
     if "rounding" in f:
@@ -234,29 +305,38 @@ def _timing(args: argparse.Namespace) -> dict[str, Any]:
     return {"repeats": args.repeats, "warmup": args.warmup, "max_seconds": args.max_seconds}
 
 
-def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str, Any]:
-
-
+def _read_report(directory: Path) -> dict[str, Any]:
+    """The report.json of a `structprune prune` output directory."""
     report_path = directory / "report.json"
     if not report_path.is_file():
         raise StructPruneError(f"{directory} has no report.json: run `structprune prune ... "
                                f"--out {directory}` first")
     try:
         report = json.loads(report_path.read_text())
-        spec, input_shapes = report["spec"], report["input_shapes"]
+        report["spec"], report["input_shapes"]  # noqa: B018 - both must be there
     except (ValueError, KeyError, TypeError) as exc:
         raise StructPruneError(f"{report_path} is not a structprune report ({type(exc).__name__}"
                                f": {exc}): run `structprune prune ... --out {directory}` again"
                                ) from exc
+    return report
+
+
+def _dense_and_pruned(directory: Path, report: dict[str, Any]) -> tuple[Any, Any]:
+    """The dense model the report names (its seed and weights) and the pruned one saved."""
+    dense = build_model(report["spec"], report.get("seed", 0))
+    if report.get("weights"):
+        load_weights(dense, report["weights"])
+    return dense, load(directory, copy.deepcopy(dense))
+
+
+def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str, Any]:
+    report = _read_report(directory)
     for name in ("dense.onnx", "pruned.onnx"):
         if not (directory / name).is_file():
             raise StructPruneError(f"{directory / name} is missing: prune again without --no-onnx")
     torch_models = None
     if torch.cuda.is_available() and not args.no_torch:
-        dense = build_model(spec, report.get("seed", 0))
-        if report.get("weights"):
-            load_weights(dense, report["weights"])
-        torch_models = (copy.deepcopy(dense), load(directory, dense))
+        torch_models = _dense_and_pruned(directory, report)
 
     def progress(text: str) -> None:
         if bar is not None:
@@ -264,9 +344,38 @@ def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str,
             bar.update()
 
     return bench.bench(directory / "dense.onnx", directory / "pruned.onnx",
-                       input_shapes, report.get("macs_ratio"),
+                       report["input_shapes"], report.get("macs_ratio"),
                        batches=args.batch or (1, 32), threads=args.threads,
                        torch_models=torch_models, progress=progress, **_timing(args))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    if not args.data:
+        raise StructPruneError("eval needs --data: digits, an ImageFolder directory or "
+                               "file.py:FACTORY")
+    report = _read_report(directory)
+    dense, pruned = _dense_and_pruned(directory, report)
+    inputs = random_inputs(report["input_shapes"])
+    args.seed = report.get("seed", 0)
+    data = _data(args, dense, inputs)
+    scores = {"dense": evaluate(dense, data.val), "pruned": evaluate(pruned, data.val)}
+    plot_confusion(scores, directory / "confusion.png", data.classes)
+    result = {"data": data.summary(), **{k: m.to_json() for k, m in scores.items()}}
+    (directory / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"structprune: {report['spec']} on {data.summary()}")
+    print(_table(_metric_rows(result)))
+    print(f"wrote {directory}/eval.json and confusion.png")
+    return 0
+
+
+def _metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
+    d, p = metrics["dense"], metrics["pruned"]
+    rows = [("", "dense", "pruned"),
+            ("top-1 accuracy", f"{100 * d['accuracy']:.2f}%", f"{100 * p['accuracy']:.2f}%"),
+            ("macro F1", f"{d['macro_f1']:.4f}", f"{p['macro_f1']:.4f}"),
+            ("lowest class recall", f"{min(d['recall']):.3f}", f"{min(p['recall']):.3f}")]
+    return rows
 
 
 def _cells_expected(args: argparse.Namespace) -> int:
@@ -328,7 +437,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"prune": cmd_prune, "analyze": cmd_analyze, "bench": cmd_bench,
-                "sweep": cmd_sweep}
+                "sweep": cmd_sweep, "eval": cmd_eval}
     try:
         return commands[args.command](args)
     except StructPruneError as exc:

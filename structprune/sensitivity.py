@@ -10,6 +10,7 @@ model's MACs, counted exactly from the graph, fall within the budget.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -18,11 +19,14 @@ import numpy as np
 import torch.nn as nn
 from tqdm import tqdm
 
-from .analyse import Analysis, Group
+from .analyse import Analysis, Group, analyse
 from .apply import apply_plan
+from .capture import capture
 from .errors import PlanError
 from .evaluate import evaluate
-from .plan import Plan, sized_attributes, sliced_params
+from .plan import Plan, PlanSettings, PruneCost, sized_attributes, sliced_params
+from .registry import RuleRegistry
+from .score import Importance, score
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -50,7 +54,14 @@ def removal(analysis: Analysis, scores: Mapping[int, np.ndarray],
 
 
 def plan_of(analysis: Analysis, removed: np.ndarray) -> Plan:
-    return Plan(sliced_params(analysis, removed), attributes=sized_attributes(analysis, removed))
+    """The plan removing the components flagged in ``removed``, with its group decisions."""
+    decisions = [{"index": g.index, "units": int(g.size), "width": g.width,
+                  "members": [f"{n}:{d}" for n, d in g.members],
+                  "status": "blocked" if g.blocked.all() else
+                            "approximate" if g.approximate.any() else "exact",
+                  "kept": int(g.size - removed[g.units].sum())} for g in analysis.groups]
+    return Plan(sliced_params(analysis, removed), decisions,
+                attributes=sized_attributes(analysis, removed))
 
 
 def measure(model: nn.Module, analysis: Analysis, scores: Mapping[int, np.ndarray],
@@ -114,6 +125,39 @@ def allocate(sensitivity: Mapping[str, Any], analysis: Analysis,
         _, group, current = best
         chosen[group] = round(chosen[group] + step, 6)
     return {g: r for g, r in chosen.items() if r > 0}
+
+
+def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iterable[Any], *,
+              macs_budget: float, importance: str | Importance = "l2",
+              data: Iterable | None = None, normalize: str = "mean",
+              calibration_batches: int | None = None, seed: int = 0, exact_only: bool = False,
+              ignore: Sequence[str] = (), registry: RuleRegistry | None = None,
+              leaf_modules: Sequence[type] = (), capture_method: str = "auto",
+              ratios: Sequence[float] = RATIOS, progress: bool = True,
+              **unused: Any) -> tuple[Plan, dict[str, Any]]:
+    """A plan keeping at most ``macs_budget`` of the dense MACs, its per-group ratios chosen
+    from each group's measured sensitivity on ``val_batches``; returns it with the
+    measurements (``sensitivity.json``). Other ``prune`` settings are accepted and unused."""
+    settings = PlanSettings(macs_budget=macs_budget, ignore=list(ignore), exact_only=exact_only)
+    settings.validate()
+    analysis = analyse(capture(model, example_inputs, leaf_modules, registry, capture_method),
+                       registry)
+    ignored = {g.index for g in analysis.groups if any(
+        fnmatch.fnmatch(name.rpartition(".")[0], pattern) or
+        name.startswith(pattern + ".") for pattern in ignore for name, _ in g.members)}
+    groups = [g for g in analysis.groups if (~g.blocked).any() and g.index not in ignored]
+    scores = score(analysis, importance, groups, data=data, normalize=normalize, seed=seed,
+                   batches=calibration_batches)
+    measured = measure(model, analysis, scores, val_batches, ratios, exact_only, progress)
+    cost = PruneCost(analysis, registry)
+    chosen = allocate(measured, analysis, scores, cost.macs_after, macs_budget, exact_only)
+    removed = removal(analysis, scores, chosen, exact_only)
+    plan = plan_of(analysis, removed)
+    plan.settings = {"auto": True, "macs_budget": macs_budget, "importance": str(importance),
+                     "group_ratios": {str(g): r for g, r in chosen.items()}}
+    measured["group_ratios"] = plan.settings["group_ratios"]
+    measured["macs_ratio_predicted"] = cost.macs_after(removed) / cost.dense_macs
+    return plan, measured
 
 
 def plot(sensitivity: Mapping[str, Any], path: str | os.PathLike, top: int = 12) -> None:

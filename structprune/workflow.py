@@ -27,6 +27,8 @@ from .export import export_onnx, onnx_parity
 from .io import save
 from .plan import Plan
 from .plots import plot_widths
+from .sensitivity import auto_plan
+from .sensitivity import plot as plot_sensitivity
 from .tune import fastest_rounding
 
 
@@ -46,20 +48,29 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
                  ratio: float | None = None, plan: Plan | None = None,
                  round_to: int | str = 1, tune_batch: int = 1, exporter: str = "auto",
                  simplify: bool = False, onnx: bool = True, data: DataSplits | None = None,
-                 record: dict[str, Any] | None = None,
+                 auto: bool = False, record: dict[str, Any] | None = None,
                  progress: Callable[[str], None] = lambda step: None,
                  **settings: Any) -> tuple[PruneResult, dict[str, Any]]:
     """Prune ``model`` (by ``ratio``, or apply ``plan``) and write into ``out``: ``plan.json``,
     ``pruned.safetensors``, ``dense.onnx`` and ``pruned.onnx`` (unless ``onnx=False``),
     ``widths.png`` and ``report.json`` (the figures, plus ``record``). With ``data``, both
     models are evaluated on its validation split (``dense`` and ``pruned`` metrics in the
-    report, ``confusion.png``). ``round_to="auto"`` picks the multiple that times fastest
-    here. Returns the result and the report's figures."""
+    report, ``confusion.png``), its training split feeds the data-driven criteria, and
+    ``auto`` chooses per-group ratios for ``macs_budget`` from each group's measured
+    sensitivity (``sensitivity.json`` and ``.png``). ``round_to="auto"`` picks the multiple
+    that times fastest here. Returns the result and the report's figures."""
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".structprune-", dir=writable_parent(out)))
     try:
         start = time.perf_counter()
         progress("prune + verify")
+        if data is not None:
+            settings["data"] = data.train
+        sensitivity = None
+        if auto:
+            plan, sensitivity = auto_plan(model, example_inputs, data.val, **settings)
+            (staging / "sensitivity.json").write_text(json.dumps(sensitivity, indent=1) + "\n")
+            plot_sensitivity(sensitivity, staging / "sensitivity.png")
         if plan is not None:
             result = prune(model, example_inputs, plan=plan, **settings)
         elif round_to == "auto":
