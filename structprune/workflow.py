@@ -25,7 +25,7 @@ from .errors import StructPruneError
 from .evaluate import evaluate, plot_confusion
 from .export import export_onnx, onnx_parity
 from .io import save
-from .plan import Plan
+from .plan import Plan, PlanSettings
 from .plots import plot_widths
 from .sensitivity import auto_plan
 from .sensitivity import plot as plot_sensitivity
@@ -64,6 +64,8 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
     try:
         start = time.perf_counter()
         progress("prune + verify")
+        if ratio is None:  # a threshold or a budget decides instead
+            ratio = PlanSettings().ratio
         if data is not None:
             settings["data"] = data.train
         sensitivity = None

@@ -1,0 +1,116 @@
+"""The command line with data, end to end on the digits CNN: criteria, --threshold, --auto,
+`eval`, and one line (exit 2) for each data or settings error."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import structprune as sp
+from structprune.cli import main
+from structprune.data import from_factory
+from structprune.evaluate import evaluate
+from structprune.models import build_model
+from structprune.sensitivity import plan_of, removal
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    """A data factory: 240 training and 120 validation digits (a small, fast --data)."""
+    path = tmp_path_factory.mktemp("data") / "small_digits.py"
+    path.write_text(textwrap.dedent("""
+        import itertools
+        from structprune.data import digits
+
+        def make():
+            splits = digits()
+            train = list(itertools.islice(splits.train, 4))
+            val = [(x[:40], y[:40]) for x, y in itertools.islice(splits.val, 3)]
+            return train, val
+    """))
+    return f"{path}:make"
+
+
+def test_a_data_criterion_with_a_threshold_reports_what_the_pruned_model_scores(
+        factory, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("prune", "structprune:digits_cnn", "--criterion", "activation", "--data", factory,
+               "--threshold", "0.9", "--out", out, "--no-onnx") == 0
+    printed = capsys.readouterr().out
+    assert "top-1 accuracy" in printed and "macro F1" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs_ratio"] < 1.0
+    assert {"confusion.png", "widths.png"} <= {p.name for p in out.iterdir()}
+    # the reported figures are those of the saved model, evaluated independently
+    pruned = sp.load(out, "structprune:digits_cnn")
+    val = from_factory(factory).val
+    direct = evaluate(pruned, val)
+    assert report["metrics"]["pruned"]["accuracy"] == pytest.approx(direct.accuracy)
+    assert report["metrics"]["pruned"]["macro_f1"] == pytest.approx(direct.macro_f1)
+    plan = sp.Plan.load(out / "plan.json")
+    assert plan.settings["threshold"] == 0.9
+
+    assert run("eval", out, "--data", factory) == 0
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["pruned"]["accuracy"] == pytest.approx(direct.accuracy)
+    dense = evaluate(build_model("structprune:digits_cnn"), val)
+    assert evaluated["dense"]["recall"] == pytest.approx(dense.recall)
+
+
+def test_auto_meets_the_budget_from_measured_sensitivity(factory, tmp_path):
+    out = tmp_path / "auto"
+    assert run("prune", "structprune:digits_cnn", "--data", factory, "--macs-budget", "0.5",
+               "--auto", "--out", out, "--no-onnx") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs_ratio"] <= 0.5
+    sensitivity = json.loads((out / "sensitivity.json").read_text())
+    assert sensitivity["groups"] and all(len(g["accuracy"]) == len(sensitivity["ratios"])
+                                         for g in sensitivity["groups"])
+    # one measured point, recomputed: that group alone pruned at that ratio, evaluated
+    model = build_model("structprune:digits_cnn")
+    x = torch.randn(1, 1, 32, 32)
+    analysis = sp.analyse(sp.capture(model, (x,)))
+    scores = sp.score(analysis, "l2", [g for g in analysis.groups if (~g.blocked).any()])
+    row = sensitivity["groups"][1]
+    at = sensitivity["ratios"].index(0.5)
+    alone = sp.apply_plan(model, plan_of(analysis, removal(analysis, scores,
+                                                           {row["group"]: 0.5})))
+    assert evaluate(alone, from_factory(factory).val).accuracy == \
+        pytest.approx(row["accuracy"][at])
+    assert np.isclose(report["macs_ratio"], sensitivity["macs_ratio_predicted"])
+
+
+@pytest.mark.parametrize("case", [
+    (["--criterion", "magic", "--ratio", "0.5"], "unknown criterion 'magic'"),
+    (["--criterion", "taylor", "--ratio", "0.5"], "needs calibration data"),
+    (["--macs-budget", "1.5"], "macs_budget"),
+    (["--macs-budget", "0"], "macs_budget"),
+    (["--ratio", "0.5", "--data", "EMPTY"], "EMPTY"),
+    (["--ratio", "0.5", "--data", "digits", "--input-shape", "1,3,32,32", "--auto"],
+     "--auto"),
+])
+def test_data_and_settings_errors_exit_2_with_one_line(case, tmp_path, capsys):
+    flags, expected = case
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    flags = [str(empty) if f == "EMPTY" else f for f in flags]
+    expected = str(empty) if expected == "EMPTY" else expected
+    out = tmp_path / "out"
+    assert run("prune", "structprune:digits_cnn", *flags, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("structprune: error:") and "\n" not in err and expected in err
+    assert not out.exists()
+
+
+def test_a_class_count_that_does_not_match_the_model_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("prune", "torchvision:resnet18", "--data", "digits", "--input-shape",
+               "1,3,32,32", "--ratio", "0.5", "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert "classes" in err and "\n" not in err and not out.exists()
