@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --data and --macs-budget: per-group ratios from the measured "
                         "sensitivity of each group (writes sensitivity.json and .png)")
     data_args(p)
+    p.add_argument("--recover", metavar="none|bn|bias|lsq[,...]",
+                   help="after surgery, without training: re-estimate BN statistics (bn), fold "
+                        "removed channels' mean into biases (bias) or refit consumers by least "
+                        "squares (lsq); default bn with --data, none without")
     p.add_argument("--min-width", type=int, default=1, help="fewest channels a group keeps")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX files")
@@ -170,6 +174,8 @@ def _check_settings(args: argparse.Namespace) -> None:
     if args.auto and not (args.data and args.macs_budget is not None):
         raise StructPruneError("--auto measures sensitivity on data to meet a MACs budget: "
                                "give --data and --macs-budget")
+    if args.recover and args.recover != "none" and not args.data:
+        raise StructPruneError("--recover needs calibration data: pass --data")
     if args.ratio is not None:
         check_ratio(args.ratio, "--ratio")
     if args.round_to != "auto" and args.round_to < 1:
@@ -227,6 +233,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             model, inputs, out, ratio=args.ratio, plan=Plan.load(args.plan) if args.plan else None,
             round_to=args.round_to, tune_batch=args.tune_batch, exporter=args.exporter,
             simplify=args.simplify, onnx=not args.no_onnx, data=data, auto=args.auto,
+            recover_with=args.recover and (args.recover.split(",") if "," in args.recover
+                                           else args.recover),
             record=_record(args), progress=progress, importance=args.criterion,
             normalize=args.normalize, calibration_batches=args.calibration_batches,
             threshold=args.threshold, macs_budget=args.macs_budget,
@@ -260,6 +268,10 @@ def _print_report(spec: str, f: dict[str, Any], result, out: Path) -> None:
         cands = ", ".join(f"{c['round_to']}: {c['speedup']:.2f}x" for c in r["candidates"])
         print(f"round_to {r['chosen']} chosen by timing on {r['runtime']} batch {r['batch']} "
               f"(speed-up over dense per candidate: {cands})")
+    if f.get("recovery"):
+        r = f["recovery"]
+        print(f"recovery: {', '.join(r['method'])} (output MSE against the dense model "
+              f"{r['output_mse_before']:.3g} -> {r['output_mse_after']:.3g})")
     v = result.verification
     scope = "whole plan" if v and v.exact_units_only else "exact part of the plan"
     if v:

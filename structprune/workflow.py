@@ -27,6 +27,8 @@ from .export import export_onnx, onnx_parity
 from .io import save
 from .plan import Plan, PlanSettings
 from .plots import plot_widths
+from .recover import recover
+from .score import calibration
 from .sensitivity import auto_plan
 from .sensitivity import plot as plot_sensitivity
 from .tune import fastest_rounding
@@ -48,7 +50,8 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
                  ratio: float | None = None, plan: Plan | None = None,
                  round_to: int | str = 1, tune_batch: int = 1, exporter: str = "auto",
                  simplify: bool = False, onnx: bool = True, data: DataSplits | None = None,
-                 auto: bool = False, record: dict[str, Any] | None = None,
+                 auto: bool = False, recover_with: str | Sequence[str] | None = None,
+                 calibration_batches: int = 8, record: dict[str, Any] | None = None,
                  progress: Callable[[str], None] = lambda step: None,
                  **settings: Any) -> tuple[PruneResult, dict[str, Any]]:
     """Prune ``model`` (by ``ratio``, or apply ``plan``) and write into ``out``: ``plan.json``,
@@ -58,7 +61,10 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
     report, ``confusion.png``), its training split feeds the data-driven criteria, and
     ``auto`` chooses per-group ratios for ``macs_budget`` from each group's measured
     sensitivity (``sensitivity.json`` and ``.png``). ``round_to="auto"`` picks the multiple
-    that times fastest here. Returns the result and the report's figures."""
+    that times fastest here. ``recover_with`` (``"bn"``, ``"bias"``, ``"lsq"`` or a list;
+    default ``"bn"`` when data is given) then brings the pruned model's kept weights closer to
+    the dense model on ``calibration_batches`` training batches, before anything is saved.
+    Returns the result and the report's figures."""
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".structprune-", dir=writable_parent(out)))
     try:
@@ -73,16 +79,28 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
             plan, sensitivity = auto_plan(model, example_inputs, data.val, **settings)
             (staging / "sensitivity.json").write_text(json.dumps(sensitivity, indent=1) + "\n")
             plot_sensitivity(sensitivity, staging / "sensitivity.png")
+        settings["calibration_batches"] = calibration_batches
         if plan is not None:
             result = prune(model, example_inputs, plan=plan, **settings)
         elif round_to == "auto":
             result = fastest_rounding(model, example_inputs, ratio, batch=tune_batch, **settings)
         else:
             result = prune(model, example_inputs, ratio, round_to=round_to, **settings)
+        if recover_with is None:
+            recover_with = "bn" if data is not None else "none"
+        recovery = None
+        if recover_with != "none":
+            if data is None:
+                raise StructPruneError("recovery needs calibration data: pass --data")
+            progress("recover")
+            batches = calibration(data.train, calibration_batches)
+            recovery = recover(result.model, model, result.plan, result.analysis, batches,
+                               recover_with)
         save(result.model, staging, result.plan)
         plot_widths(result.plan, result.analysis.sizes, staging / "widths.png")
         figures = dict(result.figures)
         figures["verification"] = result.verification.to_json() if result.verification else None
+        figures["recovery"] = recovery
         if onnx:
             progress("export dense.onnx")
             figures["exporter_dense"] = export_onnx(model, example_inputs, staging / "dense.onnx",
