@@ -194,6 +194,49 @@ def coverage() -> str:
     return "\n".join(lines)
 
 
+def criteria_table() -> str:
+    data = load("criteria_digits.json")
+    if not data:
+        return ""
+    ratios, rows = data["ratios"], data["rows"]
+    cell = {(r["tool"], r["criterion"], r["ratio"]): r for r in rows}
+    dense, training = data["dense"], data["training"]
+    mid = 0.5 if 0.5 in ratios else ratios[len(ratios) // 2]
+    lines = [f"### Accuracy right after pruning, by criterion (digits CNN, dense "
+             f"{100 * dense['accuracy']:.1f}% after {training['epochs']} epochs, "
+             "no fine-tuning)", "",
+             "| criterion | " + " | ".join(f"structprune {r} | Torch-Pruning {r}" for r in ratios)
+             + f" | MACs kept at {mid} (sp / TP) |",
+             "|---|" + "---:|" * (2 * len(ratios) + 1)]
+
+    def pct(row: dict | None, key: str) -> str:
+        return f"{100 * row[key]:.1f}%" if row else "-"
+
+    for criterion in data["criteria"]:
+        cells = [pct(cell.get((tool, criterion, r)), "accuracy")
+                 for r in ratios for tool in ("structprune", "torch_pruning")]
+        cells.append(" / ".join(pct(cell.get((tool, criterion, mid)), "macs_kept")
+                                for tool in ("structprune", "torch_pruning")))
+        lines.append(f"| {criterion} | " + " | ".join(cells) + " |")
+    matched = ", ".join(f"{c}: {name}" for c, name in data["torch_pruning_importance"].items())
+    lines += ["", "Test accuracy of the pruned model, each layer's channels cut by the ratio, the "
+              "final Linear's outputs kept (structprune keeps model outputs by itself; "
+              "Torch-Pruning with `ignored_layers=[final]`); calibration for the data-driven "
+              "criteria: "
+              f"{data['calibration']['batches']} training batches of "
+              f"{data['calibration']['batch_size']}. Torch-Pruning importances: {matched} "
+              "(it has no gradient-magnitude importance)."]
+    spread = data.get("random_spread")
+    if spread:
+        seeds = spread["seeds"]
+        lines[-1] += (f" Noise floor: structprune's random criterion over seeds {seeds[0]}-"
+                      f"{seeds[-1]} gives " + ", ".join(
+                          f"{100 * r['min']:.1f}-{100 * r['max']:.1f}% (median "
+                          f"{100 * r['median']:.1f}%) at {r['ratio']}"
+                          for r in spread["by_ratio"]) + ".")
+    return "\n".join(lines)
+
+
 def render() -> str:
     gpu = gpu_latency()
     if gpu and (RESULTS / "latency_h100.png").exists():
@@ -206,7 +249,7 @@ def render() -> str:
     cpu = "\n\n".join(t for t in (cpu_latency("latency_ort_cpu2.json", True),
                                    cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
     parts = [pass_time(), capture_paths(), coverage(), gpu,
-             cpu + ("\n\n" + cpu_note if cpu else ""), scale()]
+             cpu + ("\n\n" + cpu_note if cpu else ""), scale(), criteria_table()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

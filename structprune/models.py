@@ -1,10 +1,12 @@
-"""Model specs on the command line: ``torchvision:NAME``, ``timm:NAME``, ``file.py:FACTORY``."""
+"""Model specs on the command line: ``torchvision:NAME``, ``timm:NAME``, ``file.py:FACTORY``
+and ``structprune:NAME`` for the small models defined here (:data:`OWN_MODELS`)."""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -23,12 +25,52 @@ def build_model(spec: str, seed: int = 0) -> nn.Module:
         return _torchvision(name, seed)
     if kind == "timm":
         return _timm(name, seed)
+    if kind == "structprune":
+        return _own(name, seed)
     if spec.rsplit(":", 1)[0].endswith(".py"):
         path, factory = spec.rsplit(":", 1)
         torch.manual_seed(seed)  # factories that initialise randomly are reproducible too
         return _factory(Path(path), factory)
-    raise StructPruneError(f"unknown model source {kind!r} in {spec!r}: use torchvision:, timm: "
-                           "or a path to a .py file")
+    raise StructPruneError(f"unknown model source {kind!r} in {spec!r}: use torchvision:, timm:, "
+                           f"structprune: ({', '.join(OWN_MODELS)}) or a path to a .py file")
+
+
+def digits_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """A small VGG-style CNN for 32x32 inputs (scikit-learn's digits upsampled, see data.py).
+
+    Six 3x3 convolutions (64-64-128-128-256-256, padding 1), each followed by BatchNorm2d and
+    ReLU, a 2x2 max-pool after each pair (32 -> 16 -> 8 -> 4), then flatten ->
+    Linear(256*4*4, 256) -> ReLU -> Dropout(0.5) -> Linear(256, num_classes). The modules are
+    ``features.*`` and ``classifier.*``; the final layer is ``classifier.4``.
+    """
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for width in (64, 128, 256):
+        for _ in range(2):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True)]
+            channels = width
+        layers.append(nn.MaxPool2d(2))
+    classifier = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(256 * 4 * 4, 256),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(256, num_classes),
+    )
+    return nn.Sequential(OrderedDict(features=nn.Sequential(*layers), classifier=classifier))
+
+
+# ``structprune:NAME`` specs: name -> builder (called with no arguments)
+OWN_MODELS = {"digits_cnn": digits_cnn}
+
+
+def _own(name: str, seed: int) -> nn.Module:
+    if name not in OWN_MODELS:
+        raise StructPruneError(f"structprune has no model {name!r}; use one of "
+                               f"{', '.join(OWN_MODELS)}")
+    torch.manual_seed(seed)
+    return OWN_MODELS[name]()
 
 
 def _torchvision(name: str, seed: int) -> nn.Module:
