@@ -237,6 +237,21 @@ def criteria_table() -> str:
     return "\n".join(lines)
 
 
+def budget() -> str:
+    data = load("budget_cpu.json")
+    if not data:
+        return ""
+    lines = [f"### MACs budgets ({data['machine'].get('cpu', '?')}, 224x224, random weights, "
+             "L2 magnitude)", "",
+             "| model | --macs-budget | MACs kept (recounted) | predicted from the dense graph "
+             "| parameters kept |", "|---|---:|---:|---:|---:|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['model']} | {row['budget']:.2f} | {100 * row['macs_kept']:.2f}% "
+                     f"| {100 * row['macs_kept_predicted']:.2f}% "
+                     f"| {100 * row['params_kept']:.1f}% |")
+    return "\n".join(lines)
+
+
 def render() -> str:
     gpu = gpu_latency()
     if gpu and (RESULTS / "latency_h100.png").exists():
@@ -249,7 +264,7 @@ def render() -> str:
     cpu = "\n\n".join(t for t in (cpu_latency("latency_ort_cpu2.json", True),
                                    cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
     parts = [pass_time(), capture_paths(), coverage(), gpu,
-             cpu + ("\n\n" + cpu_note if cpu else ""), scale(), criteria_table()]
+             cpu + ("\n\n" + cpu_note if cpu else ""), scale(), criteria_table(), budget()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
