@@ -17,6 +17,7 @@ from structprune.report import count_macs, node_macs
 from structprune.report import count_macs as recount
 
 from .oracles import randomize
+from .test_plan import small_vgg
 
 X64 = (torch.randn(1, 3, 64, 64),)
 
@@ -149,18 +150,6 @@ def test_a_full_budget_removes_nothing_and_an_unreachable_one_says_what_is():
         sp.make_plan(analysis, scores, sp.PlanSettings(macs_budget=0.01))
     with pytest.raises(sp.PlanError, match="lowest reachable"):
         sp.make_plan(analysis, scores, sp.PlanSettings(params_budget=0.3, ignore=["layer4"]))
-
-
-def small_vgg():
-    layers, c = [], 3
-    for width in (16, 24, "M", 40, 40, "M"):
-        if width == "M":
-            layers.append(nn.MaxPool2d(2))
-        else:
-            layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-            c = width
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(40 * 4 * 4, 30), nn.ReLU(),
-                         nn.Linear(30, 10))
 
 
 @pytest.mark.parametrize("min_width", [1, 20])
