@@ -1,4 +1,5 @@
-"""structprune: structured channel pruning. Commands: prune, eval, bench, sweep, analyze."""
+"""structprune: structured channel pruning. Commands: prune, eval, finetune, bench, sweep,
+analyze."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .models import build_model, load_weights, parse_shape
 from .plan import Plan, PlanSettings, check_ratio
 from .score import IMPORTANCE, NEEDS_DATA, NORMALIZE
 from .tree import random_inputs
-from .workflow import prune_to_dir, writable_parent
+from .workflow import finetune_dir, prune_to_dir, writable_parent
 
 EXIT_USER_ERROR = 2
 
@@ -120,6 +121,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("dir", metavar="DIR", help="output directory of `structprune prune`")
     data_args(e)
 
+    f = sub.add_parser("finetune", help="fine-tune the pruned model in DIR, optionally "
+                                        "distilled from the dense one")
+    f.add_argument("dir", metavar="DIR", help="output directory of `structprune prune`")
+    data_args(f)
+    f.add_argument("--epochs", type=int, required=True)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--distill", action="store_true",
+                   help="distil from the dense model (KL on softened logits)")
+    f.add_argument("--temperature", type=float, default=4.0)
+    f.add_argument("--distill-weight", type=float, default=0.5)
+    f.add_argument("--resume", action="store_true",
+                   help="continue from DIR/checkpoint.safetensors (written after every epoch)")
+    f.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
+
     a = sub.add_parser("analyze", help="list pruning groups and what is left unpruned, and why")
     model_args(a)
     a.add_argument("--json", action="store_true", help="print the analysis as JSON")
@@ -197,8 +212,8 @@ def _data(args: argparse.Namespace, model: Any, inputs: tuple) -> DataSplits | N
     return splits
 
 
-def _table(rows: list[tuple[str, str, str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for k, row in enumerate(rows):
         lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
@@ -381,6 +396,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    if not args.data:
+        raise StructPruneError("finetune needs --data: digits, an ImageFolder directory or "
+                               "file.py:FACTORY")
+    report = _read_report(directory)
+    dense, _ = _dense_and_pruned(directory, report)
+    args.seed = report.get("seed", 0)
+    data = _data(args, dense, random_inputs(report["input_shapes"]))
+    record = finetune_dir(directory, dense, data, args.epochs, distill=args.distill,
+                          temperature=args.temperature, distill_weight=args.distill_weight,
+                          lr=args.lr, resume=args.resume, exporter=args.exporter,
+                          seed=args.seed)
+    rows = [("", "dense", "pruned before", "pruned after")]
+    for label, key, scale, fmt in (("top-1 accuracy", "accuracy", 100, "{:.2f}%"),
+                                   ("macro F1", "macro_f1", 1, "{:.4f}")):
+        rows.append((label, *(fmt.format(scale * record[which][key])
+                              for which in ("dense", "before", "after"))))
+    print(f"structprune: fine-tuned {directory} for {args.epochs} epochs"
+          + (" with distillation" if args.distill else "") + f" on {data.summary()}")
+    print(_table(rows))
+    if "onnx_rel_error" in record:
+        print(f"ONNX: pruned.onnx re-exported, relative error {record['onnx_rel_error']:.1e}")
+    print(f"wrote {directory}/pruned.safetensors, report.json, checkpoint.safetensors")
+    return 0
+
+
 def _metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     d, p = metrics["dense"], metrics["pruned"]
     rows = [("", "dense", "pruned"),
@@ -449,7 +491,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"prune": cmd_prune, "analyze": cmd_analyze, "bench": cmd_bench,
-                "sweep": cmd_sweep, "eval": cmd_eval}
+                "sweep": cmd_sweep, "eval": cmd_eval, "finetune": cmd_finetune}
     try:
         return commands[args.command](args)
     except StructPruneError as exc:

@@ -82,6 +82,9 @@ def fit(
     distill_weight: float = 0.5,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    start_epoch: int = 0,
+    optimizer_state: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int, torch.optim.Optimizer], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place on ``(inputs, targets)`` batches; one record per epoch.
 
@@ -97,6 +100,10 @@ def fit(
     terminal. The model (and teacher) are moved to ``device``; the model is left in training
     mode, the teacher in eval mode.
 
+    To resume, pass the epochs already done as ``start_epoch`` and the optimizer's saved
+    ``state_dict()`` as ``optimizer_state``; ``on_epoch_end(epoch, optimizer)`` is called after
+    each epoch (1-based), to write a checkpoint.
+
     Returns ``[{"epoch": 1, "loss": mean loss over the epoch's samples}, ...]``.
     """
     _check(epochs, lr, weight_decay, temperature, distill_weight)
@@ -108,9 +115,11 @@ def fit(
     if not params:
         raise StructPruneError("the model has no trainable parameters (requires_grad=True)")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
 
     history = []
-    for epoch in range(int(epochs)):
+    for epoch in range(int(start_epoch), int(epochs)):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(lr, epoch, int(epochs))
         total, samples = 0.0, 0
@@ -138,4 +147,6 @@ def fit(
         if not samples:
             raise StructPruneError("the training batches are empty: give at least one batch")
         history.append({"epoch": epoch + 1, "loss": total / samples})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, optimizer)
     return history

@@ -1,0 +1,73 @@
+"""Fine-tuning a pruned folder: metrics before and after, distillation, a checkpoint after
+every epoch that --resume continues from, and the re-exported ONNX file."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import structprune as sp
+from structprune.cli import main
+from structprune.data import from_factory
+from structprune.evaluate import evaluate
+from structprune.export import run_onnx
+from structprune.tree import random_inputs
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    data = root / "small_digits.py"
+    data.write_text(textwrap.dedent("""
+        import itertools
+        from structprune.data import digits
+
+        def make():
+            splits = digits(batch_size=32)
+            return list(itertools.islice(splits.train, 6)), list(itertools.islice(splits.val, 3))
+    """))
+    out = root / "out"
+    assert run("prune", "structprune:digits_cnn", "--data", f"{data}:make", "--ratio", "0.5",
+               "--out", out, "--exporter", "torchscript") == 0
+    return out, f"{data}:make"
+
+
+def test_finetune_records_before_and_after_and_checkpoints_every_epoch(pruned_dir):
+    out, data = pruned_dir
+    before = evaluate(sp.load(out, "structprune:digits_cnn"), from_factory(data).val)
+    assert run("finetune", out, "--data", data, "--epochs", "1", "--distill") == 0
+    record = json.loads((out / "report.json").read_text())["finetune"]
+    assert record["before"]["accuracy"] == pytest.approx(before.accuracy)
+    tuned = sp.load(out, "structprune:digits_cnn")
+    after = evaluate(tuned, from_factory(data).val)
+    assert record["after"]["accuracy"] == pytest.approx(after.accuracy)
+    assert record["distill"] and [h["epoch"] for h in record["history"]] == [1]
+    checkpoint = load_file(str(out / "checkpoint.safetensors"))
+    for name, tensor in tuned.state_dict().items():
+        assert torch.equal(checkpoint[f"model.{name}"], tensor)
+    # the re-exported ONNX file computes the fine-tuned model
+    x = random_inputs([(2, 1, 32, 32)], seed=3)
+    with torch.no_grad():
+        want = tuned.eval()(*x)
+    got = torch.from_numpy(run_onnx(out / "pruned.onnx", x)[0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    steps = int(checkpoint["optimizer.0.step"])
+    assert run("finetune", out, "--data", data, "--epochs", "2", "--resume") == 0
+    record = json.loads((out / "report.json").read_text())["finetune"]
+    assert record["resumed_from_epoch"] == 1 and [h["epoch"] for h in record["history"]] == [2]
+    resumed = load_file(str(out / "checkpoint.safetensors"))
+    assert int(resumed["optimizer.0.step"]) == 2 * steps  # the optimizer state carried on
+    assert run("finetune", out, "--data", data, "--epochs", "2", "--resume") == 2
+
+
+def test_finetune_needs_data_and_a_pruned_folder(tmp_path, capsys):
+    assert run("finetune", tmp_path, "--epochs", "1") == 2
+    assert run("finetune", tmp_path, "--epochs", "1", "--data", "digits") == 2
+    assert "report.json" in capsys.readouterr().err
