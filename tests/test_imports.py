@@ -17,7 +17,8 @@ ORDER = [
     ["rules", "rules.base", "rules.aten", "rules.elementwise", "rules.layers", "rules.reduce",
      "rules.shape", "rules.zoo"],
     ["capture"], ["analyse"], ["score"], ["plan"], ["apply"], ["verify"], ["report", "plots"],
-    ["export"], ["bench"], ["data", "evaluate", "models", "train"], ["api", "io", "sensitivity", "recover"], ["tune"], ["workflow"], ["cli"],
+    ["export"], ["bench"], ["data", "evaluate", "models", "train", "sparsity"],
+    ["api", "io", "sensitivity", "recover"], ["tune"], ["workflow"], ["cli"],
 ]
 RANK = {name: rank for rank, names in enumerate(ORDER) for name in names}
 LEAVES = set(ORDER[0])
