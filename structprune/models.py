@@ -126,14 +126,20 @@ def _factory(path: Path, factory: str) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a state dict saved with torch.save, without unpickling arbitrary objects."""
+    """Load a state dict from safetensors or torch.save (without unpickling objects)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise StructPruneError(f"weights file {path} does not exist") from exc
     except Exception as exc:  # noqa: BLE001 - corrupt or unsafe file
         raise StructPruneError(f"cannot read weights {path}: {str(exc).splitlines()[0]} "
-                               "(expected a state_dict saved with torch.save)") from exc
+                               "(expected a state_dict in safetensors or saved with torch.save)"
+                               ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .analyse import analyse
 from .api import PruneResult, prune
+from .capture import capture
 from .data import DataSplits
 from .errors import StructPruneError
 from .evaluate import evaluate, plot_confusion
@@ -34,6 +36,7 @@ from .recover import recover
 from .score import calibration
 from .sensitivity import auto_plan
 from .sensitivity import plot as plot_sensitivity
+from .sparsity import BNL1, GroupLasso
 from .train import fit
 from .tree import random_inputs
 from .tune import fastest_rounding
@@ -221,3 +224,41 @@ def _atomic(path: Path, write: Callable[[Path], Any]) -> Any:
         return result
     finally:
         tmp.unlink(missing_ok=True)
+
+
+SPARSITY = ("none", "bn", "group")
+
+
+def train_to_dir(model: nn.Module, example_inputs: Sequence[Any], data: DataSplits,
+                 out: str | os.PathLike, epochs: int, *, sparsity: str = "none",
+                 strength: float = 1e-4, lr: float = 1e-3, seed: int = 0,
+                 record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``model`` on ``data`` (with a sparsity regulariser over the coupled groups the
+    analysis finds: ``bn`` for L1 on BatchNorm scales, ``group`` for group lasso), then write
+    ``weights.safetensors`` (loadable by ``prune --weights``) and ``train.json`` (history,
+    accuracy, recall and F1 on the validation split) into ``out``."""
+    if sparsity not in SPARSITY:
+        raise StructPruneError(f"unknown --sparsity {sparsity!r}: use one of "
+                               + ", ".join(SPARSITY))
+    out = Path(out)
+    staging = Path(tempfile.mkdtemp(prefix=".structprune-", dir=writable_parent(out)))
+    try:
+        regularizer = None
+        if sparsity != "none":
+            analysis = analyse(capture(model, example_inputs))
+            regularizer = (BNL1 if sparsity == "bn" else GroupLasso)(analysis, strength)
+        history = fit(model, data.train, epochs, lr=lr, seed=seed, regularizer=regularizer)
+        model.eval()
+        metrics = evaluate(model, data.val)
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                  str(staging / "weights.safetensors"))
+        summary = {"epochs": epochs, "sparsity": sparsity, "strength": strength, "lr": lr,
+                   "seed": seed, "data": data.summary(), "history": history,
+                   "metrics": metrics.to_json(), **(record or {})}
+        (staging / "train.json").write_text(json.dumps(summary, indent=1) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary

@@ -13,6 +13,7 @@ from structprune.cli import main
 from structprune.data import from_factory
 from structprune.evaluate import evaluate
 from structprune.export import run_onnx
+from structprune.models import build_model, load_weights
 from structprune.tree import random_inputs
 
 
@@ -71,3 +72,21 @@ def test_finetune_needs_data_and_a_pruned_folder(tmp_path, capsys):
     assert run("finetune", tmp_path, "--epochs", "1") == 2
     assert run("finetune", tmp_path, "--epochs", "1", "--data", "digits") == 2
     assert "report.json" in capsys.readouterr().err
+
+
+def test_train_with_group_sparsity_writes_weights_that_prune_loads(pruned_dir, tmp_path):
+    _, data = pruned_dir
+    out = tmp_path / "trained"
+    assert run("train", "structprune:digits_cnn", "--data", data, "--epochs", "1",
+               "--sparsity", "group", "--strength", "1e-3", "--out", out) == 0
+    summary = json.loads((out / "train.json").read_text())
+    model = build_model("structprune:digits_cnn")
+    load_weights(model, str(out / "weights.safetensors"))
+    direct = evaluate(model, from_factory(data).val)
+    assert summary["metrics"]["accuracy"] == pytest.approx(direct.accuracy)
+    assert summary["sparsity"] == "group" and len(summary["history"]) == 1
+    pruned = tmp_path / "pruned"
+    assert run("prune", "structprune:digits_cnn", "--weights", out / "weights.safetensors",
+               "--ratio", "0.5", "--out", pruned, "--no-onnx") == 0
+    assert run("train", "structprune:digits_cnn", "--data", data, "--epochs", "1",
+               "--sparsity", "l0", "--out", tmp_path / "x") == 2
