@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --data and --macs-budget: per-group ratios from the measured "
                         "sensitivity of each group (writes sensitivity.json and .png)")
     data_args(p)
+    p.add_argument("--steps", type=int, default=1,
+                   help="reach --ratio in this many steps, fine-tuning between them")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="epochs of fine-tuning on --data after each step")
+    p.add_argument("--distill", action="store_true",
+                   help="fine-tune between steps distilled from the dense model")
     p.add_argument("--recover", metavar="none|bn|bias|lsq[,...]",
                    help="after surgery, without training: re-estimate BN statistics (bn), fold "
                         "removed channels' mean into biases (bias) or refit consumers by least "
@@ -200,6 +206,12 @@ def _check_settings(args: argparse.Namespace) -> None:
     if args.auto and not (args.data and args.macs_budget is not None):
         raise StructPruneError("--auto measures sensitivity on data to meet a MACs budget: "
                                "give --data and --macs-budget")
+    if args.steps < 1 or args.finetune_epochs < 0:
+        raise StructPruneError("--steps must be 1 or more and --finetune-epochs 0 or more")
+    if args.steps > 1 and (args.ratio is None or args.auto):
+        raise StructPruneError("--steps reaches a --ratio step by step: give --ratio")
+    if args.finetune_epochs and not args.data:
+        raise StructPruneError("--finetune-epochs needs --data")
     if args.recover and args.recover != "none" and not args.data:
         raise StructPruneError("--recover needs calibration data: pass --data")
     if args.ratio is not None:
@@ -259,6 +271,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             model, inputs, out, ratio=args.ratio, plan=Plan.load(args.plan) if args.plan else None,
             round_to=args.round_to, tune_batch=args.tune_batch, exporter=args.exporter,
             simplify=args.simplify, onnx=not args.no_onnx, data=data, auto=args.auto,
+            steps=args.steps, finetune_epochs=args.finetune_epochs, distill=args.distill,
             recover_with=args.recover and (args.recover.split(",") if "," in args.recover
                                            else args.recover),
             record=_record(args), progress=progress, importance=args.criterion,

@@ -240,6 +240,33 @@ def _rounded_keep(n: int, n_remove: int, step: int, unprunable: int, min_units: 
     return int(min(n, keep))
 
 
+def compose(first: Plan, then: Plan) -> Plan:
+    """One plan, in dense indices, doing ``first`` and then ``then`` (made on the model
+    ``first`` produced, in its indices): applied to a fresh dense model it gives the model
+    the two steps give in turn. Groups and settings are ``then``'s, with every step's
+    settings listed under ``steps``."""
+    kept = {(e["name"], e["dim"]): e for e in first.params}
+    params = {key: dict(entry, keep=list(entry["keep"])) for key, entry in kept.items()}
+    for entry in then.params:
+        key = (entry["name"], entry["dim"])
+        earlier = kept.get(key)
+        if earlier is None:  # not sliced before: its indices are dense already
+            params[key] = dict(entry, keep=list(entry["keep"]))
+        else:
+            if entry["size"] != len(earlier["keep"]):
+                raise PlanError(f"the second plan expects {entry['name']} axis {entry['dim']} "
+                                f"of size {entry['size']}, but the first keeps "
+                                f"{len(earlier['keep'])}: it was made for another model")
+            params[key] = dict(earlier, keep=[earlier["keep"][i] for i in entry["keep"]])
+    order = {key: i for i, key in enumerate([*kept, *((e["name"], e["dim"])
+                                                      for e in then.params)])}
+    attributes = {(a["module"], a["attr"]): a for a in [*first.attributes, *then.attributes]}
+    steps = [*first.settings.get("steps", [first.settings]), then.settings]
+    return Plan(sorted(params.values(), key=lambda e: order[(e["name"], e["dim"])]),
+                then.groups, {**then.settings, "steps": steps}, dict(then.extra),
+                list(attributes.values()))
+
+
 def sliced_params(analysis: Analysis, removed: np.ndarray) -> list[dict[str, Any]]:
     """The plan's ``params`` entries for removing the components flagged in ``removed``,
     in state_dict order."""

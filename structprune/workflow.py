@@ -30,7 +30,7 @@ from .errors import StructPruneError
 from .evaluate import evaluate, plot_confusion
 from .export import export_onnx, onnx_parity
 from .io import PLAN, load, save
-from .plan import Plan, PlanSettings
+from .plan import Plan, PlanSettings, compose
 from .plots import plot_widths
 from .recover import recover
 from .score import calibration
@@ -58,7 +58,8 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
                  ratio: float | None = None, plan: Plan | None = None,
                  round_to: int | str = 1, tune_batch: int = 1, exporter: str = "auto",
                  simplify: bool = False, onnx: bool = True, data: DataSplits | None = None,
-                 auto: bool = False, recover_with: str | Sequence[str] | None = None,
+                 auto: bool = False, steps: int = 1, finetune_epochs: int = 0,
+                 distill: bool = False, recover_with: str | Sequence[str] | None = None,
                  calibration_batches: int = 8, record: dict[str, Any] | None = None,
                  progress: Callable[[str], None] = lambda step: None,
                  **settings: Any) -> tuple[PruneResult, dict[str, Any]]:
@@ -72,6 +73,10 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
     that times fastest here. ``recover_with`` (``"bn"``, ``"bias"``, ``"lsq"`` or a list;
     default ``"bn"`` when data is given) then brings the pruned model's kept weights closer to
     the dense model on ``calibration_batches`` training batches, before anything is saved.
+    With ``steps`` > 1 the ratio is reached in that many steps, each removing the same share
+    of what is left, with ``finetune_epochs`` of fine-tuning on ``data`` (distilled from the
+    dense model with ``distill``) after each; the steps compose into one plan in dense
+    indices, checked by applying it to the dense model, which the final weights load onto.
     Returns the result and the report's figures."""
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".structprune-", dir=writable_parent(out)))
@@ -88,7 +93,10 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
             (staging / "sensitivity.json").write_text(json.dumps(sensitivity, indent=1) + "\n")
             plot_sensitivity(sensitivity, staging / "sensitivity.png")
         settings["calibration_batches"] = calibration_batches
-        if plan is not None:
+        if steps > 1:
+            result = _iterative(model, example_inputs, ratio, steps, finetune_epochs, distill,
+                                data, progress, settings)
+        elif plan is not None:
             result = prune(model, example_inputs, plan=plan, **settings)
         elif round_to == "auto":
             result = fastest_rounding(model, example_inputs, ratio, batch=tune_batch, **settings)
@@ -135,6 +143,31 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result, figures
+
+
+def _iterative(model: nn.Module, example_inputs: Sequence[Any], ratio: float, steps: int,
+               finetune_epochs: int, distill: bool, data: DataSplits | None,
+               progress: Callable[[str], None], settings: dict[str, Any]) -> PruneResult:
+    """Prune by ``ratio`` in ``steps`` steps with fine-tuning between; one composed plan."""
+    if finetune_epochs and data is None:
+        raise StructPruneError("fine-tuning between steps needs --data")
+    per_step = 1 - (1 - ratio) ** (1 / steps)
+    current, composed, history = model, None, []
+    for step in range(steps):
+        progress(f"step {step + 1}/{steps}")
+        result = prune(current, example_inputs, per_step, **settings)
+        composed = result.plan if composed is None else compose(composed, result.plan)
+        current = result.model
+        if finetune_epochs:
+            history += fit(current, data.train, finetune_epochs, seed=step,
+                           teacher=model if distill else None)
+            current.eval()
+    final = prune(model, example_inputs, plan=composed, **settings)
+    final.model.load_state_dict(current.state_dict())  # the tuned weights fit the plan
+    final.figures["steps"] = {"steps": steps, "ratio_per_step": per_step,
+                              "finetune_epochs": finetune_epochs, "distill": distill,
+                              "history": history}
+    return final
 
 
 CHECKPOINT = "checkpoint.safetensors"
