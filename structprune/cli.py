@@ -25,7 +25,14 @@ from .models import build_model, load_weights, parse_shape
 from .plan import Plan, PlanSettings, check_ratio
 from .score import IMPORTANCE, NEEDS_DATA, NORMALIZE
 from .tree import random_inputs
-from .workflow import SPARSITY, finetune_dir, prune_to_dir, train_to_dir, writable_parent
+from .workflow import (
+    SPARSITY,
+    demo,
+    finetune_dir,
+    prune_to_dir,
+    train_to_dir,
+    writable_parent,
+)
 
 EXIT_USER_ERROR = 2
 
@@ -126,6 +133,16 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy, recall and F1 of dense and pruned models in DIR")
     e.add_argument("dir", metavar="DIR", help="output directory of `structprune prune`")
     data_args(e)
+
+    d = sub.add_parser("demo", help="train the digits CNN, prune, recover, fine-tune and "
+                                    "compare dense and pruned (nothing downloaded)")
+    d.add_argument("--out", metavar="DIR", help="write report.json, plan, weights, ONNX files")
+    d.add_argument("--ratio", type=float, default=0.5)
+    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--finetune-epochs", type=int, default=3)
+    d.add_argument("--recover", default="lsq,bn")
+    d.add_argument("--no-distill", action="store_true")
+    d.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("train", help="train a model on data, optionally with sparsity "
                                      "regularisation over its coupled groups")
@@ -420,6 +437,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    check_ratio(args.ratio, "--ratio")
+    if args.out:
+        writable_parent(Path(args.out))
+    demo(args.out, ratio=args.ratio, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+         recover_with=args.recover.split(","), distill=not args.no_distill, seed=args.seed)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if not args.data:
         raise StructPruneError("train needs --data: digits, an ImageFolder directory or "
@@ -538,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"prune": cmd_prune, "analyze": cmd_analyze, "bench": cmd_bench,
                 "sweep": cmd_sweep, "eval": cmd_eval, "finetune": cmd_finetune,
-                "train": cmd_train}
+                "train": cmd_train, "demo": cmd_demo}
     try:
         return commands[args.command](args)
     except StructPruneError as exc:

@@ -90,3 +90,19 @@ def test_train_with_group_sparsity_writes_weights_that_prune_loads(pruned_dir, t
                "--ratio", "0.5", "--out", pruned, "--no-onnx") == 0
     assert run("train", "structprune:digits_cnn", "--data", data, "--epochs", "1",
                "--sparsity", "l0", "--out", tmp_path / "x") == 2
+
+
+def test_demo_reports_every_step_and_recovery_beats_raw_pruning(tmp_path):
+    from structprune.workflow import demo
+
+    report = demo(tmp_path / "demo", epochs=1, finetune_epochs=1, say=lambda text: None)
+    dense, pruned, steps = report["dense"], report["pruned"], report["steps"]
+    for key in ("accuracy", "macro_f1", "params", "macs", "ort_cpu_ms"):
+        assert key in dense and key in pruned
+    assert pruned["macs"] < 0.3 * dense["macs"] and pruned["params"] < 0.3 * dense["params"]
+    assert pruned["accuracy_before_finetune"] == steps["after recovery"]["accuracy"]
+    assert steps["after recovery"]["accuracy"] > steps["right after pruning"]["accuracy"] + 0.3
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert saved["pruned"]["accuracy"] == pytest.approx(pruned["accuracy"])
+    reloaded = sp.load(tmp_path / "demo", "structprune:digits_cnn")
+    assert reloaded.features[0].out_channels == 32
