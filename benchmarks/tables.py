@@ -252,6 +252,33 @@ def budget() -> str:
     return "\n".join(lines)
 
 
+def demo() -> str:
+    data = load("demo_digits.json")
+    if not data:
+        return ""
+    first = data["runs"][0]
+    recipe = first["recipe"]
+    lines = [f"### The demo: accuracy kept on the digits CNN ({data['machine'].get('cpu', '?')}, "
+             f"{first['data']})", "",
+             "| ratio | MACs kept | params kept | dense | right after pruning | after "
+             f"recovery ({' + '.join(recipe['recover'])}) | after {recipe['finetune_epochs']} "
+             "epochs of fine-tuning | ONNX Runtime 1 thread, dense / pruned |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in data["runs"]:
+        d, p, steps = run["dense"], run["pruned"], run["steps"]
+        lines.append(
+            f"| {run['ratio']} | {100 * p['macs'] / d['macs']:.1f}% "
+            f"| {100 * p['params'] / d['params']:.1f}% | {100 * d['accuracy']:.2f}% "
+            f"| {100 * steps['right after pruning']['accuracy']:.2f}% "
+            f"| {100 * steps['after recovery']['accuracy']:.2f}% "
+            f"| {100 * steps['after fine-tuning']['accuracy']:.2f}% "
+            f"| {d['ort_cpu_ms']:.2f} / {p['ort_cpu_ms']:.2f} ms |")
+    lines += ["", f"L2 magnitude, dense trained {recipe['epochs']} epochs without sparsity "
+              "regularisation, fine-tuning distilled from the dense model; `python "
+              "benchmarks/demo.py`, or `structprune demo --ratio R` for one ratio."]
+    return "\n".join(lines)
+
+
 def render() -> str:
     gpu = gpu_latency()
     if gpu and (RESULTS / "latency_h100.png").exists():
@@ -264,7 +291,7 @@ def render() -> str:
     cpu = "\n\n".join(t for t in (cpu_latency("latency_ort_cpu2.json", True),
                                    cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
     parts = [pass_time(), capture_paths(), coverage(), gpu,
-             cpu + ("\n\n" + cpu_note if cpu else ""), scale(), criteria_table(), budget()]
+             cpu + ("\n\n" + cpu_note if cpu else ""), scale(), criteria_table(), budget(), demo()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
