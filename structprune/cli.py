@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import bench
+from . import bench, distributed
 from .analyse import analyse
 from .capture import capture
 from .data import DataSplits, load_data
@@ -447,6 +447,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    distributed.start()  # under torchrun --nproc_per_node N: one rank per process
     if not args.data:
         raise StructPruneError("train needs --data: digits, an ImageFolder directory or "
                                "file.py:FACTORY")
@@ -460,6 +461,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                            sparsity=args.sparsity, strength=args.strength, lr=args.lr,
                            seed=args.seed, record={"spec": args.spec})
     m = summary["metrics"]
+    if distributed.rank() != 0:
+        return 0
     print(f"structprune: trained {args.spec} for {args.epochs} epochs (sparsity "
           f"{args.sparsity}) on {data.summary()}: top-1 accuracy {100 * m['accuracy']:.2f}%, "
           f"macro F1 {m['macro_f1']:.4f}")
@@ -469,6 +472,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    distributed.start()  # under torchrun --nproc_per_node N: one rank per process
     directory = Path(args.dir)
     if not args.data:
         raise StructPruneError("finetune needs --data: digits, an ImageFolder directory or "
@@ -481,6 +485,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           temperature=args.temperature, distill_weight=args.distill_weight,
                           lr=args.lr, resume=args.resume, exporter=args.exporter,
                           seed=args.seed)
+    if distributed.rank() != 0:
+        return 0
     rows = [("", "dense", "pruned before", "pruned after")]
     for label, key, scale, fmt in (("top-1 accuracy", "accuracy", 100, "{:.2f}%"),
                                    ("macro F1", "macro_f1", 1, "{:.4f}")):

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import StructPruneError
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
@@ -115,38 +116,54 @@ def fit(
     if not params:
         raise StructPruneError("the model has no trainable parameters (requires_grad=True)")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    forward = distributed.wrap(model)  # under torchrun: gradients averaged over the ranks
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 
     history = []
-    for epoch in range(int(start_epoch), int(epochs)):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(lr, epoch, int(epochs))
-        total, samples = 0.0, 0
-        bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=None if progress else True)
-        for batch in bar:
-            inputs, targets = _pair(batch)
-            inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(inputs)
-                soft = distillation_loss(logits, teacher_logits, temperature)
-                loss = (1.0 - distill_weight) * loss + distill_weight * soft
-            if regularizer is not None:
-                loss = loss + regularizer(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(targets)
-            samples += len(targets)
-            bar.set_postfix(loss=f"{total / samples:.4f}")
-        bar.close()
-        if not samples:
-            raise StructPruneError("the training batches are empty: give at least one batch")
-        history.append({"epoch": epoch + 1, "loss": total / samples})
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, optimizer)
+    with torch.enable_grad():  # whatever the caller's grad mode
+        for epoch in range(int(start_epoch), int(epochs)):
+            history.append(_epoch(forward, model, optimizer, train_batches, epoch, epochs, lr,
+                                  regularizer, teacher, temperature, distill_weight, progress,
+                                  device))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, optimizer)
     return history
+
+
+def _epoch(forward: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+           train_batches: Iterable, epoch: int, epochs: int, lr: float,
+           regularizer: Regularizer | None, teacher: nn.Module | None, temperature: float,
+           distill_weight: float, progress: bool, device: str | torch.device,
+           ) -> dict[str, Any]:
+    """One pass over the batches; the epoch's record."""
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_lr(lr, epoch, int(epochs))
+    total, samples = 0.0, 0
+    sampler = getattr(train_batches, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # a distributed sampler reshuffles per epoch
+        sampler.set_epoch(epoch)
+    bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+               disable=None if progress else True)
+    for batch in bar:
+        inputs, targets = _pair(batch)
+        inputs, targets = inputs.to(device), targets.to(device)
+        logits = forward(inputs)
+        loss = F.cross_entropy(logits, targets)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(inputs)
+            soft = distillation_loss(logits, teacher_logits, temperature)
+            loss = (1.0 - distill_weight) * loss + distill_weight * soft
+        if regularizer is not None:
+            loss = loss + regularizer(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(targets)
+        samples += len(targets)
+        bar.set_postfix(loss=f"{total / samples:.4f}")
+    bar.close()
+    if not samples:
+        raise StructPruneError("the training batches are empty: give at least one batch")
+    return {"epoch": epoch + 1, "loss": total / samples}

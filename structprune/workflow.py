@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .analyse import analyse
 from .api import PruneResult, prune
 from .bench import interleaved, ort_runner
 from .capture import capture
 from .data import DataSplits, load_data
 from .errors import StructPruneError
-from .evaluate import evaluate, plot_confusion
+from .evaluate import Metrics, evaluate, metrics, plot_confusion, predict
 from .export import export_onnx, onnx_parity
 from .io import PLAN, load, save
 from .plan import Plan, PlanSettings, compose
@@ -191,7 +192,9 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
     report = json.loads(report_path.read_text())
     plan = Plan.load(directory / PLAN)
     pruned = load(directory, copy.deepcopy(dense))
-    before, dense_metrics = evaluate(pruned, data.val), evaluate(dense, data.val)
+    writer = distributed.rank() == 0  # under torchrun, rank 0 alone writes
+    before = evaluate_everywhere(pruned, data.val, data.num_classes)
+    dense_metrics = evaluate_everywhere(dense, data.val, data.num_classes)
     start, optimizer_state = 0, None
     if resume:
         start, optimizer_state = _read_checkpoint(directory, pruned)
@@ -200,6 +203,8 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
                                    f"--epochs {epochs} asks for no more")
 
     def checkpoint(epoch: int, optimizer: Any) -> None:
+        if not writer:
+            return
         state = optimizer.state_dict()
         tensors = {f"model.{k}": v.detach().contiguous() for k, v in pruned.state_dict().items()}
         tensors.update({f"optimizer.{index}.{key}": value.contiguous()
@@ -209,19 +214,24 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
         _atomic(directory / CHECKPOINT_STATE, lambda path: path.write_text(json.dumps(
             {"epoch": epoch, "epochs": epochs, "param_groups": state["param_groups"]})))
 
-    history = fit(pruned, data.train, epochs, lr=lr, seed=seed, progress=progress,
+    history = fit(pruned, distributed.shard(data.train, seed), epochs, lr=lr, seed=seed,
+                  progress=progress and writer,
                   teacher=dense if distill else None, temperature=temperature,
                   distill_weight=distill_weight, start_epoch=start,
                   optimizer_state=optimizer_state, on_epoch_end=checkpoint)
+    distributed.sync_buffers(pruned)
     pruned.eval()
-    after = evaluate(pruned, data.val)
-    save(pruned, directory, plan)
+    after = evaluate_everywhere(pruned, data.val, data.num_classes)
     record: dict[str, Any] = {
         "epochs": epochs, "resumed_from_epoch": start, "distill": distill, "lr": lr,
         "temperature": temperature if distill else None,
         "distill_weight": distill_weight if distill else None, "history": history,
         "data": data.summary(), "dense": dense_metrics.to_json(),
-        "before": before.to_json(), "after": after.to_json()}
+        "before": before.to_json(), "after": after.to_json(),
+        "world_size": distributed.world_size()}
+    if not writer:
+        return record
+    save(pruned, directory, plan)
     if (directory / "pruned.onnx").exists():
         inputs = random_inputs(report["input_shapes"])
         _atomic(directory / "pruned.onnx",
@@ -282,21 +292,36 @@ def train_to_dir(model: nn.Module, example_inputs: Sequence[Any], data: DataSpli
         if sparsity != "none":
             analysis = analyse(capture(model, example_inputs))
             regularizer = (BNL1 if sparsity == "bn" else GroupLasso)(analysis, strength)
-        history = fit(model, data.train, epochs, lr=lr, seed=seed, regularizer=regularizer)
+        history = fit(model, distributed.shard(data.train, seed), epochs, lr=lr, seed=seed,
+                      regularizer=regularizer, progress=distributed.rank() == 0)
+        distributed.sync_buffers(model)
         model.eval()
-        metrics = evaluate(model, data.val)
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-                  str(staging / "weights.safetensors"))
+        metrics = evaluate_everywhere(model, data.val, data.num_classes)
+        digests = distributed.gather(distributed.weights_digest(model))
         summary = {"epochs": epochs, "sparsity": sparsity, "strength": strength, "lr": lr,
                    "seed": seed, "data": data.summary(), "history": history,
-                   "metrics": metrics.to_json(), **(record or {})}
-        (staging / "train.json").write_text(json.dumps(summary, indent=1) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            os.replace(item, out / item.name)
+                   "metrics": metrics.to_json(), "world_size": distributed.world_size(),
+                   "ranks_hold_the_same_weights": len(set(digests)) == 1, **(record or {})}
+        if distributed.rank() == 0:  # one writer
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                      str(staging / "weights.safetensors"))
+            (staging / "train.json").write_text(json.dumps(summary, indent=1) + "\n")
+            out.mkdir(parents=True, exist_ok=True)
+            for item in staging.iterdir():
+                os.replace(item, out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+def evaluate_everywhere(model: nn.Module, batches: Iterable[Any], num_classes: int) -> Metrics:
+    """Metrics of ``model`` on ``batches``; under torchrun each rank predicts its share and
+    the predictions of all ranks are pooled."""
+    shares = distributed.gather(predict(model, distributed.shard(batches),
+                                        num_classes=num_classes))
+    y_true = np.concatenate([share[0] for share in shares])
+    y_pred = np.concatenate([share[1] for share in shares])
+    return metrics(y_true, y_pred, num_classes)
 
 
 def demo(out: str | os.PathLike | None = None, *, ratio: float = 0.5, epochs: int = 3,

@@ -13,7 +13,7 @@ PACKAGE = Path(structprune.__file__).parent
 # each module may import only modules of its own rank or lower; leaves import nothing of
 # structprune
 ORDER = [
-    ["errors", "types", "registry", "tree"],
+    ["errors", "types", "registry", "tree", "distributed"],
     ["rules", "rules.base", "rules.aten", "rules.elementwise", "rules.layers", "rules.reduce",
      "rules.shape", "rules.zoo"],
     ["capture"], ["analyse"], ["score"], ["plan"], ["apply"], ["verify"], ["report", "plots"],
