@@ -279,6 +279,48 @@ def demo() -> str:
     return "\n".join(lines)
 
 
+def recovery() -> str:
+    data = load("recovery_digits.json")
+    if not data:
+        return ""
+    cell = {(r["tool"], r["start"], r["ratio"], r["recovery"], r["step"]): r
+            for r in data["rows"]}
+    ratios = sorted({r["ratio"] for r in data["rows"]})
+    ft = data["finetune_epochs"]
+    columns = [(f"{m}", ("structprune", "dense", m, "right after pruning"))
+               for m in ("none", "bn", "bias", "bias+bn", "lsq", "lsq+bn")]
+    columns += [("lsq+bn, sparsity-trained",
+                 ("structprune", "sparsity-trained", "lsq+bn", "right after pruning")),
+                (f"one-shot + {ft} ep.", ("structprune", "dense", "lsq+bn", "one-shot, fine-tuned")),
+                (f"one-shot + {ft} ep. distilled",
+                 ("structprune", "dense", "lsq+bn", "one-shot, fine-tuned with distillation")),
+                ("iterative, distilled", ("structprune", "dense", "lsq+bn",
+                                          "iterative (3 steps), fine-tuned with distillation")),
+                ("Torch-Pruning L2", ("torch_pruning", "dense", "none", "right after pruning")),
+                (f"Torch-Pruning + {ft} ep.", ("torch_pruning", "dense", "none",
+                                               "one-shot, fine-tuned"))]
+    lines = [f"### Keeping the accuracy (digits CNN, dense {100 * data['dense_accuracy']:.1f}%, "
+             f"sparsity-trained twin {100 * data['sparsity_trained_accuracy']:.1f}%; "
+             f"{data['machine'].get('cpu', '?')})", "",
+             "| ratio (MACs kept) | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for ratio in ratios:
+        macs = cell.get(("structprune", "dense", ratio, "none", "right after pruning"))
+        values = []
+        for _, (tool, start, method, step) in columns:
+            found = cell.get((tool, start, ratio, method, step))
+            values.append(f"{100 * found['accuracy']:.1f}%" if found else "-")
+        head = f"{ratio} ({100 * macs['macs_kept']:.1f}%)" if macs else str(ratio)
+        lines.append(f"| {head} | " + " | ".join(values) + " |")
+    lines += ["", "Test accuracy. The first seven columns are right after pruning (L2, per group) "
+              "with each recovery method on 8 calibration batches, no gradient step; then "
+              f"{ft} epochs of fine-tuning after lsq+bn, without and with distillation from the "
+              "dense model; iterative: three equal steps, each recovered and fine-tuned with "
+              "distillation. Torch-Pruning: L2 magnitude, final layer ignored, the same "
+              "fine-tuning. `python benchmarks/recovery.py`."]
+    return "\n".join(lines)
+
+
 def render() -> str:
     gpu = gpu_latency()
     if gpu and (RESULTS / "latency_h100.png").exists():
@@ -291,7 +333,7 @@ def render() -> str:
     cpu = "\n\n".join(t for t in (cpu_latency("latency_ort_cpu2.json", True),
                                    cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
     parts = [pass_time(), capture_paths(), coverage(), gpu,
-             cpu + ("\n\n" + cpu_note if cpu else ""), scale(), criteria_table(), budget(), demo()]
+             cpu + ("\n\n" + cpu_note if cpu else ""), scale(), criteria_table(), budget(), demo(), recovery()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

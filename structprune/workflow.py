@@ -396,8 +396,9 @@ def _demo_table(report: dict[str, Any]) -> str:
              f"{'ONNX Runtime, 1 thread (ms)':30s}{d['ort_cpu_ms']:>12.3f}{p['ort_cpu_ms']:>12.3f}"]
     for step in ("right after pruning", "after recovery", "after fine-tuning"):
         m = steps[step]
-        lines.append(f"{'accuracy ' + step:30s}{100 * d['accuracy']:>11.2f}%"
-                     f"{100 * m['accuracy']:>11.2f}%")
-    lines.append(f"{'macro F1 after fine-tuning':30s}{d['macro_f1']:>12.4f}{p['macro_f1']:>12.4f}")
-    lines.append(f"{'lowest class recall':30s}{min(d['recall']):>12.3f}{min(p['recall']):>12.3f}")
+        lines += [f"{step}:",
+                  f"{'  accuracy':30s}{100 * d['accuracy']:>11.2f}%{100 * m['accuracy']:>11.2f}%",
+                  f"{'  macro F1':30s}{d['macro_f1']:>12.4f}{m['macro_f1']:>12.4f}",
+                  f"{'  lowest class recall':30s}{min(d['recall']):>12.3f}"
+                  f"{min(m['recall']):>12.3f}"]
     return "\n".join(lines)
