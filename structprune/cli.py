@@ -239,6 +239,13 @@ def _check_settings(args: argparse.Namespace) -> None:
                  macs_budget=args.macs_budget, params_budget=args.params_budget).validate()
 
 
+def _require_data(args: argparse.Namespace, command: str) -> None:
+    """A command that cannot go without --data says so before any work."""
+    if not args.data:
+        raise StructPruneError(f"{command} needs --data: digits, an ImageFolder directory or "
+                               "file.py:FACTORY")
+
+
 def _data(args: argparse.Namespace, model: Any, inputs: tuple) -> DataSplits | None:
     """The --data splits, shaped like the model's input, checked against its outputs."""
     if not args.data:
@@ -419,9 +426,7 @@ def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str,
 
 def cmd_eval(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
-    if not args.data:
-        raise StructPruneError("eval needs --data: digits, an ImageFolder directory or "
-                               "file.py:FACTORY")
+    _require_data(args, "eval")
     report = _read_report(directory)
     dense, pruned = _dense_and_pruned(directory, report)
     inputs = random_inputs(report["input_shapes"])
@@ -448,9 +453,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     distributed.start()  # under torchrun --nproc_per_node N: one rank per process
-    if not args.data:
-        raise StructPruneError("train needs --data: digits, an ImageFolder directory or "
-                               "file.py:FACTORY")
+    _require_data(args, "train")
     if args.sparsity not in SPARSITY:
         raise StructPruneError(f"unknown --sparsity {args.sparsity!r}: use one of "
                                + ", ".join(SPARSITY))
@@ -474,9 +477,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     distributed.start()  # under torchrun --nproc_per_node N: one rank per process
     directory = Path(args.dir)
-    if not args.data:
-        raise StructPruneError("finetune needs --data: digits, an ImageFolder directory or "
-                               "file.py:FACTORY")
+    _require_data(args, "finetune")
     report = _read_report(directory)
     dense, _ = _dense_and_pruned(directory, report)
     args.seed = report.get("seed", 0)

@@ -57,6 +57,13 @@ def writable_parent(out: Path) -> Path:
     return probe
 
 
+def publish(staging: Path, out: Path) -> None:
+    """Move everything written to ``staging`` into ``out``, file by file (renames)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+
+
 def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.PathLike, *,
                  ratio: float | None = None, plan: Plan | None = None,
                  round_to: int | str = 1, tune_batch: int = 1, exporter: str = "auto",
@@ -140,9 +147,7 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
         figures["input_shapes"] = [list(x.shape) for x in example_inputs]
         figures["wall_seconds"] = time.perf_counter() - start
         (staging / "report.json").write_text(json.dumps(figures, indent=1, default=float) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            os.replace(item, out / item.name)
+        publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result, figures
@@ -306,9 +311,7 @@ def train_to_dir(model: nn.Module, example_inputs: Sequence[Any], data: DataSpli
             save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
                       str(staging / "weights.safetensors"))
             (staging / "train.json").write_text(json.dumps(summary, indent=1) + "\n")
-            out.mkdir(parents=True, exist_ok=True)
-            for item in staging.iterdir():
-                os.replace(item, out / item.name)
+            publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary

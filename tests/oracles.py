@@ -79,3 +79,19 @@ def export_and_check(model: nn.Module, inputs, path) -> float:
     except ExportError:
         export_onnx(model, inputs, path, exporter="dynamo")
     return onnx_parity(path, model, inputs)
+
+
+def digits_factory(directory, train_batches: int, val_batches: int, batch_size: int = 32) -> str:
+    """A ``--data file.py:make`` spec for a small, fast slice of scikit-learn's digits: the
+    first ``train_batches`` training and ``val_batches`` validation batches."""
+    from pathlib import Path
+
+    path = Path(directory) / "small_digits.py"
+    path.write_text(
+        "import itertools\n"
+        "from structprune.data import digits\n\n\n"
+        "def make():\n"
+        f"    splits = digits(batch_size={batch_size})\n"
+        f"    return (list(itertools.islice(splits.train, {train_batches})),\n"
+        f"            list(itertools.islice(splits.val, {val_batches})))\n")
+    return f"{path}:make"

@@ -2,7 +2,6 @@
 `eval`, and one line (exit 2) for each data or settings error."""
 
 import json
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,6 +14,8 @@ from structprune.evaluate import evaluate
 from structprune.models import build_model
 from structprune.sensitivity import plan_of, removal
 
+from .oracles import digits_factory
+
 
 def run(*args):
     return main([str(a) for a in args])
@@ -23,18 +24,7 @@ def run(*args):
 @pytest.fixture(scope="module")
 def factory(tmp_path_factory):
     """A data factory: 240 training and 120 validation digits (a small, fast --data)."""
-    path = tmp_path_factory.mktemp("data") / "small_digits.py"
-    path.write_text(textwrap.dedent("""
-        import itertools
-        from structprune.data import digits
-
-        def make():
-            splits = digits()
-            train = list(itertools.islice(splits.train, 4))
-            val = [(x[:40], y[:40]) for x, y in itertools.islice(splits.val, 3)]
-            return train, val
-    """))
-    return f"{path}:make"
+    return digits_factory(tmp_path_factory.mktemp("data"), 4, 3, batch_size=40)
 
 
 def test_a_data_criterion_with_a_threshold_reports_what_the_pruned_model_scores(

@@ -2,7 +2,6 @@
 it gives the model the steps give in turn."""
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import structprune as sp
 from structprune.cli import main
 from structprune.plan import compose
 
-from .oracles import outputs, randomize
+from .oracles import digits_factory, outputs, randomize
 
 
 @pytest.mark.parametrize("settings", [{}, {"global_ranking": True, "round_to": 4}])
@@ -50,17 +49,9 @@ def test_compose_refuses_a_second_plan_made_for_another_model():
 
 
 def test_iterative_prune_with_fine_tuning_writes_one_plan_the_weights_load_onto(tmp_path):
-    data = tmp_path / "small_digits.py"
-    data.write_text(textwrap.dedent("""
-        import itertools
-        from structprune.data import digits
-
-        def make():
-            splits = digits(batch_size=32)
-            return list(itertools.islice(splits.train, 3)), list(itertools.islice(splits.val, 2))
-    """))
+    data = digits_factory(tmp_path, 3, 2)
     out = tmp_path / "out"
-    assert main(["prune", "structprune:digits_cnn", "--data", f"{data}:make", "--ratio", "0.5",
+    assert main(["prune", "structprune:digits_cnn", "--data", data, "--ratio", "0.5",
                  "--steps", "2", "--finetune-epochs", "1", "--distill", "--out", str(out),
                  "--no-onnx"]) == 0
     report = json.loads((out / "report.json").read_text())

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import textwrap
 
 import pytest
 
@@ -13,22 +12,16 @@ from structprune.data import from_factory
 from structprune.evaluate import evaluate
 from structprune.models import build_model, load_weights
 
+from .oracles import digits_factory
+
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_train_under_torchrun_keeps_the_ranks_in_step_and_writes_once(tmp_path):
-    data = tmp_path / "small_digits.py"
-    data.write_text(textwrap.dedent("""
-        import itertools
-        from structprune.data import digits
-
-        def make():
-            splits = digits(batch_size=32)
-            return list(itertools.islice(splits.train, 6)), list(itertools.islice(splits.val, 3))
-    """))
+    data = digits_factory(tmp_path, 6, 3)
     out = tmp_path / "out"
     done = subprocess.run(
         ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "structprune.cli", "train",
-         "structprune:digits_cnn", "--data", f"{data}:make", "--epochs", "1", "--sparsity",
+         "structprune:digits_cnn", "--data", data, "--epochs", "1", "--sparsity",
          "group", "--out", str(out)], capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -39,7 +32,7 @@ def test_train_under_torchrun_keeps_the_ranks_in_step_and_writes_once(tmp_path):
     # the pooled metrics are those of the saved model on the whole validation split
     model = build_model("structprune:digits_cnn")
     load_weights(model, str(out / "weights.safetensors"))
-    direct = evaluate(model, from_factory(f"{data}:make").val)
+    direct = evaluate(model, from_factory(data).val)
     assert summary["metrics"]["samples"] == direct.samples == 96
     assert summary["metrics"]["accuracy"] == pytest.approx(direct.accuracy)
     assert summary["metrics"]["confusion"] == direct.confusion
@@ -50,26 +43,18 @@ def test_finetune_under_torchrun_reports_what_the_saved_model_scores(tmp_path):
     import structprune as sp
     from structprune.cli import main
 
-    data = tmp_path / "small_digits.py"
-    data.write_text(textwrap.dedent("""
-        import itertools
-        from structprune.data import digits
-
-        def make():
-            splits = digits(batch_size=32)
-            return list(itertools.islice(splits.train, 4)), list(itertools.islice(splits.val, 3))
-    """))
+    data = digits_factory(tmp_path, 4, 3)
     out = tmp_path / "out"
-    assert main(["prune", "structprune:digits_cnn", "--data", f"{data}:make", "--ratio", "0.5",
+    assert main(["prune", "structprune:digits_cnn", "--data", data, "--ratio", "0.5",
                  "--out", str(out), "--no-onnx"]) == 0
     done = subprocess.run(
         ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "structprune.cli",
-         "finetune", str(out), "--data", f"{data}:make", "--epochs", "1", "--distill"],
+         "finetune", str(out), "--data", data, "--epochs", "1", "--distill"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((out / "report.json").read_text())["finetune"]
     assert record["world_size"] == 2 and (out / "checkpoint.safetensors").is_file()
     tuned = sp.load(out, "structprune:digits_cnn")
-    direct = evaluate(tuned, from_factory(f"{data}:make").val)
+    direct = evaluate(tuned, from_factory(data).val)
     assert record["after"]["accuracy"] == pytest.approx(direct.accuracy)
     assert record["after"]["samples"] == 96

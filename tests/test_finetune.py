@@ -2,7 +2,6 @@
 every epoch that --resume continues from, and the re-exported ONNX file."""
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ from structprune.export import run_onnx
 from structprune.models import build_model, load_weights
 from structprune.tree import random_inputs
 
+from .oracles import digits_factory
+
 
 def run(*args):
     return main([str(a) for a in args])
@@ -24,19 +25,11 @@ def run(*args):
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    data = root / "small_digits.py"
-    data.write_text(textwrap.dedent("""
-        import itertools
-        from structprune.data import digits
-
-        def make():
-            splits = digits(batch_size=32)
-            return list(itertools.islice(splits.train, 6)), list(itertools.islice(splits.val, 3))
-    """))
+    data = digits_factory(root, 6, 3)
     out = root / "out"
-    assert run("prune", "structprune:digits_cnn", "--data", f"{data}:make", "--ratio", "0.5",
+    assert run("prune", "structprune:digits_cnn", "--data", data, "--ratio", "0.5",
                "--out", out, "--exporter", "torchscript") == 0
-    return out, f"{data}:make"
+    return out, data
 
 
 def test_finetune_records_before_and_after_and_checkpoints_every_epoch(pruned_dir):
