@@ -5,8 +5,9 @@ interleaved pairs (dense, pruned, dense, ...), so drift and thermal effects hit 
 Reported per cell: median, p10 and p90 of each model, and the speed-up (median of the
 per-pair ratios, with its p10-p90 spread) next to the ideal speed-up from the MACs ratio.
 
-Runtimes: ONNX Runtime CPU (always), ONNX Runtime CUDA/TensorRT when ``onnxruntime-gpu``
-provides them, and torch on CUDA (eager and CUDA graphs, fp32 and fp16, channels_last) when
+Runtimes: ONNX Runtime CPU (always), OpenVINO CPU when ``openvino`` is installed (the
+``openvino`` extra), ONNX Runtime CUDA/TensorRT when ``onnxruntime-gpu`` provides them, and
+torch on CUDA (eager and CUDA graphs, fp32 and fp16, channels_last) when
 a GPU is present and the PyTorch models are given.
 """
 
@@ -84,7 +85,7 @@ def interleaved(dense: Runner, pruned: Runner, **timing: Any) -> tuple[list[floa
     return d_ms, p_ms
 
 
-def ort_runner(path: Path, batch: int, shapes: Sequence[Sequence[int]], threads: int | None,
+def ort_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]], threads: int | None,
                 provider: str) -> Runner:
     import onnxruntime as ort
 
@@ -94,15 +95,50 @@ def ort_runner(path: Path, batch: int, shapes: Sequence[Sequence[int]], threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     try:
-        session = ort.InferenceSession(str(path), options, providers=[provider])
+        session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                       providers=[provider])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types for a bad file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StructPruneError(f"ONNX Runtime cannot load {path} ({first}): export it again "
+        what = "a model given as bytes" if isinstance(path, bytes) else path
+        raise StructPruneError(f"ONNX Runtime cannot load {what} ({first}): export it again "
                                "with `structprune prune`") from exc
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal((batch, *shape[1:])).astype(np.float32)
              for i, shape in zip(session.get_inputs(), shapes, strict=False)}
     return lambda: session.run(None, feeds)
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def openvino_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]],
+                    threads: int | None) -> Runner:
+    """OpenVINO on the CPU, compiled for latency at this batch size (static shapes)."""
+    import openvino as ov
+
+    core = ov.Core()
+    try:
+        model = core.read_model(path if isinstance(path, bytes) else str(path))
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types for a bad file
+        raise StructPruneError(f"OpenVINO cannot read {path if isinstance(path, Path) else 'the model'}"
+                               f" ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+                               ) from exc
+    model.reshape({port.get_any_name(): [batch, *shape[1:]]
+                   for port, shape in zip(model.inputs, shapes, strict=False)})
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    rng = np.random.default_rng(0)
+    feeds = {port.get_any_name(): rng.standard_normal((batch, *shape[1:])).astype(np.float32)
+             for port, shape in zip(compiled.inputs, shapes, strict=False)}
+    return lambda: request.infer(feeds)
 
 
 def ort_cells(dense: Path, pruned: Path, shapes: Sequence[Sequence[int]], batches: Sequence[int],
@@ -124,6 +160,23 @@ def ort_cells(dense: Path, pruned: Path, shapes: Sequence[Sequence[int]], batche
             p = ort_runner(pruned, batch, shapes, n, provider)
             d_ms, p_ms = interleaved(d, p, **timing)
             cells.append(Cell(runtime, batch, n, d_ms, p_ms))
+    return cells
+
+
+def openvino_cells(dense: Path, pruned: Path, shapes: Sequence[Sequence[int]],
+                   batches: Sequence[int], threads: Sequence[int],
+                   progress: Callable[[str], None] = lambda s: None, **timing: Any) -> list[Cell]:
+    """OpenVINO CPU cells, one per thread count and batch size (none without OpenVINO)."""
+    if not openvino_available():
+        return []
+    cells = []
+    for n in threads:
+        for batch in batches:
+            progress(f"openvino-cpu threads={n} batch={batch}")
+            d = openvino_runner(dense, batch, shapes, n)
+            p = openvino_runner(pruned, batch, shapes, n)
+            d_ms, p_ms = interleaved(d, p, **timing)
+            cells.append(Cell("openvino-cpu", batch, n, d_ms, p_ms))
     return cells
 
 
@@ -192,16 +245,24 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "onnxruntime": ort.__version__,
             "ort_providers": ort.get_available_providers(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    if openvino_available():
+        import openvino as ov
+
+        info["openvino"] = ov.get_version()
     return info
 
 
 def bench(dense_onnx: Path, pruned_onnx: Path, shapes: Sequence[Sequence[int]],
           macs_ratio: float | None = None, batches: Sequence[int] = (1, 32),
           threads: Sequence[int] | None = None, torch_models: tuple | None = None,
-          progress: Callable[[str], None] = lambda s: None, **timing: Any) -> dict[str, Any]:
+          progress: Callable[[str], None] = lambda s: None, openvino: bool = True,
+          **timing: Any) -> dict[str, Any]:
     """Benchmark dense against pruned on every runtime present; returns plain JSON data."""
     threads = threads or sorted({1, os.cpu_count() or 1})
     cells = ort_cells(dense_onnx, pruned_onnx, shapes, batches, threads, progress, **timing)
+    if openvino:
+        cells += openvino_cells(dense_onnx, pruned_onnx, shapes, batches, threads, progress,
+                                **timing)
     if torch_models is not None:
         cells += torch_cuda_cells(*torch_models, shapes, batches, progress, **timing)
     ideal = 1 / macs_ratio if macs_ratio else None
@@ -214,7 +275,8 @@ def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"Machine: {m['cpu']} ({m['cores']} cores)"
              + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-             + f"; torch {m['torch']}, onnxruntime {m['onnxruntime']}", ""]
+             + f"; torch {m['torch']}, onnxruntime {m['onnxruntime']}"
+             + (f", openvino {m['openvino']}" if m.get("openvino") else ""), ""]
     ideal = result.get("ideal_speedup")
     lines.append("| runtime | threads | batch | dense ms (p10-p90) | pruned ms (p10-p90) | "
                  "speed-up (p10-p90) | ideal (MACs) |")

@@ -462,33 +462,9 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
     the default registry when not given)."""
     settings = settings or PlanSettings()
     settings.validate()
-    check_names(analysis, settings.ignore, "ignored name")
-    check_names(analysis, settings.ratios, "ratio override")
-    n_comp = int(analysis.component.max()) + 1 if analysis.component.size else 0
-    removed = np.zeros(n_comp, bool)
-    decisions: list[dict[str, Any]] = []
-
-    candidates: dict[int, np.ndarray] = {}
-    group_ratio: dict[int, float] = {}
-    for group in analysis.groups:
-        prunable = ~group.blocked
-        if settings.exact_only:
-            prunable &= ~group.approximate
-        modules = {_module_of(name) for name, _ in group.members}
-        if any(_matches(p, m) for p in settings.ignore for m in modules):
-            prunable[:] = False
-        ratio = settings.ratio
-        for pattern, r in settings.ratios.items():
-            if any(_matches(pattern, m) for m in modules):
-                ratio = r
-        group_ratio[group.index] = ratio
-        if prunable.any() and group.index in scores:
-            candidates[group.index] = prunable
-
+    candidates, group_ratio = prunable_units(analysis, scores, settings)
     groups = {group.index: group for group in analysis.groups}
-    # per candidate group: its prunable units (local indices), first to go first
-    ranked = {g: np.flatnonzero(c)[np.argsort(scores[g][c], kind="stable")]
-              for g, c in candidates.items()}
+    ranked = removal_order(scores, candidates)
     extra: dict[str, Any] = {}
     mode = settings.mode
     if mode in ("macs_budget", "params_budget"):
@@ -512,7 +488,57 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
                 wanted[g] = int(len(c) * group_ratio[g])
         keep = {g: _group_keep(groups[g], c, wanted[g], settings)
                 for g, c in candidates.items()}
+    return plan_from_keep(analysis, keep, ranked, settings, extra)
 
+
+def prunable_units(analysis: Analysis, scores: Mapping[int, np.ndarray],
+                   settings: PlanSettings) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+    """Per scored group with something to prune: which of its units may go (a mask), and
+    the ratio that applies to it (``settings.ratio`` or a per-module override)."""
+    check_names(analysis, settings.ignore, "ignored name")
+    check_names(analysis, settings.ratios, "ratio override")
+    candidates: dict[int, np.ndarray] = {}
+    group_ratio: dict[int, float] = {}
+    for group in analysis.groups:
+        prunable = ~group.blocked
+        if settings.exact_only:
+            prunable &= ~group.approximate
+        modules = {_module_of(name) for name, _ in group.members}
+        if any(_matches(p, m) for p in settings.ignore for m in modules):
+            prunable[:] = False
+        ratio = settings.ratio
+        for pattern, r in settings.ratios.items():
+            if any(_matches(pattern, m) for m in modules):
+                ratio = r
+        group_ratio[group.index] = ratio
+        if prunable.any() and group.index in scores:
+            candidates[group.index] = prunable
+    return candidates, group_ratio
+
+
+def removal_order(scores: Mapping[int, np.ndarray], candidates: Mapping[int, np.ndarray],
+                  ) -> dict[int, np.ndarray]:
+    """Per group: its prunable units (local indices), least important first."""
+    return {g: np.flatnonzero(c)[np.argsort(scores[g][c], kind="stable")]
+            for g, c in candidates.items()}
+
+
+def keep_bounds(group: Group, prunable: np.ndarray, settings: PlanSettings) -> int:
+    """The fewest units ``group`` may keep: its unprunable units, ``min_width`` channels and
+    what ``max_group_ratio`` leaves."""
+    most_removed = int(int(prunable.sum()) * settings.max_group_ratio)
+    return max(group.size - most_removed, int((~prunable).sum()),
+               math.ceil(settings.min_width / group.width), 1)
+
+
+def plan_from_keep(analysis: Analysis, keep: Mapping[int, int],
+                   ranked: Mapping[int, np.ndarray], settings: PlanSettings,
+                   extra: dict[str, Any] | None = None) -> Plan:
+    """The plan keeping ``keep[g]`` units of each group ``g``, removing its units in the
+    order ``ranked[g]`` (groups not in ``keep`` stay whole)."""
+    n_comp = int(analysis.component.max()) + 1 if analysis.component.size else 0
+    removed = np.zeros(n_comp, bool)
+    decisions: list[dict[str, Any]] = []
     for group in analysis.groups:
         entry: dict[str, Any] = {
             "index": group.index, "units": group.size, "width": group.width,
@@ -522,13 +548,13 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
         }
         if group.reasons:
             entry["reasons"] = {k: sorted(set(v))[:5] for k, v in group.reasons.items()}
-        kept = keep.get(group.index, group.size)
+        kept = int(keep.get(group.index, group.size))
         if kept < group.size:
             removed[group.units[ranked[group.index][:group.size - kept]]] = True
         entry["kept"] = kept
         decisions.append(entry)
 
-    return Plan(sliced_params(analysis, removed), decisions, asdict(settings), extra,
+    return Plan(sliced_params(analysis, removed), decisions, asdict(settings), dict(extra or {}),
                 attributes=sized_attributes(analysis, removed))
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import bench
 from .api import PruneResult, prune
+from .runtimes import Target, make_target
 
 CANDIDATES = (1, 8, 16, 32, 64)
 
@@ -27,38 +28,27 @@ def default_runtime() -> str:
     return "torch-cuda-fp16" if torch.cuda.is_available() else "ort-cpu"
 
 
-def _runners(models: Sequence[nn.Module], example_inputs: Sequence[Any], runtime: str,
-             batch: int, tmp: Path) -> list[bench.Runner]:
+def _runners(models: Sequence[nn.Module], example_inputs: Sequence[Any], target: Target,
+             tmp: Path) -> list[bench.Runner]:
     shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
-    if runtime == "ort-cpu":
-        from .export import export_onnx
+    if not target.uses_onnx:
+        return [target.torch_runner(model, shapes) for model in models]
+    from .export import export_onnx
 
-        runners = []
-        for i, model in enumerate(models):
-            path = tmp / f"candidate_{i}.onnx"
-            export_onnx(model, example_inputs, path, exporter="torchscript")
-            runners.append(bench.ort_runner(path, batch, shapes, None, "CPUExecutionProvider"))
-        return runners
-    if runtime in ("torch-cuda-fp16", "torch-cuda-fp32"):
-        import copy
-
-        dtype = torch.float16 if runtime.endswith("fp16") else torch.float32
-        runners = []
-        for model in models:
-            m = copy.deepcopy(model).eval().to("cuda", dtype).to(memory_format=torch.channels_last)
-            inputs = [torch.randn((batch, *s[1:]), device="cuda", dtype=dtype) for s in shapes]
-            inputs = [x.to(memory_format=torch.channels_last) if x.ndim == 4 else x
-                      for x in inputs]
-            runners.append(bench.torch_runner(m, inputs, graph=True))
-        return runners
-    raise ValueError(f"unknown runtime {runtime!r}: use ort-cpu or torch-cuda-fp16")
+    runners = []
+    for i, model in enumerate(models):
+        path = tmp / f"candidate_{i}.onnx"
+        export_onnx(model, example_inputs, path, exporter="torchscript")
+        runners.append(target.onnx_runner(path, shapes))
+    return runners
 
 
 def fastest_rounding(model: nn.Module, example_inputs: Sequence[Any], ratio: float,
-                     candidates: Sequence[int] = CANDIDATES, runtime: str | None = None,
+                     candidates: Sequence[int] = CANDIDATES, runtime: str | Target | None = None,
                      batch: int = 1, repeats: int = 10, tolerance: float = 0.03,
                      **settings: Any) -> PruneResult:
-    """Prune with the ``round_to`` among ``candidates`` that runs fastest on ``runtime``.
+    """Prune with the ``round_to`` among ``candidates`` that runs fastest on ``runtime`` (a
+    runtime name, timed at ``batch``, or a :class:`Target`).
 
     Candidates within ``tolerance`` of the fastest count as ties, and the smallest multiple
     (closest to the requested ratio) wins. The measurements are in
@@ -66,23 +56,24 @@ def fastest_rounding(model: nn.Module, example_inputs: Sequence[Any], ratio: flo
     """
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    runtime = runtime or default_runtime()
+    target = runtime if isinstance(runtime, Target) else \
+        make_target(runtime or default_runtime(), batch=batch)
     settings.pop("round_to", None)
     trials = {c: prune(model, example_inputs, ratio, round_to=c, check=False, **settings)
               for c in candidates}
-    sync = torch.cuda.synchronize if runtime.startswith("torch-cuda") else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         runners = _runners([model] + [t.model for t in trials.values()], example_inputs,
-                           runtime, batch, Path(tmp))
+                           target, Path(tmp))
         times = bench.interleaved_many(runners, warmup=3, repeats=repeats, max_seconds=60,
-                                       sync=sync)
+                                       sync=target.sync())
     medians = [sorted(t)[len(t) // 2] for t in times]
     dense_ms, trial_ms = medians[0], dict(zip(trials, medians[1:], strict=True))
     best = min(trial_ms.values())
     chosen = min(c for c, ms in trial_ms.items() if ms <= best * (1 + tolerance))
     result = prune(model, example_inputs, ratio, round_to=chosen, **settings)
     result.figures["rounding"] = {
-        "runtime": runtime, "batch": batch, "dense_ms": dense_ms, "chosen": chosen,
+        "runtime": target.runtime, "threads": target.cpu_threads, "batch": target.batch,
+        "dense_ms": dense_ms, "chosen": chosen,
         "candidates": [{"round_to": c, "ms": ms, "speedup": dense_ms / ms,
                         "macs_ratio": trials[c].figures["macs_ratio"]}
                        for c, ms in trial_ms.items()],

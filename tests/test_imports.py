@@ -16,9 +16,10 @@ ORDER = [
     ["errors", "types", "registry", "tree", "distributed"],
     ["rules", "rules.base", "rules.aten", "rules.elementwise", "rules.layers", "rules.reduce",
      "rules.shape", "rules.zoo"],
-    ["capture"], ["analyse"], ["score"], ["plan"], ["apply"], ["verify"], ["report", "plots"],
-    ["export"], ["bench"], ["data", "evaluate", "models", "train", "sparsity"],
-    ["api", "io", "sensitivity", "recover"], ["tune"], ["workflow"], ["cli"],
+    ["capture"], ["literals"], ["analyse"], ["score"], ["plan"], ["apply"], ["verify"], ["report", "plots"],
+    ["export"], ["bench"], ["runtimes"], ["latency"], ["widths"],
+    ["data", "evaluate", "models", "train", "sparsity"],
+    ["api", "io", "sensitivity", "recover"], ["tune"], ["speed"], ["workflow"], ["cli"],
 ]
 RANK = {name: rank for rank, names in enumerate(ORDER) for name in names}
 LEAVES = set(ORDER[0])
