@@ -1,0 +1,108 @@
+"""Outside model zoos end to end (``tests/external_models.py``): ultralytics YOLOv8 and YOLO11,
+segmentation-models-pytorch decoders on several encoders, torchvision's detection pieces as
+deployed and RAFT, each pruned at ratio 0.5 with ``prune_to_dir(exact_only=True)``.
+
+A pruned model must equal its dense model with the removed channels masked, both by
+structprune's own check and by an independent oracle built from the plan alone (the removed
+input columns of every consumer zeroed), on fresh inputs; its ONNX file must match it in ONNX
+Runtime on fresh inputs; and it must keep fewer MACs. A model listed as refused must be refused
+with a ``StructPruneError`` of one short line naming the module and the reason; any other
+exception fails.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_leaves
+
+from structprune.errors import StructPruneError
+
+from .external_models import CASES, Case, prune_case
+from .oracles import outputs
+
+PACKAGES = {"ultralytics": "ultralytics", "smp": "segmentation_models_pytorch"}
+TOLERANCE = 1e-4
+
+
+def leaves(out) -> list[torch.Tensor]:
+    """Output tensors in the order both ONNX exporters keep (dicts in insertion order)."""
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def rel_error(ref: torch.Tensor, got: torch.Tensor) -> float:
+    ref, got = ref.double(), got.double()
+    return float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def masked_consumers(model: nn.Module, plan) -> nn.Module:
+    """Independent oracle from the plan alone: in a copy of the dense model, zero the removed
+    input channels of every consumer that mixes them (ungrouped convs, transposed convs and
+    linears)."""
+    masked = copy.deepcopy(model)
+    modules = dict(masked.named_modules())
+    with torch.no_grad():
+        for entry in plan.params:
+            owner, _, attr = entry["name"].rpartition(".")
+            m = modules.get(owner)
+            if attr != "weight" or not isinstance(m, nn.Linear | nn.modules.conv._ConvNd):
+                continue
+            input_dim = 0 if getattr(m, "transposed", False) else 1
+            if entry["dim"] != input_dim or getattr(m, "groups", 1) != 1:
+                continue
+            drop = torch.ones(entry["size"], dtype=torch.bool)
+            drop[entry["keep"]] = False
+            m.weight[(slice(None),) * input_dim + (drop,)] = 0
+    return masked
+
+
+def ort_outputs(path, inputs) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: x.numpy() for n, x in zip(names, inputs, strict=True)})
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_external_model(case: Case, tmp_path):
+    if case.needs:
+        pytest.importorskip(PACKAGES[case.needs])
+    out = tmp_path / "out"
+    try:
+        dense, inputs, result, figures = prune_case(case, out)
+    except StructPruneError as exc:
+        message = str(exc)
+        assert case.refused is not None, f"refused unexpectedly: {message}"
+        assert "\n" not in message and len(message) < 300, message
+        assert case.refused in message, message
+        return
+    assert case.refused is None, f"expected a refusal ({case.refused}), but it pruned"
+
+    # structprune's own check, exact units only, within tolerance
+    check = result.verification
+    assert check.ok and check.exact_units_only, check
+    assert check.max_rel_error <= TOLERANCE, check
+    assert figures["macs_ratio"] < 1.0 and figures["groups_pruned"] > 0, figures
+
+    # fresh inputs: the pruned model against the independent oracle, output by output
+    gen = torch.Generator().manual_seed(1)
+    fresh = tuple(torch.randn(x.shape, generator=gen) for x in inputs)
+    pruned_out = leaves(outputs(result.model, fresh))
+    dense_out = leaves(outputs(dense, fresh))
+    oracle_out = leaves(outputs(masked_consumers(dense, result.plan), fresh))
+    assert [t.shape for t in pruned_out] == [t.shape for t in dense_out]
+    errors = [rel_error(o, p) for o, p in zip(oracle_out, pruned_out, strict=True)]
+    assert max(errors) <= TOLERANCE, f"pruned differs from the masked dense model: {errors}"
+
+    # ONNX Runtime on the exported pruned model, on the fresh inputs
+    assert figures["onnx_rel_error"] <= TOLERANCE
+    got = ort_outputs(out / "pruned.onnx", fresh)
+    assert len(got) == len(pruned_out)
+    errors = [rel_error(p, torch.from_numpy(g)) for p, g in zip(pruned_out, got, strict=True)]
+    assert max(errors) <= TOLERANCE, f"ONNX Runtime differs from torch: {errors}"
