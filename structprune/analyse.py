@@ -38,8 +38,12 @@ from scipy.sparse.csgraph import connected_components
 from .capture import Capture
 from .registry import RuleRegistry
 from .rules import DEFAULT_REGISTRY
+from .rules.base import pin_counted_channels
 from .tree import resolve_target, tensor_index
-from .types import ChannelMap, TensorInfo, TensorSpec, spec_to_info, tensor_infos
+from .types import PINNED, ChannelMap, TensorInfo, TensorSpec, spec_to_info, tensor_infos
+
+# the reason recorded when a rule raises on a call it cannot read (tests look for it)
+RULE_FAILED = "its channel rule failed on this call"
 
 
 @dataclass(frozen=True)
@@ -377,14 +381,24 @@ class _Engine:
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         spec = self.capture.values[node.name]
-        if not tensor_infos((args, kwargs)):
-            return spec_to_info(spec)  # sizes, shape arithmetic, factories
         module = self.modules[node.target] if node.op == "call_module" else None
-        rule = self.registry.rule_for(node, module)
         ctx = EngineContext(self, node, module)
+        if not tensor_infos((args, kwargs)):
+            if isinstance(spec, TensorSpec):  # a tensor made from numbers (torch.tensor(C))
+                pin_counted_channels(ctx)
+            return spec_to_info(spec)  # sizes, shape arithmetic, factories
+        if PINNED in node.meta:
+            ctx.block(tensor_infos((args, kwargs)), node.meta[PINNED])
+        rule = self.registry.rule_for(node, module)
         if rule is None:
             return self.registry.unknown(ctx, args, kwargs)
-        return rule(ctx, *args, **kwargs)
+        try:
+            return rule(ctx, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a rule that cannot read this call
+            # what it coupled so far stays coupled (more is safe); the rest is kept whole
+            ctx.block(tensor_infos((args, kwargs)),
+                      f"{RULE_FAILED} ({type(exc).__name__}: {str(exc)[:80]})")
+            return spec_to_info(ctx.output)
 
 
 def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:

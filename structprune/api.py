@@ -14,12 +14,16 @@ from .analyse import Analysis, analyse
 from .apply import apply_plan, check_plan
 from .capture import Capture, capture
 from .errors import CaptureError, VerificationError
+from .literals import mark, pinned_nodes
 from .plan import Plan, PlanSettings, PruneCost, make_plan, sized_attributes, sliced_params
 from .registry import RuleRegistry
 from .report import count_macs, count_params
 from .score import Importance, score
 from .tree import evaluation, random_inputs
 from .verify import Verification, compare, flatten_outputs, reference_outputs, verify
+
+# re-plannings for literals of an export graph that turn out fixed: one per line of code
+MAX_LITERAL_ROUNDS = 8
 
 
 @dataclass
@@ -100,30 +104,44 @@ def prune(
     t1 = time.perf_counter()
     analysis = analyse(cap, registry)
     t2 = time.perf_counter()
-    if plan is None:
+
+    def plan_for(analysis: Analysis) -> Plan:
         scores = score(analysis, importance, [g for g in analysis.groups if (~g.blocked).any()],
                        data=data, normalize=normalize, seed=seed, batches=calibration_batches)
-        t3 = time.perf_counter()
         budget = settings.mode in ("macs_budget", "params_budget")
-        plan = make_plan(analysis, scores, settings,
+        return make_plan(analysis, scores, settings,
                          cost=PruneCost(analysis, registry) if budget else None)
+
+    if plan is None:
+        plan = plan_for(analysis)
     else:
         check_plan(model, plan)
-        t3 = time.perf_counter()
-    t4 = time.perf_counter()
+    t3 = t4 = time.perf_counter()
 
     dense_figures = {"params_dense": count_params(model), "macs_dense": count_macs(cap, registry)}
     inputs = random_inputs(example_inputs, seed=1)
     t5 = time.perf_counter()
     # with a check, in place happens last, once the plan has been checked on a copy
-    pruned = apply_plan(model, plan, inplace=inplace and not check, registry=registry)
+    probe_literals = cap.method == "export" and not given_plan
+    pruned = apply_plan(model, plan, inplace=inplace and not check and not probe_literals,
+                        registry=registry)
+    if probe_literals:
+        # the export graph's literals: re-plan while the pruned model shows one that is fixed
+        for _ in range(MAX_LITERAL_ROUNDS):
+            if not mark(cap, pinned_nodes(cap, pruned, registry)):
+                break
+            analysis = analyse(cap, registry)
+            plan = plan_for(analysis)
+            pruned = apply_plan(model, plan, inplace=False, registry=registry)
+        if inplace and not check:
+            pruned = apply_plan(model, plan, inplace=True, registry=registry)
     t6 = time.perf_counter()
     timings = {"capture": t1 - t0, "analyse": t2 - t1, "score": t3 - t2, "plan": t4 - t3,
                "apply": t6 - t5}
     verification = None
     if check:
         verification = _check(analysis, plan, model, pruned, inputs, tolerance, registry,
-                              given_plan)
+                              given_plan, exact_only)
     if inplace and check:
         pruned = apply_plan(model, plan, inplace=True, registry=registry)
     try:
@@ -151,7 +169,7 @@ def _fails_to_run(exc: BaseException, given_plan: bool) -> str:
 
 def _check(analysis: Analysis, plan: Plan, model: nn.Module, pruned: nn.Module,
            inputs: tuple, tolerance: float, registry: RuleRegistry | None, given_plan: bool = False,
-           ) -> Verification:
+           exact_only: bool = False) -> Verification:
     """Compare with the masked dense model: the whole plan when it is exact, else its exact
     part; the pruned model itself must run and keep the dense output shapes either way."""
     checked = exact_subplan(analysis, plan)
@@ -173,7 +191,8 @@ def _check(analysis: Analysis, plan: Plan, model: nn.Module, pruned: nn.Module,
     if not verification.ok:
         advice = ("the given plan does not slice every coupled tensor; make plans with "
                   "`structprune prune` or structprune.make_plan") if given_plan else \
-            "please report this model. Use --exact-only or --ignore the modules involved"
+            "please report this model, and --ignore the modules involved meanwhile" if exact_only \
+            else "please report this model. Use --exact-only or --ignore the modules involved"
         raise VerificationError(
             f"pruned model differs from the masked dense model (relative error "
             f"{verification.max_rel_error:.2e} > {tolerance:.0e}); {advice}")

@@ -25,7 +25,7 @@ import io
 import logging
 import traceback
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.func import functional_call
 
-from .errors import CaptureError
+from .errors import CaptureError, first_line
 from .registry import RuleRegistry
 from .rules import DEFAULT_REGISTRY
 from .tree import evaluation, resolve_target, training_mode
@@ -167,13 +167,8 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any],
     exc = errors[-1]
     raise CaptureError(
         f"the model's forward fails on the example inputs at {_user_frame(exc)}: "
-        f"{type(exc).__name__}: {_first_line(exc)}. Check --input-shape (one per forward() input)"
+        f"{type(exc).__name__}: {first_line(exc)}. Check --input-shape (one per forward() input)"
     ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -194,7 +189,7 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = (),
     except Exception as exc:  # noqa: BLE001 - any trace failure is reported the same way
         raise CaptureError(
             f"cannot trace {type(model).__name__} with torch.fx at {_user_frame(exc)}: "
-            f"{_first_line(exc)}. Mark the module that does this as a leaf "
+            f"{first_line(exc)}. Mark the module that does this as a leaf "
             "(leaf_modules=[...]) and register a rule for it, or use the torch.export capture"
         ) from exc
     gm = fx.GraphModule(model, graph)
@@ -209,20 +204,41 @@ def export_graph(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphMod
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.WARNING))  # export logs every guard it gives up on
     try:
-        with evaluation(model), warnings.catch_warnings(), \
+        with evaluation(model), module_state_kept(model), warnings.catch_warnings(), \
                 contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.export.export(model, tuple(example_inputs), strict=False)
         gm = program.module()
     except Exception as exc:  # noqa: BLE001 - reported as one line with the user's location
         raise CaptureError(f"torch.export cannot capture {type(model).__name__} at "
-                           f"{_user_frame(exc)}: {_first_line(exc)}") from exc
+                           f"{_user_frame(exc)}: {first_line(exc)}") from exc
     finally:
         logging.disable(previous)
     for node in gm.graph.nodes:  # the one representation: get_attr nodes carry values too
         if node.op == "get_attr" and "val" not in node.meta:
             node.meta["val"] = _as_meta(resolve_target(gm, node.target))
     return gm
+
+
+@contextlib.contextmanager
+def module_state_kept(model: nn.Module) -> Iterator[None]:
+    """Undo what ``forward`` assigns to the model's modules while torch.export traces it.
+
+    A forward that caches a value on its module (a detection head's ``anchors``) would
+    otherwise leave a FakeTensor of the trace there, which no later real run can use.
+    """
+    saved = [(m, dict(vars(m)), dict(m.named_buffers(recurse=False))) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, buffers in saved:
+            for name in set(vars(module)) - set(attributes):
+                delattr(module, name)
+            for name, value in attributes.items():
+                if vars(module).get(name) is not value:
+                    setattr(module, name, value)
+            for name, value in buffers.items():
+                setattr(module, name, value)
 
 
 def _check_input_count(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import StructPruneError
+from .errors import StructPruneError, first_line
 from .tree import evaluation, random_inputs
 from .verify import compare, flatten_outputs
 
@@ -83,9 +83,14 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any], path: str | os.
             try:
                 fn = _export_dynamo if name == "dynamo" else _export_torchscript
                 fn(model, inputs, path, opset)
-                break
             except Exception as exc:  # noqa: BLE001 - try the next exporter
-                errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                errors.append(f"{name}: {type(exc).__name__}: {first_line(exc, 120)}")
+                continue
+            try:  # the file must run at another batch size: dynamo can fix the batch axis
+                onnx_parity(path, model, example_inputs, batch=3)
+                break
+            except ExportError as exc:
+                errors.append(f"{name}: {exc}")
         else:
             raise ExportError(f"ONNX export failed ({'; '.join(errors)})")
     if simplify:
@@ -116,7 +121,11 @@ def onnx_parity(path: str | os.PathLike, model: nn.Module, example_inputs: Seque
     inputs = random_inputs(example_inputs, batch=batch)
     with torch.no_grad(), evaluation(model):
         expected = flatten_outputs(model(*inputs))
-    got = [torch.from_numpy(np.asarray(g)) for g in run_onnx(path, inputs)]
+    try:
+        got = [torch.from_numpy(np.asarray(g)) for g in run_onnx(path, inputs)]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors, one line
+        raise ExportError(f"{path}: ONNX Runtime cannot run it at batch {batch}: "
+                          f"{first_line(exc, 160)}") from exc
     if len(got) != len(expected):
         raise ExportError(f"{path}: ONNX has {len(got)} outputs, torch {len(expected)}")
     for e, g in zip(expected, got, strict=True):

@@ -1,10 +1,12 @@
-"""Model specs on the command line: ``torchvision:NAME``, ``timm:NAME``, ``file.py:FACTORY``
-and ``structprune:NAME`` for the small models defined here (:data:`OWN_MODELS`)."""
+"""Model specs on the command line: ``torchvision:NAME``, ``timm:NAME``,
+``ultralytics:yolov8n.yaml`` (or a ``.pt`` checkpoint), ``file.py:FACTORY`` and
+``structprune:NAME`` for the small models defined here (:data:`OWN_MODELS`)."""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -27,12 +29,24 @@ def build_model(spec: str, seed: int = 0) -> nn.Module:
         return _timm(name, seed)
     if kind == "structprune":
         return _own(name, seed)
+    if kind == "ultralytics":
+        return _ultralytics(name, seed)
     if spec.rsplit(":", 1)[0].endswith(".py"):
         path, factory = spec.rsplit(":", 1)
         torch.manual_seed(seed)  # factories that initialise randomly are reproducible too
         return _factory(Path(path), factory)
     raise StructPruneError(f"unknown model source {kind!r} in {spec!r}: use torchvision:, timm:, "
-                           f"structprune: ({', '.join(OWN_MODELS)}) or a path to a .py file")
+                           f"ultralytics:, structprune: ({', '.join(OWN_MODELS)}) or a path to "
+                           "a .py file")
+
+
+def default_input_shape(spec: str) -> tuple[int, ...]:
+    """The input shape a spec's model takes when none is given."""
+    if spec == "structprune:digits_cnn":
+        return (1, 1, 32, 32)
+    if spec.startswith("ultralytics:") and "-cls" not in spec:
+        return (1, 3, 640, 640)  # ultralytics' own default image size
+    return (1, 3, 224, 224)
 
 
 def digits_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
@@ -99,6 +113,55 @@ def _timm(name: str, seed: int) -> nn.Module:
         raise StructPruneError(f"timm has no model {name!r}; see timm.list_models()")
     torch.manual_seed(seed)
     return timm.create_model(name, pretrained=False)
+
+
+def _ultralytics(name: str, seed: int) -> nn.Module:
+    """An ultralytics YOLO model from its yaml (random weights) or from a checkpoint file,
+    with its head in the form ultralytics' own ONNX exporter gives it (raw box, class, mask
+    and keypoint tensors; no post-processing)."""
+    try:
+        from ultralytics import YOLO
+        from ultralytics.nn.tasks import guess_model_task, load_checkpoint, yaml_model_load
+    except ImportError as exc:
+        raise StructPruneError("ultralytics is not installed: "
+                               "pip install 'structprune[ultralytics]'") from exc
+    torch.manual_seed(seed)
+    if name.endswith(".pt"):
+        if not Path(name).is_file():  # ultralytics would download a missing file by name
+            raise StructPruneError(f"checkpoint {name} does not exist (nothing is downloaded: "
+                                   "build from a yaml, e.g. ultralytics:yolov8n.yaml)")
+        model, _ = load_checkpoint(name, device="cpu")  # a pickle, as ultralytics reads it
+    else:
+        try:
+            yaml_model_load(name)
+        except Exception as exc:  # noqa: BLE001 - a wrong name: one line
+            raise StructPruneError(f"ultralytics has no model config {name!r} (e.g. "
+                                   "yolov8n.yaml, yolo11s-seg.yaml, yolov8n-pose.yaml, "
+                                   "yolo11n-cls.yaml)") from exc
+        logger = logging.getLogger("ultralytics")
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # it prints a layer table for every model it builds
+        try:
+            model = YOLO(name, task=guess_model_task(name), verbose=False).model
+        finally:
+            logger.setLevel(level)
+    model = model.float().eval()
+    export_form(model)
+    return model
+
+
+def export_form(model: nn.Module) -> None:
+    """Set ultralytics heads as its ONNX exporter sets them: raw outputs, static shapes."""
+    for module in model.modules():
+        if type(module).__module__.startswith("ultralytics") and \
+                isinstance(getattr(module, "export", None), bool):
+            module.export = True
+            if hasattr(module, "format"):
+                module.format = "onnx"
+            if hasattr(module, "dynamic"):
+                module.dynamic = False
+            if hasattr(module, "shape"):
+                module.shape = None
 
 
 def _factory(path: Path, factory: str) -> nn.Module:

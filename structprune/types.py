@@ -19,6 +19,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+# ``node.meta`` key of a node whose literals do not follow channel counts (the reason): the
+# analysis keeps whole every channel axis such a node reads (see structprune.literals)
+PINNED = "structprune_pinned"
+
 
 @dataclass(frozen=True)
 class TensorSpec:

@@ -11,7 +11,7 @@ import torch
 from ..registry import DEFAULT_REGISTRY as R
 from ..types import RuleContext
 from . import layers, reduce, shape
-from .base import elementwise, metadata
+from .base import elementwise, metadata, passthrough
 
 aten = torch.ops.aten
 
@@ -58,11 +58,18 @@ R.rule(*_overloads(
     "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_", "elu",
     "elu_", "leaky_relu", "leaky_relu_", "mish", "mish_", "softplus", "exp", "log", "abs", "neg",
     "sqrt", "rsqrt", "clamp", "clamp_", "clamp_min", "clamp_max", "clone", "contiguous", "alias",
-    "detach", "dropout", "feature_dropout", "alpha_dropout", "_to_copy", "to", "add", "add_",
+    "detach", "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout",
+    "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_", "_to_copy", "to", "add", "add_",
     "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum", "where",
     "masked_fill", "rsub", "erf", "reciprocal", "lift_fresh_copy", "zeros_like", "ones_like",
-    "empty_like", "full_like", "copy", "copy_", "type_as", "sign", "square",
+    "empty_like", "full_like", "copy", "copy_", "sign", "square",
 ))(elementwise)
+
+
+@R.rule(*_overloads("type_as"))
+def _type_as(ctx: RuleContext, input, other):
+    """The second tensor only lends its dtype (as in the fx rule for ``Tensor.type_as``)."""
+    return passthrough(ctx, input)
 
 
 @R.rule(*_overloads("conv1d", "conv2d", "conv3d"), macs=_conv_macs)

@@ -113,7 +113,8 @@ def convolution(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: Tenso
     return ctx.result([ChannelMap((cdim,), out)] if out is not None else [])
 
 
-def _conv_module(ctx: RuleContext, module: nn.Module, x: TensorInfo, *output_size) -> TensorInfo:
+def conv_module(ctx: RuleContext, module: nn.Module, x: TensorInfo, *output_size) -> TensorInfo:
+    """An ``nn.ConvNd`` or ``nn.ConvTransposeNd`` module (its own forward)."""
     transposed = isinstance(module, _CONV_TRANSPOSES)
     cdim = x.ndim - len(module.kernel_size) - 1
     x_ids = project(ctx, x, cdim, "conv input") if cdim >= 0 else None
@@ -159,8 +160,8 @@ def _resize_conv_t(module: nn.Module) -> None:
     module.out_channels = module.weight.shape[1] * module.groups
 
 
-R.op(*_CONVS, rule=_conv_module, macs=_conv_module_macs, resize=_resize_conv)
-R.op(*_CONV_TRANSPOSES, rule=_conv_module, macs=_conv_module_macs, resize=_resize_conv_t)
+R.op(*_CONVS, rule=conv_module, macs=_conv_module_macs, resize=_resize_conv)
+R.op(*_CONV_TRANSPOSES, rule=conv_module, macs=_conv_module_macs, resize=_resize_conv_t)
 
 
 def linear(ctx: RuleContext, x: TensorInfo, weight: TensorInfo, bias: TensorInfo | None,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from ..registry import DEFAULT_REGISTRY as R
 from ..types import RuleContext, TensorInfo
-from .base import same_shape
-from .layers import layer_norm
+from .base import project, same_shape
+from .layers import conv_module, layer_norm
 from .shape import permute
 
 
@@ -57,10 +57,30 @@ def _resize_mixed_conv(module) -> None:
     module.out_channels = sum(conv.out_channels for conv in convs)
 
 
+def standardized_conv(ctx: RuleContext, module, x: TensorInfo) -> TensorInfo:
+    """A weight-standardised conv (timm's StdConv2d, ScaledStdConv2d: NF-Nets): each
+    filter is normalised over its own inputs inside ``forward``. Output channels (and the
+    per-filter ``gain``) go exactly; removing an input channel changes the others' mean and
+    variance, so input channels go approximately."""
+    cdim = x.ndim - len(module.kernel_size) - 1
+    x_ids = project(ctx, x, cdim, "conv input")
+    out = conv_module(ctx, module, x)
+    gain = ctx.module_param("gain")
+    if isinstance(gain, TensorInfo) and out.map_on(cdim) is not None:
+        ctx.unify(project(ctx, gain, 0, "conv gain"), out.map_on(cdim).ids)
+    if x_ids is not None:
+        ctx.approx(x_ids, "the conv's weight is standardised over its input channels")
+    return out
+
+
 def _register_timm(registry) -> None:
+    from timm.layers import std_conv
     from timm.layers.mixed_conv2d import MixedConv2d
 
     registry.op(MixedConv2d, resize=_resize_mixed_conv, maintains=("splits",))
+    for name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
+        if hasattr(std_conv, name):
+            registry.op(getattr(std_conv, name), rule=standardized_conv)
 
 
 # timm is optional, and importing it adds some 700 module classes, which slow every fx trace

@@ -1,0 +1,162 @@
+"""Literals of a torch.export graph that do not follow channel counts.
+
+torch.export bakes every size and every tensor made from a number into its graph as a
+literal, so one graph cannot tell ``x.view(b, x.shape[1], -1)`` from
+``x.view(b, self.c, -1)``, nor ``torch.tensor(x.shape[1])`` from a true constant. Capturing
+the *pruned* model again tells them apart, node by node (both graphs come from the same
+code, so their nodes have the same names):
+
+- an integer argument that equalled an axis of the node's input, kept its value while that
+  axis shrank: a size fixed in the model's code (``self.c``);
+- a graph constant whose value changed: a tensor made from a channel count;
+- a line of the model's code that no longer runs: its nodes read a fixed size.
+
+:func:`pinned_nodes` returns those nodes of the dense graph with the reason; the caller marks
+them (``node.meta[PINNED]``) and analyses again: the analysis keeps whole every channel
+axis that a marked node reads.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .capture import Capture, capture
+from .errors import CaptureError
+from .registry import RuleRegistry
+from .types import PINNED
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def user_frame(stack_trace: str | None) -> tuple[str, int] | None:
+    """The innermost frame of a node's ``stack_trace`` that lies outside torch."""
+    frames = [(f, int(n)) for f, n in _FRAME.findall(stack_trace or "")]
+    outside = [f for f in frames if "/torch/" not in f[0].replace("\\", "/")
+               and "/structprune/" not in f[0].replace("\\", "/")]
+    return outside[-1] if outside else None
+
+
+def _failing_frame(exc: BaseException) -> tuple[str, int] | None:
+    """The innermost frame outside torch of the error that stopped a capture."""
+    import traceback
+
+    cause: BaseException | None = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = "".join(traceback.format_tb(cause.__traceback__))
+    return user_frame(text)
+
+
+def _ints(value: Any) -> list[tuple[int, int]]:
+    """(position, value) of the integer literals among a node's arguments, flattened."""
+    flat: list[Any] = []
+    fx.node.map_aggregate(value, flat.append)
+    return [(i, v) for i, v in enumerate(flat) if type(v) is int]
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _fixed_size(node: fx.Node, twin: fx.Node) -> bool:
+    """An integer argument matched an input axis that shrank, yet kept its value."""
+    inputs = [a for a in node.args if isinstance(a, fx.Node)]
+    twin_inputs = [a for a in twin.args if isinstance(a, fx.Node)]
+    shrunk: set[int] = set()
+    for a, b in zip(inputs, twin_inputs, strict=False):
+        before, after = _shape(a), _shape(b)
+        if before and after and len(before) == len(after):
+            shrunk |= {s for s, t in zip(before, after, strict=True) if s != t}
+    if not shrunk:
+        return False
+    ours, theirs = _ints((node.args, node.kwargs)), _ints((twin.args, twin.kwargs))
+    if len(ours) != len(theirs):
+        return False
+    return any(v in shrunk and w == v for (_, v), (_, w) in zip(ours, theirs, strict=True))
+
+
+def _constant_changed(dense: fx.GraphModule, pruned: fx.GraphModule, node: fx.Node) -> bool:
+    """A graph constant with another value in the pruned model's graph."""
+    try:
+        before, after = _attr(dense, node.target), _attr(pruned, node.target)
+    except AttributeError:
+        return False
+    if not isinstance(before, torch.Tensor):
+        return False
+    return not isinstance(after, torch.Tensor) or before.shape != after.shape \
+        or not torch.equal(before, after)
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _downstream(node: fx.Node, limit: int = 8) -> list[fx.Node]:
+    """The nodes a constant flows through until it meets another tensor (``x / sqrt(C)``)."""
+    found, frontier = [], list(node.users)
+    while frontier and len(found) < limit:
+        user = frontier.pop()
+        found.append(user)
+        others = [a for a in user.all_input_nodes if a not in found and a is not node
+                  and isinstance(a.meta.get("val"), torch.Tensor)]
+        if not others:  # still only the constant's own value: follow it
+            frontier.extend(user.users)
+    return found
+
+
+def pinned_nodes(dense: Capture, pruned: nn.Module,
+                 registry: RuleRegistry | None = None) -> dict[str, str]:
+    """Nodes of ``dense`` (a torch.export capture) whose literals do not follow channel
+    counts, found by capturing ``pruned`` the same way: node name -> reason."""
+    try:
+        again = capture(pruned, dense.example_inputs, dense.leaf_types, registry, "export")
+    except CaptureError as exc:
+        frame = _failing_frame(exc)
+        if frame is None:
+            return {}
+        where = f"{frame[0]}:{frame[1]}"
+        return {n.name: f"a size fixed in the model's code ({where})" for n in dense.graph.nodes
+                if n.op == "call_function" and user_frame(n.meta.get("stack_trace")) == frame}
+    twins = {n.name: n for n in again.graph.nodes}
+    # the model's own tensors are sliced by the plan; only the graph's constants are literals
+    own = {name for name, _ in dense.model.named_parameters(remove_duplicate=False)}
+    own |= {name for name, _ in dense.model.named_buffers(remove_duplicate=False)}
+    pinned: dict[str, str] = {}
+    for node in dense.graph.nodes:
+        twin = twins.get(node.name)
+        if twin is None or twin.op != node.op or twin.target != node.target:
+            continue
+        if node.op == "call_function" and _fixed_size(node, twin):
+            pinned[node.name] = "a size fixed in the model's code" + _where(node)
+        elif node.op == "get_attr" and node.target not in own and \
+                _constant_changed(dense.graph_module, again.graph_module, node):
+            for user in _downstream(node):
+                pinned[user.name] = "a constant made from a channel count" + _where(user)
+    return pinned
+
+
+def _where(node: fx.Node) -> str:
+    frame = user_frame(node.meta.get("stack_trace"))
+    return f" ({frame[0]}:{frame[1]})" if frame else ""
+
+
+def mark(cap: Capture, pinned: dict[str, str]) -> int:
+    """Record ``pinned`` in ``cap``'s nodes; returns how many were not marked before."""
+    new = 0
+    for node in cap.graph.nodes:
+        if node.name in pinned and PINNED not in node.meta:
+            node.meta[PINNED] = pinned[node.name]
+            new += 1
+    return new
+
+
+__all__ = ["mark", "pinned_nodes", "user_frame"]
