@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,11 @@ from .data import DataSplits, load_data
 from .errors import StructPruneError
 from .evaluate import evaluate, plot_confusion, predict
 from .io import load
-from .models import build_model, load_weights, parse_shape
+from .models import build_model, default_input_shape, load_weights, parse_shape
 from .plan import Plan, PlanSettings, check_ratio
+from .runtimes import RUNTIMES, make_target
 from .score import IMPORTANCE, NEEDS_DATA, NORMALIZE
+from .speed import IF_SLOWER
 from .tree import random_inputs
 from .workflow import (
     SPARSITY,
@@ -43,9 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("spec", metavar="SPEC",
-                       help="torchvision:NAME, timm:NAME or path/to/file.py:FACTORY")
+                       help="torchvision:NAME, timm:NAME, ultralytics:yolov8n.yaml (or a .pt "
+                            "checkpoint), structprune:NAME or path/to/file.py:FACTORY")
         p.add_argument("--input-shape", action="append", default=None, metavar="N,C,H,W",
-                       help="shape of one forward() input; repeat for several (default 1,3,224,224)")
+                       help="shape of one forward() input; repeat for several (default "
+                            "1,3,224,224; 1,3,640,640 for ultralytics detectors)")
+        p.add_argument("--verbose", action="store_true",
+                       help="on an error, also print its full detail (the traceback)")
         p.add_argument("--weights", help="state_dict file to load (read with weights_only=True)")
         p.add_argument("--seed", type=int, default=0, help="seed for zoo models' random weights")
         p.add_argument("--capture", choices=["auto", "fx", "export"], default="auto",
@@ -69,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--max-seconds", type=float, default=30.0,
                        help="stop repeating a cell after this long (at least 3 pairs)")
         p.add_argument("--no-torch", action="store_true", help="skip torch on CUDA")
+        p.add_argument("--no-openvino", action="store_true",
+                       help="skip OpenVINO CPU (timed when openvino is installed)")
 
     p = sub.add_parser("prune", help="prune a model and write plan, weights and ONNX files")
     model_args(p)
@@ -116,6 +125,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-width", type=int, default=1, help="fewest channels a group keeps")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX files")
+    t = p.add_argument_group("speed on a target runtime")
+    t.add_argument("--target", metavar="RUNTIME",
+                   help="measure every latency decision on this runtime: " + ", ".join(RUNTIMES)
+                        + "; widths come from its measured latency table, and the pruned model "
+                        "is timed against dense there before anything is written")
+    t.add_argument("--target-speedup", type=float, metavar="X",
+                   help="with --target: prune until the model runs X times faster than dense")
+    t.add_argument("--target-latency", type=float, metavar="MS",
+                   help="with --target: prune until the model runs in MS milliseconds")
+    t.add_argument("--threads", type=int, default=None,
+                   help="with a CPU --target: intra-op threads (default all cores)")
+    t.add_argument("--batch", type=int, default=1, help="with --target: batch size timed")
+    t.add_argument("--if-slower", choices=IF_SLOWER, default="fix",
+                   help="with --target, when the pruned model is not faster than dense: fix "
+                        "it by narrower fast widths (default) or fail (exit 2, nothing written)")
 
     b = sub.add_parser("bench", help="latency of dense.onnx against pruned.onnx in DIR")
     b.add_argument("dir", metavar="DIR", help="output directory of `structprune prune`")
@@ -175,10 +199,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_input_shape(spec: str) -> str:
-    """The input shape a spec's model takes when --input-shape is not given."""
-    return "1,1,32,32" if spec == "structprune:digits_cnn" else "1,3,224,224"
-
 
 def _round_to(text: str) -> int | str:
     if text == "auto":
@@ -191,7 +211,8 @@ def _round_to(text: str) -> int | str:
 
 def _model_and_inputs(args: argparse.Namespace):
 
-    shapes = [parse_shape(s) for s in (args.input_shape or [default_input_shape(args.spec)])]
+    shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape \
+        else [default_input_shape(args.spec)]
     model = build_model(args.spec, args.seed)
     if args.weights:
         load_weights(model, args.weights)
@@ -201,16 +222,19 @@ def _model_and_inputs(args: argparse.Namespace):
 
 def _check_settings(args: argparse.Namespace) -> None:
     """Refuse bad settings before any work, one line each."""
-    modes = [m for m in ("ratio", "threshold", "macs_budget", "params_budget")
-             if getattr(args, m) is not None]
+    modes = [m for m in ("ratio", "threshold", "macs_budget", "params_budget", "target_speedup",
+                         "target_latency") if getattr(args, m) is not None]
     if not modes and not args.plan:
         raise StructPruneError("say what goes: --ratio 0.5, --threshold T, --macs-budget F, "
-                               "--params-budget F or --plan plan.json")
+                               "--params-budget F, --target-speedup X, --target-latency MS "
+                               "or --plan plan.json")
     if args.plan and not Path(args.plan).is_file():
         raise StructPruneError(f"--plan {args.plan} does not exist")
     if len(modes) > 1:
-        raise StructPruneError("give one of --ratio, --threshold, --macs-budget and "
-                               f"--params-budget, not {len(modes)}")
+        raise StructPruneError("give one of --ratio, --threshold, --macs-budget, "
+                               "--params-budget, --target-speedup and --target-latency, not "
+                               f"{len(modes)}")
+    _check_target(args)
     if args.criterion not in IMPORTANCE:
         raise StructPruneError(f"unknown criterion {args.criterion!r}: use one of "
                                + ", ".join(IMPORTANCE))
@@ -237,6 +261,31 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise StructPruneError(f"--round-to {args.round_to} must be 1 or more")
     PlanSettings(min_width=args.min_width, threshold=args.threshold,
                  macs_budget=args.macs_budget, params_budget=args.params_budget).validate()
+
+
+def _check_target(args: argparse.Namespace) -> None:
+    """--target and its settings, refused before any work (an unavailable runtime too)."""
+    if args.target is None:
+        if args.target_speedup is not None or args.target_latency is not None:
+            raise StructPruneError("a speed target is measured on a runtime: add --target "
+                                   "ort-cpu (or another of " + ", ".join(RUNTIMES) + ")")
+        if args.threads is not None or args.batch != 1:
+            raise StructPruneError("--threads and --batch set the --target runtime: add "
+                                   "--target")
+        return
+    if args.target_speedup is not None and not args.target_speedup > 1:
+        raise StructPruneError(f"--target-speedup {args.target_speedup} must be above 1 "
+                               "(2 means twice as fast as dense)")
+    if args.target_latency is not None and not args.target_latency > 0:
+        raise StructPruneError(f"--target-latency {args.target_latency} must be a positive "
+                               "number of milliseconds")
+    if args.round_to == "auto" and args.ratio is None:
+        raise StructPruneError("--round-to auto times whole candidates at a --ratio: give "
+                               "--ratio, or drop --round-to auto to search widths per group")
+    if args.plan or args.steps > 1 or args.auto:
+        raise StructPruneError("--target chooses the widths itself: it does not combine with "
+                               "--plan, --steps or --auto")
+    args.target = make_target(args.target, args.threads, args.batch)
 
 
 def _require_data(args: argparse.Namespace, command: str) -> None:
@@ -303,7 +352,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             threshold=args.threshold, macs_budget=args.macs_budget,
             params_budget=args.params_budget, global_ranking=args.global_ranking,
             min_width=args.min_width, ignore=args.ignore, exact_only=args.exact_only,
-            capture_method=args.capture, seed=args.seed)
+            capture_method=args.capture, seed=args.seed, target=args.target,
+            target_speedup=args.target_speedup, target_latency=args.target_latency,
+            if_slower=args.if_slower)
         bar.update()
     _print_report(args.spec, figures, result, out)
     return 0
@@ -331,6 +382,8 @@ def _print_report(spec: str, f: dict[str, Any], result, out: Path) -> None:
         cands = ", ".join(f"{c['round_to']}: {c['speedup']:.2f}x" for c in r["candidates"])
         print(f"round_to {r['chosen']} chosen by timing on {r['runtime']} batch {r['batch']} "
               f"(speed-up over dense per candidate: {cands})")
+    if "target" in f:
+        print(_target_lines(f["target"]))
     if f.get("recovery"):
         r = f["recovery"]
         print(f"recovery: {', '.join(r['method'])} (output MSE against the dense model "
@@ -345,6 +398,28 @@ def _print_report(spec: str, f: dict[str, Any], result, out: Path) -> None:
               f"{f['onnx_rel_error']:.1e} ({f['exporter_pruned']} exporter)")
     seconds = sum(f["seconds"].values())
     print(f"pass time {seconds:.2f}s; wrote {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+
+
+def _target_lines(t: dict[str, Any]) -> str:
+    """What the target run measured and predicted, in three lines."""
+    m, lm = t["measured"], t["latency_model"]
+    target = t["target"]
+    where = (f"{target['runtime']}" + (f", {target['threads']} threads" if target["threads"]
+                                       else "") + f", batch {target['batch']}")
+    goal = (f"goal {t['goal_speedup']:g}x {'met' if t['met'] else 'NOT met'}"
+            if t["goal_speedup"] else
+            f"goal {t['goal_latency_ms']:g} ms {'met' if t['met'] else 'NOT met'}"
+            if t["goal_latency_ms"] else "faster than dense" if t["faster"] else "NOT faster")
+    table = lm["table"]
+    return (f"target {where}: dense {m['dense_ms']:.2f} ms, pruned {m['pruned_ms']:.2f} ms, "
+            f"speed-up {m['speedup']:.2f}x (p10-p90 {m['speedup_p10']:.2f}-"
+            f"{m['speedup_p90']:.2f}, {m['pairs']} interleaved pairs); {goal}\n"
+            f"latency model (sum of {lm['layers']} layers): dense {lm['dense_predicted_ms']:.2f} "
+            f"ms predicted / {lm['dense_measured_ms']:.2f} measured, pruned "
+            f"{lm['pruned_predicted_ms']:.2f} / {lm['pruned_measured_ms']:.2f}; "
+            f"{len(t['attempts'])} measured attempt(s)\n"
+            f"latency table {table['path']}: {table['entries']} layers, {table['measured']} "
+            f"measured now ({table['measure_seconds']:.1f} s)")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -421,7 +496,8 @@ def _bench_dir(directory: Path, args: argparse.Namespace, bar=None) -> dict[str,
     return bench.bench(directory / "dense.onnx", directory / "pruned.onnx",
                        report["input_shapes"], report.get("macs_ratio"),
                        batches=args.batch or (1, 32), threads=args.threads,
-                       torch_models=torch_models, progress=progress, **_timing(args))
+                       torch_models=torch_models, progress=progress,
+                       openvino=not args.no_openvino, **_timing(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -515,6 +591,8 @@ def _cells_expected(args: argparse.Namespace) -> int:
 
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     n = len(threads) * len(args.batch or (1, 32))
+    if bench.openvino_available() and not args.no_openvino:
+        n *= 2
     if torch.cuda.is_available() and not args.no_torch:
         n += 4 * len(args.batch or (1, 32))
     return n
@@ -576,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except StructPruneError as exc:
         print(f"structprune: error: {exc}", file=sys.stderr)
+        if getattr(args, "verbose", False):
+            traceback.print_exception(exc, file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

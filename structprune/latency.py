@@ -211,13 +211,13 @@ class LatencyTable:
     ``hits`` and ``measured`` count lookups answered from the table and layers timed."""
 
     def __init__(self, target: Target, directory: str | os.PathLike | None = None,
-                 measure: Measure = probe_ms, progress: bool | None = None):
+                 measure: Measure | None = None, progress: bool | None = None):
         self.target = target
         self.fingerprint = fingerprint(target)
         directory = Path(directory) if directory is not None else cache_dir()
         self.path = directory / (f"latency-{target.runtime}-"
                                  f"{fingerprint_digest(self.fingerprint)}.json")
-        self.measure = measure
+        self.measure = measure or probe_ms
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.hits = 0
         self.measured = 0

@@ -106,14 +106,33 @@ class WidthPath:
         return True
 
     def until(self, goal_ms: float) -> Point | None:
-        """The first point predicted at or under ``goal_ms`` (None if the path ends above)."""
-        for point in self.points:
-            if point.ms <= goal_ms:
-                return point
-        while not self.done and self.step():
-            if self.points[-1].ms <= goal_ms:
-                return self.points[-1]
-        return None
+        """The first point predicted at or under ``goal_ms`` (None if the path ends above).
+        The last move is the one of least importance that reaches the goal from the point
+        before, which need not be the path's own next move (the knapsack's last item)."""
+        i = 0
+        while True:
+            if i == len(self.points) and (self.done or not self.step()):
+                return None
+            if self.points[i].ms <= goal_ms:
+                return self.points[i]
+            finish = self._finish(self.points[i], goal_ms)
+            if finish is not None:
+                return finish
+            i += 1
+
+    def _finish(self, point: Point, goal_ms: float) -> Point | None:
+        """The single move from ``point`` that meets ``goal_ms`` losing least, if any."""
+        moves = self._moves(point.keep)
+        self.evaluator.prepare(point.keep, [(g, k) for g, k, _ in moves])
+        best = None
+        for g, k, lost in moves:
+            ms = point.ms + self.evaluator.delta(point.keep, g, k)
+            if ms <= goal_ms and (best is None or lost < best[2]):
+                best = (g, k, lost, ms)
+        if best is None:
+            return None
+        g, k, lost, ms = best
+        return Point({**point.keep, g: k}, ms, point.lost + lost)
 
     def fastest(self) -> Point:
         while not self.done and self.step():

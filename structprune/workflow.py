@@ -36,10 +36,12 @@ from .io import PLAN, load, save
 from .plan import Plan, PlanSettings, compose
 from .plots import plot_widths
 from .recover import recover
+from .runtimes import Target
 from .score import calibration
 from .sensitivity import auto_plan
 from .sensitivity import plot as plot_sensitivity
 from .sparsity import BNL1, GroupLasso
+from .speed import prune_for_target
 from .train import fit
 from .tree import random_inputs
 from .tune import fastest_rounding
@@ -72,6 +74,8 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
                  distill: bool = False, recover_with: str | Sequence[str] | None = None,
                  calibration_batches: int = 8, record: dict[str, Any] | None = None,
                  progress: Callable[[str], None] = lambda step: None,
+                 target: Target | None = None, target_speedup: float | None = None,
+                 target_latency: float | None = None, if_slower: str = "fix",
                  **settings: Any) -> tuple[PruneResult, dict[str, Any]]:
     """Prune ``model`` (by ``ratio``, or apply ``plan``) and write into ``out``: ``plan.json``,
     ``pruned.safetensors``, ``dense.onnx`` and ``pruned.onnx`` (unless ``onnx=False``),
@@ -87,8 +91,18 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
     of what is left, with ``finetune_epochs`` of fine-tuning on ``data`` (distilled from the
     dense model with ``distill``) after each; the steps compose into one plan in dense
     indices, checked by applying it to the dense model, which the final weights load onto.
+    With a ``target`` runtime, widths are chosen from its measured latency table: to
+    ``target_speedup`` or ``target_latency`` ms, else by the ratio or budget snapped to fast
+    widths, and the pruned model is timed against the dense one there before anything is
+    written; one that is not faster is fixed or refused as ``if_slower`` says
+    (:func:`structprune.speed.prune_for_target`).
     Returns the result and the report's figures."""
     out = Path(out)
+    if target is None and (target_speedup is not None or target_latency is not None):
+        raise StructPruneError("a speed target is measured on a runtime: give --target")
+    if target is not None and (steps > 1 or plan is not None or auto):
+        raise StructPruneError("--target chooses the widths itself: it does not combine with "
+                               "--plan, --steps or --auto")
     staging = Path(tempfile.mkdtemp(prefix=".structprune-", dir=writable_parent(out)))
     try:
         start = time.perf_counter()
@@ -108,6 +122,14 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
                                 data, progress, settings)
         elif plan is not None:
             result = prune(model, example_inputs, plan=plan, **settings)
+        elif target is not None:
+            budget = any(settings.get(k) is not None
+                         for k in ("threshold", "macs_budget", "params_budget"))
+            result = prune_for_target(
+                model, example_inputs, target, speedup=target_speedup, latency_ms=target_latency,
+                ratio=None if budget else ratio, round_to=round_to, if_slower=if_slower,
+                exporter="torchscript" if exporter == "auto" else exporter, progress=progress,
+                **settings)
         elif round_to == "auto":
             result = fastest_rounding(model, example_inputs, ratio, batch=tune_batch, **settings)
         else:
