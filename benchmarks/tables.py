@@ -321,6 +321,82 @@ def recovery() -> str:
     return "\n".join(lines)
 
 
+SPEED_VARIANTS = [("structprune", "structprune"), ("structprune_auto", "round_to auto"),
+                  ("structprune_target", "--target ort-cpu"),
+                  ("torch_pruning", "Torch-Pruning"), ("torch_pruning_r8", "TP round_to 8")]
+
+
+def speed_targets() -> str:
+    """Speed-ups over dense on ONNX Runtime CPU by ratio, and speed targets met or not."""
+    data = load("speed_targets_cpu2.json")
+    if not data or not data.get("rows"):
+        return ""
+    m = data["machine"]
+    sizes = sorted({r["size"] for r in data["rows"]})
+    lines = [f"### Pruning to a speed on ONNX Runtime CPU ({m['cpu']}, {m['cores']} cores, "
+             f"onnxruntime {m['onnxruntime']}, batch 1, "
+             f"{'/'.join(f'{s}x{s}' for s in sizes)})", "",
+             "Speed-up over dense, median of the per-round ratios of interleaved rounds (p10-p90 in the JSON); "
+             "in brackets the MACs kept. Bold: slower than dense.", "",
+             "| model | threads | ratio | dense | "
+             + " | ".join(label for _, label in SPEED_VARIANTS) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(SPEED_VARIANTS)]
+    slower = {key: 0 for key, _ in SPEED_VARIANTS}
+    at_least_tp = cells = 0
+    for r in sorted(data["rows"], key=lambda r: (r["model"], r["threads"], r["ratio"])):
+        lat, macs = r["latency"], r["macs"]
+        row = []
+        for key, _ in SPEED_VARIANTS:
+            if key not in lat:
+                row.append("refused")
+                continue
+            s = lat[key]["speedup"]
+            slower[key] += s < 1
+            text = f"{s:.2f}x ({100 * macs[key] / macs['dense']:.0f}%)"
+            row.append(f"**{text}**" if s < 1 else text)
+        if "structprune_target" in lat:
+            cells += 1
+            at_least_tp += lat["structprune_target"]["speedup"] >= lat["torch_pruning"]["speedup"]
+        lines.append(f"| {r['model']} | {r['threads']} | {r['ratio']:.1f} | "
+                     f"{lat['dense']['ms']:.1f} ms | " + " | ".join(row) + " |")
+    n = len(data["rows"])
+    lines += ["", "Cells slower than dense: " + ", ".join(
+        f"{label} {slower[key]} of {n}" for key, label in SPEED_VARIANTS)
+        + f". `--target ort-cpu` at least as fast as Torch-Pruning in {at_least_tp} of {cells}."]
+    targets = data.get("targets", [])
+    if targets:
+        lines += ["", "`--target-speedup X --target ort-cpu`: the speed-up measured in "
+                  "`prune`'s own interleaved pairs (p10-p90), the MACs kept, and the latency "
+                  "model's whole-model prediction (sum over layers, and calibrated on the dense "
+                  "measurement) against the measurement.", "",
+                  "| model | threads | goal | measured (p10-p90) | MACs kept | met | "
+                  "dense predicted / measured | pruned predicted (calibrated) / measured |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|"]
+        for t in sorted(targets, key=lambda t: (t["model"], t["threads"], t["goal"])):
+            if "measured" not in t:
+                best = max(t["attempts"], key=lambda a: a["speedup"]) if t["attempts"] else None
+                got = (f"best {best['speedup']:.2f}x ({best['speedup_p10']:.2f}-"
+                       f"{best['speedup_p90']:.2f})" if best else "-")
+                lines.append(f"| {t['model']} | {t['threads']} | {t['goal']:g}x | {got} | "
+                             f"{100 * best['macs_ratio']:.0f}% | no (refused) | - | - |"
+                             if best else f"| {t['model']} | {t['threads']} | {t['goal']:g}x "
+                             "| - | - | no | - | - |")
+                continue
+            ms, lm = t["measured"], t["latency_model"]
+            lines.append(
+                f"| {t['model']} | {t['threads']} | {t['goal']:g}x | {ms['speedup']:.2f}x "
+                f"({ms['speedup_p10']:.2f}-{ms['speedup_p90']:.2f}) | "
+                f"{100 * t['macs_ratio']:.0f}% | {'yes' if t['met'] else 'no'} | "
+                f"{lm['dense_predicted_ms']:.1f} / {lm['dense_measured_ms']:.1f} ms | "
+                f"{lm['pruned_predicted_ms']:.1f} ({lm['pruned_predicted_calibrated_ms']:.1f})"
+                f" / {lm['pruned_measured_ms']:.1f} ms |")
+    runs = data.get("runs", [])
+    if runs:
+        lines += ["", "Run: " + "; ".join("`python benchmarks/speed_targets.py "
+                                          + " ".join(r["argv"]) + "`" for r in runs) + "."]
+    return "\n".join(lines)
+
+
 def render() -> str:
     gpu = gpu_latency()
     if gpu and (RESULTS / "latency_h100.png").exists():
@@ -333,7 +409,7 @@ def render() -> str:
     cpu = "\n\n".join(t for t in (cpu_latency("latency_ort_cpu2.json", True),
                                    cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
     parts = [pass_time(), capture_paths(), coverage(), gpu,
-             cpu + ("\n\n" + cpu_note if cpu else ""), scale(), criteria_table(), budget(), demo(), recovery()]
+             cpu + ("\n\n" + cpu_note if cpu else ""), speed_targets(), scale(), criteria_table(), budget(), demo(), recovery()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
