@@ -336,7 +336,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     with tqdm(total=steps, desc="structprune", unit="step", file=sys.stderr,
               disable=not sys.stderr.isatty()) as bar:
         def progress(step: str) -> None:  # called as each step starts
-            if step != "prune + verify":
+            if not step.startswith("prune + verify"):
                 bar.update()  # the step before it is done
             bar.set_postfix_str(step)
 

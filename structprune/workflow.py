@@ -128,8 +128,8 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
             result = prune_for_target(
                 model, example_inputs, target, speedup=target_speedup, latency_ms=target_latency,
                 ratio=None if budget else ratio, round_to=round_to, if_slower=if_slower,
-                exporter="torchscript" if exporter == "auto" else exporter, progress=progress,
-                **settings)
+                exporter="torchscript" if exporter == "auto" else exporter,
+                progress=lambda step: progress(f"prune + verify: {step}"), **settings)
         elif round_to == "auto":
             result = fastest_rounding(model, example_inputs, ratio, batch=tune_batch, **settings)
         else:
