@@ -176,7 +176,7 @@ def _user_frame(exc: BaseException) -> str:
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         path = frame.filename.replace("\\", "/")
         if "/torch/" not in path and "/structprune/" not in path:
-            return f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
+            return f"{frame.filename}:{frame.lineno} `{first_line(frame.line or '', 60)}`"
     return "unknown location"
 
 
@@ -288,8 +288,7 @@ def capture(
             try:
                 gm = export_graph(model, example_inputs)
             except CaptureError as export_error:
-                raise CaptureError(f"{fx_error}; the torch.export fallback failed too: "
-                                   f"{export_error}") from export_error
+                raise _both_failed(model, fx_error, export_error) from export_error
             return Capture(model, gm, example_inputs, "export", leaf_types)
         _check_input_count(gm, example_inputs)
         propagate(gm, example_inputs, registry)
@@ -299,6 +298,21 @@ def capture(
             result.other_modes.append(_training_mode(model, example_inputs, leaf_types,
                                                      registry, unused))
     return result
+
+
+def _both_failed(model: nn.Module, fx_error: CaptureError,
+                 export_error: CaptureError) -> CaptureError:
+    """One line for two failures: where each capture stopped and the start of its message."""
+    def where(error: CaptureError) -> str:
+        cause = error.__cause__ or error
+        return f"at {_user_frame(cause)}: {first_line(cause, 100)}"
+
+    stops = f"torch.fx and torch.export both stop {where(fx_error)}" \
+        if where(fx_error) == where(export_error) else \
+        f"torch.fx stops {where(fx_error)}; torch.export stops {where(export_error)}"
+    return CaptureError(
+        f"cannot capture {type(model).__name__}: {stops}. Mark the module that does this as a leaf "
+        "(leaf_modules=[...]) and register a rule for it (--verbose prints the full errors)")
 
 
 def graph_parameters(cap: Capture) -> dict[str, torch.Tensor]:

@@ -189,9 +189,13 @@ def _factory(path: Path, factory: str) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a state dict from safetensors or torch.save (without unpickling objects)."""
+    """Load a state dict from safetensors or torch.save (without unpickling objects), or,
+    into an ultralytics model, the weights of an ultralytics ``.pt`` checkpoint."""
     try:
-        if str(path).endswith(".safetensors"):
+        if type(model).__module__.startswith("ultralytics") and str(path).endswith(".pt") \
+                and Path(path).is_file():
+            state = _ultralytics(str(path), 0).state_dict()
+        elif str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
 
             state = load_file(path)

@@ -80,7 +80,7 @@ CASES = {
     "shape wrong count": (["prune", TINY, "--ratio", "0.5", "--input-shape", "1,3,16,16",
                            "--input-shape", "1,3,16,16"], "example inputs were given"),
     "untraceable": (["prune", f"{DATA}:untraceable", "--ratio", "0.5", "--input-shape",
-                     "1,3,8,8"], "cannot trace"),
+                     "1,3,8,8"], "cannot capture"),
 }
 
 

@@ -79,3 +79,18 @@ class ShapeBranch(nn.Module):
 
 def shape_branch():
     return ShapeBranch()
+
+
+class LongError(nn.Module):
+    """Fails in forward with a message of thousands of characters (a symbolic shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        raise RuntimeError("cannot guard on " + " + ".join(f"s{i}*s{i + 1}" for i in range(900)))
+
+
+def long_error():
+    return LongError()
