@@ -358,14 +358,14 @@ def _choices(analysis: Any, scores: dict[int, np.ndarray], settings: PlanSetting
 def _to_goal(found: _Search, goal_ms: float, calibration: float, attempts: int,
              tolerance: float, attempt: Callable, dense_ms: float,
              ) -> tuple[PruneResult, Speed, bool]:
-    """Search, measure, recalibrate on the measurement and search again, until the measured
-    latency is within ``tolerance`` of the goal; the best attempt (met with the least
-    importance lost, else the fastest) and whether it met the goal."""
+    """Search, measure, correct the prediction by the measurements and search again, until
+    the measured speed-up is within ``tolerance`` of the goal; the best attempt (met with
+    the least importance lost, else the fastest) and whether it met the goal."""
     path = WidthPath(found.choices, found.evaluator)
     tried: dict[tuple, tuple[PruneResult, Speed, Point]] = {}
-    scale = calibration
+    history: list[tuple[float, float]] = []  # (predicted, measured) per attempt
     for _ in range(attempts):
-        point = search(path, goal_ms / scale)
+        point = search(path, _predicted_goal(history, goal_ms, calibration))
         if point is None:  # the path ends above the goal: measure the fastest widths
             point = path.fastest()
         state = tuple(sorted(point.keep.items()))
@@ -373,10 +373,10 @@ def _to_goal(found: _Search, goal_ms: float, calibration: float, attempts: int,
             break
         result, speed = attempt(point.keep, f"goal {goal_ms:.3f} ms")
         tried[state] = (result, speed, point)
+        # in the dense model's milliseconds: the pair's ratio holds when the load drifts
+        history.append((point.ms, dense_ms / speed.speedup))
         if abs(speed.speedup / (dense_ms / goal_ms) - 1) <= tolerance:
             break
-        # the measurement recalibrates the prediction near these widths
-        scale = speed.pruned / point.ms if point.ms > 0 else scale
     met = [(r, s, p) for r, s, p in tried.values()
            if s.speedup >= dense_ms / goal_ms * (1 - tolerance) and s.faster]
     if met:
@@ -386,19 +386,38 @@ def _to_goal(found: _Search, goal_ms: float, calibration: float, attempts: int,
     return result, speed, False
 
 
+def _predicted_goal(history: list[tuple[float, float]], goal_ms: float,
+                    calibration: float) -> float:
+    """The predicted latency to search for so that the measured one meets ``goal_ms``:
+    interpolated between the nearest measured attempts on either side of the goal, else
+    scaled by the nearest attempt's measured-to-predicted ratio (before any, by the dense
+    model's)."""
+    if not history:
+        return goal_ms / calibration
+    above = [h for h in history if h[1] > goal_ms]
+    below = [h for h in history if h[1] <= goal_ms]
+    if above and below:
+        (p1, m1), (p2, m2) = min(above, key=lambda h: h[1]), max(below, key=lambda h: h[1])
+        if m1 > m2:
+            return p2 + (goal_ms - m2) * (p1 - p2) / (m1 - m2)
+    predicted, measured = min(history, key=lambda h: abs(h[1] - goal_ms))
+    return goal_ms * predicted / measured
+
+
 def _fix(found: _Search, start: dict[int, int], slow: Speed, attempt: Callable, attempts: int,
          calibration: float, dense_ms: float, target: Target) -> tuple[PruneResult, Speed]:
     """Narrow a model that measured not faster to fast widths, from where it stands, until
     the measurement says faster; :class:`SlowerError` when that does not happen."""
     path = WidthPath(found.choices, found.evaluator, start=start)
-    scale = slow.pruned / path.points[0].ms if path.points[0].ms > 0 else calibration
+    # measured in the dense model's milliseconds (the pair's ratio), over predicted
+    scale = dense_ms / slow.speedup / path.points[0].ms if path.points[0].ms > 0 else calibration
     speed = slow
     for _ in range(attempts):
         point = search(path, dense_ms / FIX_MARGIN / scale) or path.fastest()
         result, speed = attempt(point.keep, "fix: narrower fast widths")
         if speed.faster:
             return result, speed
-        scale = speed.pruned / point.ms if point.ms > 0 else scale
+        scale = dense_ms / speed.speedup / point.ms if point.ms > 0 else scale
         if point is path.points[-1] and path.done:
             break
     raise SlowerError(f"the pruned model is not faster than dense on {target.describe()} "

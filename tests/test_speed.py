@@ -422,3 +422,12 @@ def test_bench_times_openvino_beside_onnx_runtime(tmp_path):
     assert "openvino-cpu" in bench.markdown(result)
     with pytest.raises(runtimes.RuntimeUnavailable, match="unknown target"):
         runtimes.make_target("onnx")
+
+
+def test_the_prediction_is_corrected_by_the_measurements():
+    """Before any measurement the dense calibration scales the goal; then the attempts on
+    either side of the goal are interpolated, else the nearest one's ratio scales it."""
+    assert speed._predicted_goal([], 40.0, 2.0) == 20.0
+    assert speed._predicted_goal([(50.0, 60.0), (30.0, 40.0)], 50.0, 2.0) == 40.0
+    assert speed._predicted_goal([(50.0, 60.0), (45.0, 58.0)], 30.0, 2.0) == \
+        pytest.approx(30.0 * 45.0 / 58.0)
