@@ -431,3 +431,17 @@ def test_the_prediction_is_corrected_by_the_measurements():
     assert speed._predicted_goal([(50.0, 60.0), (30.0, 40.0)], 50.0, 2.0) == 40.0
     assert speed._predicted_goal([(50.0, 60.0), (45.0, 58.0)], 30.0, 2.0) == \
         pytest.approx(30.0 * 45.0 / 58.0)
+
+
+def test_openvino_target_times_the_model_layers(tmp_path):
+    """Real OpenVINO probes (one-layer ONNX models read from bytes): one table entry per
+    distinct layer of the dense model, keyed by the runtime, and a positive sum."""
+    pytest.importorskip("openvino")
+    target = runtimes.make_target("openvino-cpu", threads=1)
+    model = small_vgg().eval()
+    analysis = sp.analyse(sp.capture(model, (torch.randn(1, 3, 16, 16),)))
+    table = LatencyTable(target, tmp_path, progress=False)
+    lm = LatencyModel(analysis, table)
+    assert lm.predict() > 0
+    assert table.measured == len(lm.layers) == 6  # 4 convs, 2 linear maps
+    assert all("|openvino-cpu|t=1" in key for key in table.entries)
