@@ -93,8 +93,13 @@ def main() -> int:
                     "batch": 1, "runtime": "ort-cpu"})
     threads = [int(t) for t in args.threads.split(",")]
     models = args.models.split(",")
-    results["rows"] = [r for r in results["rows"] if r["model"] not in models]
-    results["targets"] = [r for r in results["targets"] if r["model"] not in models]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    goals = [float(s) for s in args.speedups.split(",")] if args.speedups else []
+    # this run's cells replace earlier ones of the same model, ratio (or goal) and threads
+    results["rows"] = [r for r in results["rows"] if not (
+        r["model"] in models and r["ratio"] in ratios and r["threads"] in threads)]
+    results["targets"] = [r for r in results["targets"] if not (
+        r["model"] in models and r["goal"] in goals and r["threads"] in threads)]
     results.setdefault("runs", []).append({"argv": sys.argv[1:], "size": args.size,
                                            "repeats": args.repeats,
                                            "target_repeats": args.target_repeats})
@@ -104,7 +109,7 @@ def main() -> int:
         for name in models:
             dense = build(name)
             exported: dict[int, Path] = {}
-            for ratio in (float(r) for r in args.ratios.split(",")):
+            for ratio in ratios:
                 t0 = time.perf_counter()
                 base = {"structprune": sp.prune(dense, (x,), ratio, check=False).model,
                         "torch_pruning": tp_prune(dense, x, ratio, None),
@@ -137,7 +142,7 @@ def main() -> int:
                           file=sys.stderr, flush=True)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(results, indent=1) + "\n")
-            for goal in (float(s) for s in args.speedups.split(",")):
+            for goal in goals:
                 for n in threads:
                     t0 = time.perf_counter()
                     target = Target("ort-cpu", n, 1)
