@@ -334,8 +334,8 @@ def speed_targets() -> str:
     m = data["machine"]
     sizes = sorted({r["size"] for r in data["rows"]})
     lines = [f"### Pruning to a speed on ONNX Runtime CPU ({m['cpu']}, {m['cores']} cores, "
-             f"onnxruntime {m['onnxruntime']}, batch 1, "
-             f"{'/'.join(f'{s}x{s}' for s in sizes)})", "",
+             f"onnxruntime {m['onnxruntime']}, batch 1, inputs "
+             f"{' and '.join(f'{s}x{s}' for s in sizes)})", "",
              "Speed-up over dense, median of the per-round ratios of interleaved rounds (p10-p90 in the JSON); "
              "in brackets the MACs kept. Bold: slower than dense.", "",
              "| model | threads | ratio | dense | "
@@ -357,7 +357,7 @@ def speed_targets() -> str:
         if "structprune_target" in lat:
             cells += 1
             at_least_tp += lat["structprune_target"]["speedup"] >= lat["torch_pruning"]["speedup"]
-        lines.append(f"| {r['model']} | {r['threads']} | {r['ratio']:.1f} | "
+        lines.append(f"| {r['model']} {r['size']}px | {r['threads']} | {r['ratio']:.1f} | "
                      f"{lat['dense']['ms']:.1f} ms | " + " | ".join(row) + " |")
     n = len(data["rows"])
     lines += ["", "Cells slower than dense: " + ", ".join(
@@ -390,6 +390,15 @@ def speed_targets() -> str:
                 f"{lm['dense_predicted_ms']:.1f} / {lm['dense_measured_ms']:.1f} ms | "
                 f"{lm['pruned_predicted_ms']:.1f} ({lm['pruned_predicted_calibrated_ms']:.1f})"
                 f" / {lm['pruned_measured_ms']:.1f} ms |")
+    single = load("target_resnet50_speedup2_cpu2.json")
+    if single:
+        cell = single["bench"]["cells"][0]
+        lines += ["", f"`{single['commands'][0]}` then `{single['commands'][1]}`: "
+                  f"{cell['speedup']:.2f}x (p10-p90 {cell['speedup_p10']:.2f}-"
+                  f"{cell['speedup_p90']:.2f}) over dense on {cell['threads']} thread, "
+                  f"{100 * single['macs_ratio']:.1f}% of the MACs kept (prune's own pairs: "
+                  f"{single['target']['measured']['speedup']:.2f}x after "
+                  f"{len(single['target']['attempts'])} measured attempts)."]
     runs = data.get("runs", [])
     if runs:
         lines += ["", "Run: " + "; ".join("`python benchmarks/speed_targets.py "
