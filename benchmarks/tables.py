@@ -194,6 +194,62 @@ def coverage() -> str:
     return "\n".join(lines)
 
 
+FAMILIES = {"ultralytics": "ultralytics YOLOv8 and YOLO11 (detect, segment, pose, classify)",
+            "smp": "segmentation-models-pytorch decoders",
+            "torchvision": "torchvision detection pieces and RAFT"}
+
+
+def coverage_external() -> str:
+    data = load("coverage_external.json")
+    if not data:
+        return ""
+    rows, m = data["rows"], data.get("machine") or {}
+    where = f"{m['cpu']}, {m['cores']} cores" if m.get("cpu") else "CPU"
+    lines = [f"### Outside model zoos: YOLO, segmentation, detection ({data['models']} models, "
+             f"ratio 0.5, exact-only; {where})", "",
+             "Every model has random weights (nothing downloaded) and goes through "
+             "`prune_to_dir` end to end: prune, verify against the masked dense model, export "
+             "dense and pruned ONNX, check ONNX Runtime against torch. YOLO heads are in their "
+             "export form (raw box, class, mask and keypoint tensors); torchvision detectors "
+             "are backbone, FPN and head without transform and post-processing; RAFT runs 4 "
+             "refinement steps. `python benchmarks/coverage_external.py` "
+             "(`tests/test_zoo_external.py` checks the same models).", ""]
+    for family, title in FAMILIES.items():
+        own = [r for r in rows if r["family"] == family]
+        if not own:
+            continue
+        pruned = [r for r in own if r["status"] == "pruned"]
+        text = f"- {title}: {len(pruned)} of {len(own)} pruned"
+        others = [r for r in own if r["status"] != "pruned"]
+        if others:
+            text += "; " + "; ".join(f"{r['model']} {r['status']} ({first_line(r['reason'])})"
+                                     for r in others)
+        lines.append(text)
+    lines += ["", "| model | status | capture | input | MACs kept | groups pruned / blocked "
+              "| verification error | ONNX error | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        size = "x".join(str(d) for d in r["input_shapes"][0][2:])
+        if len(r["input_shapes"]) > 1:
+            size = f"{len(r['input_shapes'])} x {size}"
+        if r["status"] == "pruned":
+            cells = [r["capture"], size, f"{r['macs_ratio']:.1%}",
+                     f"{r['groups_pruned']} / {r['blocked_groups']}",
+                     f"{r['verify_rel_error']:.1e}", f"{r['onnx_rel_error']:.1e}"]
+        else:
+            cells = ["", size, "", "", "", ""]
+        status = r["status"] if r["status"] == "pruned" else \
+            f"{r['status']}: {first_line(r['reason'])}"
+        lines.append(f"| {r['model'].removeprefix('ultralytics:')} | {status} | "
+                     + " | ".join(cells) + f" | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def first_line(text: str, limit: int = 140) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = line.replace("|", "/")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def criteria_table() -> str:
     data = load("criteria_digits.json")
     if not data:
@@ -417,7 +473,7 @@ def render() -> str:
                 "each median.")
     cpu = "\n\n".join(t for t in (cpu_latency("latency_ort_cpu2.json", True),
                                    cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
-    parts = [pass_time(), capture_paths(), coverage(), gpu,
+    parts = [pass_time(), capture_paths(), coverage(), coverage_external(), gpu,
              cpu + ("\n\n" + cpu_note if cpu else ""), speed_targets(), scale(), criteria_table(), budget(), demo(), recovery()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
