@@ -14,16 +14,13 @@ from .analyse import Analysis, analyse
 from .apply import apply_plan, check_plan
 from .capture import Capture, capture
 from .errors import CaptureError, VerificationError
-from .literals import mark, pinned_nodes
+from .literals import settle_literals
 from .plan import Plan, PlanSettings, PruneCost, make_plan, sized_attributes, sliced_params
 from .registry import RuleRegistry
 from .report import count_macs, count_params
 from .score import Importance, score
 from .tree import evaluation, random_inputs
 from .verify import Verification, compare, flatten_outputs, reference_outputs, verify
-
-# re-plannings for literals of an export graph that turn out fixed: one per line of code
-MAX_LITERAL_ROUNDS = 8
 
 
 @dataclass
@@ -102,39 +99,25 @@ def prune(
     t0 = time.perf_counter()
     cap: Capture = capture(model, example_inputs, leaf_modules, registry, capture_method)
     t1 = time.perf_counter()
-    analysis = analyse(cap, registry)
+    analysis = settle_literals(model, analyse(cap, registry), registry)
     t2 = time.perf_counter()
-
-    def plan_for(analysis: Analysis) -> Plan:
+    if plan is None:
         scores = score(analysis, importance, [g for g in analysis.groups if (~g.blocked).any()],
                        data=data, normalize=normalize, seed=seed, batches=calibration_batches)
+        t3 = time.perf_counter()
         budget = settings.mode in ("macs_budget", "params_budget")
-        return make_plan(analysis, scores, settings,
+        plan = make_plan(analysis, scores, settings,
                          cost=PruneCost(analysis, registry) if budget else None)
-
-    if plan is None:
-        plan = plan_for(analysis)
     else:
         check_plan(model, plan)
-    t3 = t4 = time.perf_counter()
+        t3 = time.perf_counter()
+    t4 = time.perf_counter()
 
     dense_figures = {"params_dense": count_params(model), "macs_dense": count_macs(cap, registry)}
     inputs = random_inputs(example_inputs, seed=1)
     t5 = time.perf_counter()
     # with a check, in place happens last, once the plan has been checked on a copy
-    probe_literals = cap.method == "export" and not given_plan
-    pruned = apply_plan(model, plan, inplace=inplace and not check and not probe_literals,
-                        registry=registry)
-    if probe_literals:
-        # the export graph's literals: re-plan while the pruned model shows one that is fixed
-        for _ in range(MAX_LITERAL_ROUNDS):
-            if not mark(cap, pinned_nodes(cap, pruned, registry)):
-                break
-            analysis = analyse(cap, registry)
-            plan = plan_for(analysis)
-            pruned = apply_plan(model, plan, inplace=False, registry=registry)
-        if inplace and not check:
-            pruned = apply_plan(model, plan, inplace=True, registry=registry)
+    pruned = apply_plan(model, plan, inplace=inplace and not check, registry=registry)
     t6 = time.perf_counter()
     timings = {"capture": t1 - t0, "analyse": t2 - t1, "score": t3 - t2, "plan": t4 - t3,
                "apply": t6 - t5}

@@ -1,4 +1,4 @@
-"""Literals of a torch.export graph that do not follow channel counts.
+"""Analysis that holds on torch.export graphs: literals that do not follow channel counts.
 
 torch.export bakes every size and every tensor made from a number into its graph as a
 literal, so one graph cannot tell ``x.view(b, x.shape[1], -1)`` from
@@ -11,9 +11,10 @@ code, so their nodes have the same names):
 - a graph constant whose value changed: a tensor made from a channel count;
 - a line of the model's code that no longer runs: its nodes read a fixed size.
 
-:func:`pinned_nodes` returns those nodes of the dense graph with the reason; the caller marks
-them (``node.meta[PINNED]``) and analyses again: the analysis keeps whole every channel
-axis that a marked node reads.
+:func:`analyse_model` captures and analyses a model; on a torch.export graph it then prunes
+a probe copy (half of every group), finds such nodes (:func:`pinned_nodes`), marks them
+(``node.meta[PINNED]``: the analysis keeps whole every channel axis a marked node reads) and
+analyses again, until the probe shows none. The plan is then made once, on that analysis.
 """
 
 from __future__ import annotations
@@ -25,10 +26,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .analyse import Analysis, analyse
+from .apply import apply_plan
 from .capture import Capture, capture
 from .errors import CaptureError
+from .plan import PlanSettings, make_plan
 from .registry import RuleRegistry
+from .score import score
 from .types import PINNED
+
+# probes of an export graph: each finds the fixed literals of one or more lines of code
+MAX_PROBES = 8
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
@@ -159,4 +167,31 @@ def mark(cap: Capture, pinned: dict[str, str]) -> int:
     return new
 
 
-__all__ = ["mark", "pinned_nodes", "user_frame"]
+def analyse_model(model: nn.Module, example_inputs: Any, leaf_modules: Any = (),
+                  registry: RuleRegistry | None = None, method: str = "auto") -> Analysis:
+    """Capture and analyse ``model``, literals settled (:func:`settle_literals`)."""
+    cap = capture(model, example_inputs, leaf_modules, registry, method)
+    return settle_literals(model, analyse(cap, registry), registry)
+
+
+def settle_literals(model: nn.Module, analysis: Analysis,
+                    registry: RuleRegistry | None = None) -> Analysis:
+    """``analysis`` itself for an fx capture; for a torch.export capture, analysed again
+    until a probe (half of every group pruned) shows no node whose literals do not follow
+    channel counts (see the module doc)."""
+    cap = analysis.capture
+    if cap.method != "export":
+        return analysis
+    for _ in range(MAX_PROBES):
+        groups = [g for g in analysis.groups if (~g.blocked).any()]
+        if not groups:
+            break
+        probe = make_plan(analysis, score(analysis, "l2", groups), PlanSettings(ratio=0.5))
+        if not mark(cap, pinned_nodes(cap, apply_plan(model, probe, registry=registry),
+                                      registry)):
+            break
+        analysis = analyse(cap, registry)
+    return analysis
+
+
+__all__ = ["analyse_model", "mark", "pinned_nodes", "settle_literals", "user_frame"]

@@ -19,11 +19,11 @@ import numpy as np
 import torch.nn as nn
 from tqdm import tqdm
 
-from .analyse import Analysis, Group, analyse
+from .analyse import Analysis, Group
 from .apply import apply_plan
-from .capture import capture
 from .errors import PlanError
 from .evaluate import evaluate
+from .literals import analyse_model
 from .plan import Plan, PlanSettings, PruneCost, sized_attributes, sliced_params
 from .registry import RuleRegistry
 from .score import Importance, score
@@ -140,8 +140,7 @@ def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iter
     measurements (``sensitivity.json``). Other ``prune`` settings are accepted and unused."""
     settings = PlanSettings(macs_budget=macs_budget, ignore=list(ignore), exact_only=exact_only)
     settings.validate()
-    analysis = analyse(capture(model, example_inputs, leaf_modules, registry, capture_method),
-                       registry)
+    analysis = analyse_model(model, example_inputs, leaf_modules, registry, capture_method)
     ignored = {g.index for g in analysis.groups if any(
         fnmatch.fnmatch(name.rpartition(".")[0], pattern) or
         name.startswith(pattern + ".") for pattern in ignore for name, _ in g.members)}

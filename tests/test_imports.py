@@ -16,7 +16,7 @@ ORDER = [
     ["errors", "types", "registry", "tree", "distributed"],
     ["rules", "rules.base", "rules.aten", "rules.elementwise", "rules.layers", "rules.reduce",
      "rules.shape", "rules.zoo"],
-    ["capture"], ["literals"], ["analyse"], ["score"], ["plan"], ["apply"], ["verify"], ["report", "plots"],
+    ["capture"], ["analyse"], ["score"], ["plan"], ["apply"], ["literals"], ["verify"], ["report", "plots"],
     ["export"], ["bench"], ["runtimes"], ["latency"], ["widths"],
     ["data", "evaluate", "models", "train", "sparsity"],
     ["api", "io", "sensitivity", "recover"], ["tune"], ["speed"], ["workflow"], ["cli"],
