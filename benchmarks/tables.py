@@ -211,7 +211,7 @@ def coverage_external() -> str:
              "`prune_to_dir` end to end: prune, verify against the masked dense model, export "
              "dense and pruned ONNX, check ONNX Runtime against torch. YOLO heads are in their "
              "export form (raw box, class, mask and keypoint tensors); torchvision detectors "
-             "are backbone, FPN and head without transform and post-processing; RAFT runs 4 "
+             "are backbone, FPN and head without transform and post-processing; RAFT runs 2 "
              "refinement steps. `python benchmarks/coverage_external.py` "
              "(`tests/test_zoo_external.py` checks the same models).", ""]
     for family, title in FAMILIES.items():

@@ -130,10 +130,10 @@ class MaskHead(nn.Module):
 
 
 class Flow(nn.Module):
-    """RAFT on two images with a few refinement steps (the default is 12; each step is the
-    same recurrent update, so fewer keep the graph the same and the run short)."""
+    """RAFT on two images with two refinement steps (the default is 12; each step is the
+    same recurrent update, so two keep the recurrence and the run short)."""
 
-    def __init__(self, raft: nn.Module, updates: int = 4):
+    def __init__(self, raft: nn.Module, updates: int = 2):
         super().__init__()
         self.raft = raft
         self.updates = updates
@@ -230,14 +230,15 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def prune_case(case: Case, out: str | Path, ratio: float = 0.5):
+def prune_case(case: Case, out: str | Path, ratio: float = 0.5, exporter: str = "auto"):
     """Build ``case`` and prune it end to end into ``out`` (exact-only, both ONNX files and
     the ONNX Runtime check): ``(dense model, inputs, result, figures)``. Raises whatever
     structprune raises."""
     from structprune.workflow import prune_to_dir
 
     model, inputs = build(case)
-    result, figures = prune_to_dir(model, inputs, out, ratio=ratio, exact_only=True)
+    result, figures = prune_to_dir(model, inputs, out, ratio=ratio, exact_only=True,
+                                   exporter=exporter)
     return model, inputs, result, figures
 
 
