@@ -79,7 +79,9 @@ def ort_outputs(path, inputs) -> list[np.ndarray]:
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.name, marks=[pytest.mark.xfail(strict=True, reason=c.known_bug)]
+                 if c.known_bug else []) for c in CASES])
 def test_external_model(case: Case, tmp_path):
     if case.needs:
         pytest.importorskip(PACKAGES[case.needs])
