@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -301,9 +301,6 @@ class Layer:
     dense: LayerShape
     weight_shape: tuple[int, ...]
     axes: tuple[int | None, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"node": self.node, "weight": self.weight, **asdict(self.dense)}
 
 
 class LatencyModel:
