@@ -222,8 +222,10 @@ def coverage_external() -> str:
         text = f"- {title}: {len(pruned)} of {len(own)} pruned"
         others = [r for r in own if r["status"] != "pruned"]
         if others:
-            text += "; " + "; ".join(f"{r['model']} {r['status']} ({first_line(r['reason'])})"
-                                     for r in others)
+            text += "; " + "; ".join(
+                f"{r['model']} {r['status']} ({first_line(r['reason'])})"
+                + (f", an open bug: {r['known_bug']}" if r.get("known_bug") else "")
+                for r in others)
         lines.append(text)
     lines += ["", "| model | status | capture | input | MACs kept | groups pruned / blocked "
               "| verification error | ONNX error | seconds |", "|---|---|---|---|---|---|---|---|---|"]

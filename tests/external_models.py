@@ -271,5 +271,7 @@ def run(case: Case, out: str | Path, ratio: float = 0.5) -> dict[str, Any]:
                    verify_rel_error=verification.get("max_rel_error"),
                    onnx_rel_error=figures.get("onnx_rel_error"),
                    exporter=figures.get("exporter_pruned"))
+    if case.known_bug:
+        row["known_bug"] = case.known_bug
     row["seconds"] = time.perf_counter() - start
     return row
