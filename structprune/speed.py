@@ -31,12 +31,11 @@ import numpy as np
 import torch.nn as nn
 
 from . import bench
-from .analyse import analyse
 from .api import PruneResult, prune
-from .capture import capture
 from .errors import StructPruneError
 from .export import export_onnx
 from .latency import LatencyModel, LatencyTable
+from .literals import analyse_model
 from .plan import (
     PlanSettings,
     PruneCost,
@@ -193,9 +192,9 @@ def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any, targ
     plan_settings.validate()
 
     progress("latency table")
-    cap = capture(model, example_inputs, settings.get("leaf_modules", ()),
-                  settings.get("registry"), settings.get("capture_method", "auto"))
-    analysis = analyse(cap, settings.get("registry"))
+    # the same analysis prune() makes (literals settled on a torch.export capture)
+    analysis = analyse_model(model, example_inputs, settings.get("leaf_modules", ()),
+                             settings.get("registry"), settings.get("capture_method", "auto"))
     scores = score(analysis, settings.get("importance", "l2"),
                    [g for g in analysis.groups if (~g.blocked).any()],
                    data=settings.get("data"), normalize=settings.get("normalize", "mean"),
