@@ -125,10 +125,12 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
         elif target is not None:
             budget = any(settings.get(k) is not None
                          for k in ("threshold", "macs_budget", "params_budget"))
+            # the files written are exported as the ones timed on the target were
+            exporter = "torchscript" if exporter == "auto" else exporter
             result = prune_for_target(
                 model, example_inputs, target, speedup=target_speedup, latency_ms=target_latency,
                 ratio=None if budget else ratio, round_to=round_to, if_slower=if_slower,
-                exporter="torchscript" if exporter == "auto" else exporter,
+                exporter=exporter,
                 progress=lambda step: progress(f"prune + verify: {step}"), **settings)
         elif round_to == "auto":
             result = fastest_rounding(model, example_inputs, ratio, batch=tune_batch, **settings)
