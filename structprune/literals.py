@@ -145,11 +145,68 @@ def pinned_nodes(dense: Capture, pruned: nn.Module,
             continue
         if node.op == "call_function" and _fixed_size(node, twin):
             pinned[node.name] = "a size fixed in the model's code" + _where(node)
+        elif node.op == "call_function" and _float_changed(node, twin):
+            reason = "a number made from a channel count" + _where(node)
+            for reader in [node, *_count_readers(node, twins, _float_changed(node, twin))]:
+                pinned[reader.name] = reason
         elif node.op == "get_attr" and node.target not in own and \
                 _constant_changed(dense.graph_module, again.graph_module, node):
+            before = _attr(dense.graph_module, node.target)
+            after = _attr(again.graph_module, node.target)
+            values = (float(before), float(after)) if before.numel() == 1 == after.numel() \
+                else None
             for user in _downstream(node):
-                pinned[user.name] = "a constant made from a channel count" + _where(user)
+                reason = "a constant made from a channel count" + _where(user)
+                pinned[user.name] = reason
+                for reader in _count_readers(user, twins, values):
+                    pinned[reader.name] = reason
     return pinned
+
+
+def _float_changed(node: fx.Node, twin: fx.Node) -> tuple[float, float] | None:
+    """The first float argument whose value differs in the pruned graph (a float is never a
+    size: it was computed from one, like ``x / C ** 0.5``), as (before, after)."""
+    ours, theirs = [], []
+    fx.node.map_aggregate((node.args, node.kwargs), ours.append)
+    fx.node.map_aggregate((twin.args, twin.kwargs), theirs.append)
+    if len(ours) != len(theirs):
+        return None
+    for a, b in zip(ours, theirs, strict=True):
+        if type(a) is float and type(b) is float and a != b:
+            return a, b
+    return None
+
+
+def _count_readers(node: fx.Node, twins: dict[str, fx.Node],
+                   values: tuple[float, float] | None, limit: int = 40) -> list[fx.Node]:
+    """Nodes upstream of ``node`` that read a tensor whose axis shrank from the count behind
+    ``values`` (the count itself, its square root or its inverse square root) to the pruned
+    one: the channels a number was counted from, even when ``node``'s own input has lost
+    that axis (``matmul(a, b) / sqrt(C)`` contracts C)."""
+    if values is None:
+        return []
+    counts = set()
+    for transform in (lambda v: v, lambda v: v * v, lambda v: 1 / (v * v) if v else 0.0):
+        before, after = transform(values[0]), transform(values[1])
+        if abs(before - round(before)) < 1e-3 and abs(after - round(after)) < 1e-3:
+            counts.add((round(before), round(after)))
+    found, frontier, seen = [], list(node.all_input_nodes), set()
+    while frontier and len(seen) < limit:
+        upstream = frontier.pop(0)
+        if upstream in seen:
+            continue
+        seen.add(upstream)
+        frontier.extend(upstream.all_input_nodes)
+        twin = twins.get(upstream.name)
+        if twin is None:
+            continue
+        for a, b in zip(upstream.all_input_nodes, twin.all_input_nodes, strict=False):
+            before, after = _shape(a), _shape(b)
+            if before and after and len(before) == len(after) and any(
+                    (s, t) in counts for s, t in zip(before, after, strict=True)):
+                found.append(upstream)
+                break
+    return found
 
 
 def _where(node: fx.Node) -> str:

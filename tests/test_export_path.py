@@ -288,3 +288,64 @@ def test_weight_standardised_convs_prune_exactly_on_outputs_approximately_on_inp
     approximate = sp.prune(model, X, 0.5)
     assert group_of(approximate, "0.weight")["kept"] == 8
     assert approximate.verification.approximate_rel_error is not None
+
+
+class Correlation(nn.Module):
+    """RAFT's correlation: the channel count, made a tensor, divides a product that has
+    contracted the channel axis; a side branch stays prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 16, 3, padding=1)
+        self.side = nn.Conv2d(3, 12, 3, padding=1)
+        self.side_head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, a, b):
+        f1, f2 = self.enc(a), self.enc(b)
+        n, c, h, w = f1.shape
+        corr = torch.matmul(f1.view(n, c, h * w).transpose(1, 2), f2.view(n, c, h * w))
+        return corr / torch.sqrt(torch.tensor(c)), self.side_head(self.side(a))
+
+
+def test_a_count_dividing_a_contracted_product_keeps_the_counted_channels():
+    model = randomize(Correlation().eval())
+    inputs = (torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))
+    result = sp.prune(model, inputs, 0.5, exact_only=True)
+    assert result.figures["capture"] == "export"  # fx cannot trace torch.tensor(c)
+    assert result.verification.ok
+    assert group_of(result, "enc.weight")["kept"] == 16
+    assert group_of(result, "side.weight")["kept"] == 6
+
+
+class FloatScale(nn.Module):
+    """``f / C ** 0.5`` with a shape-dependent branch: a float from a channel count."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 16, 3, padding=1)
+        self.side = nn.Conv2d(3, 12, 3, padding=1)
+        self.out = nn.Conv2d(16, 4, 1)
+        self.side_head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        f = self.enc(x)
+        return self.out(f / f.shape[1] ** 0.5) + self.side_head(self.side(x))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_float_made_from_a_channel_count_keeps_its_channels(method):
+    model = randomize(FloatScale().eval())
+    result = sp.prune(model, X, 0.5, exact_only=True, capture_method=method)
+    assert result.verification.ok
+    assert group_of(result, "enc.weight")["kept"] == 16
+    assert group_of(result, "side.weight")["kept"] == 6
+
+
+def test_instance_norm_passes_channels_on_the_export_path():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 16, 3), nn.InstanceNorm2d(16, affine=True),
+                                    nn.ReLU(), nn.Conv2d(16, 4, 1)).eval())
+    for method in ("fx", "export"):
+        result = sp.prune(model, X, 0.5, exact_only=True, capture_method=method)
+        assert group_of(result, "0.weight")["kept"] == 8, method
+        assert result.model[1].weight.shape == (8,)
+        check_against_oracle(model, result)

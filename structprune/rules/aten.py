@@ -99,7 +99,7 @@ def _linear(ctx: RuleContext, input, weight, bias=None):
 
 
 @R.rule(*_overloads("batch_norm", "_native_batch_norm_legit_no_training",
-                        "_native_batch_norm_legit", "native_batch_norm"))
+                        "_native_batch_norm_legit", "native_batch_norm", "instance_norm"))
 def _batch_norm(ctx: RuleContext, input, weight=None, bias=None, running_mean=None,
                 running_var=None, *rest, **kwargs):
     layers.per_channel(ctx, input, [weight, bias, running_mean, running_var])
