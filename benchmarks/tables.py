@@ -474,6 +474,30 @@ def speed_targets() -> str:
     return "\n".join(lines)
 
 
+def yolo_latency() -> str:
+    data = load("yolo_latency_cpu2.json")
+    if not data:
+        return ""
+    m = data["machine"]
+    lines = [f"### YOLO on ONNX Runtime CPU ({m.get('cpu', 'CPU')}, {m.get('cores', '?')} cores, "
+             f"{data['size']}x{data['size']}, batch 1, {data['repeats']} interleaved rounds)", "",
+             "ultralytics' yaml models with random weights, head in export form. *plain*: "
+             "`prune --ratio R`; *--target ort-cpu*: the same ratio with widths snapped to ones "
+             "the measured latency table says are fast, checked never slower than dense "
+             "(`benchmarks/yolo_latency.py`). Speed-up over dense: median of the per-round "
+             "ratios (p10-p90); the 2-thread cells ran beside other work on this 2-core "
+             "machine, hence their spread.", "",
+             "| model | ratio | threads | dense ms | plain: MACs kept, speed-up | "
+             "--target ort-cpu: MACs kept, speed-up |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        t, macs = r["timing"], r["macs_ratio"]
+        cells = [f"{macs[k]:.1%}, {t[k]['speedup']:.2f}x ({t[k]['speedup_p10']:.2f}-"
+                 f"{t[k]['speedup_p90']:.2f})" for k in ("structprune", "structprune_target")]
+        lines.append(f"| {r['model']} | {r['ratio']} | {r['threads']} | "
+                     f"{t['dense']['ms']:.1f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def render() -> str:
     gpu = gpu_latency()
     if gpu and (RESULTS / "latency_h100.png").exists():
@@ -486,7 +510,8 @@ def render() -> str:
     cpu = "\n\n".join(t for t in (cpu_latency("latency_ort_cpu2.json", True),
                                    cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
     parts = [pass_time(), capture_paths(), coverage(), coverage_external(), gpu,
-             cpu + ("\n\n" + cpu_note if cpu else ""), speed_targets(), scale(), criteria_table(), budget(), demo(), recovery()]
+             cpu + ("\n\n" + cpu_note if cpu else ""), speed_targets(), yolo_latency(), scale(),
+             criteria_table(), budget(), demo(), recovery()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
