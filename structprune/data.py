@@ -156,7 +156,8 @@ class _ImageLoader:
         try:
             with open(path, "rb") as handle:
                 return Image.open(handle).convert(self.mode)
-        except (OSError, ValueError, UnidentifiedImageError) as error:
+        # ImportError: a library that wraps Image.open (ultralytics) looks for a plugin
+        except (OSError, ValueError, UnidentifiedImageError, ImportError) as error:
             raise StructPruneError(
                 f"cannot read image {path} ({_one_line(error)}): replace or remove it"
             ) from error
