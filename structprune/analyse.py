@@ -382,11 +382,11 @@ class _Engine:
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         spec = self.capture.values[node.name]
         module = self.modules[node.target] if node.op == "call_module" else None
-        ctx = EngineContext(self, node, module)
         if not tensor_infos((args, kwargs)):
             if isinstance(spec, TensorSpec):  # a tensor made from numbers (torch.tensor(C))
-                pin_counted_channels(ctx)
+                pin_counted_channels(EngineContext(self, node, module))
             return spec_to_info(spec)  # sizes, shape arithmetic, factories
+        ctx = EngineContext(self, node, module)
         if PINNED in node.meta:
             ctx.block(tensor_infos((args, kwargs)), node.meta[PINNED])
         rule = self.registry.rule_for(node, module)

@@ -171,13 +171,25 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any],
     ) from exc
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The innermost frame of the failing call that lies outside torch: the user's code."""
+def is_user_file(path: str) -> bool:
+    """A source file of the user's, not of torch or structprune."""
+    path = path.replace("\\", "/")
+    return "/torch/" not in path and "/structprune/" not in path
+
+
+def innermost_user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of the failing call that lies in the user's code."""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and "/structprune/" not in path:
-            return f"{frame.filename}:{frame.lineno} `{first_line(frame.line or '', 60)}`"
-    return "unknown location"
+        if is_user_file(frame.filename):
+            return frame
+    return None
+
+
+def _user_frame(exc: BaseException) -> str:
+    frame = innermost_user_frame(exc)
+    if frame is None:
+        return "unknown location"
+    return f"{frame.filename}:{frame.lineno} `{first_line(frame.line or '', 60)}`"
 
 
 def trace(model: nn.Module, leaf_types: Iterable[type] = (),

@@ -28,11 +28,12 @@ import torch.nn as nn
 
 from .analyse import Analysis, analyse
 from .apply import apply_plan
-from .capture import Capture, capture
+from .capture import Capture, capture, innermost_user_frame, is_user_file
 from .errors import CaptureError
 from .plan import PlanSettings, make_plan
 from .registry import RuleRegistry
 from .score import score
+from .tree import resolve_target
 from .types import PINNED
 
 # probes of an export graph: each finds the fixed literals of one or more lines of code
@@ -42,29 +43,25 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 
 def user_frame(stack_trace: str | None) -> tuple[str, int] | None:
-    """The innermost frame of a node's ``stack_trace`` that lies outside torch."""
+    """The innermost frame of a node's ``stack_trace`` in the user's code."""
     frames = [(f, int(n)) for f, n in _FRAME.findall(stack_trace or "")]
-    outside = [f for f in frames if "/torch/" not in f[0].replace("\\", "/")
-               and "/structprune/" not in f[0].replace("\\", "/")]
+    outside = [f for f in frames if is_user_file(f[0])]
     return outside[-1] if outside else None
 
 
 def _failing_frame(exc: BaseException) -> tuple[str, int] | None:
-    """The innermost frame outside torch of the error that stopped a capture."""
-    import traceback
-
-    cause: BaseException | None = exc
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    text = "".join(traceback.format_tb(cause.__traceback__))
-    return user_frame(text)
+    """The innermost frame in the user's code of the error that stopped a capture."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    frame = innermost_user_frame(exc)
+    return (frame.filename, frame.lineno) if frame is not None else None
 
 
-def _ints(value: Any) -> list[tuple[int, int]]:
-    """(position, value) of the integer literals among a node's arguments, flattened."""
+def _ints(value: Any) -> list[int]:
+    """The integer literals among a node's arguments, flattened, in order."""
     flat: list[Any] = []
     fx.node.map_aggregate(value, flat.append)
-    return [(i, v) for i, v in enumerate(flat) if type(v) is int]
+    return [v for v in flat if type(v) is int]
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -86,26 +83,20 @@ def _fixed_size(node: fx.Node, twin: fx.Node) -> bool:
     ours, theirs = _ints((node.args, node.kwargs)), _ints((twin.args, twin.kwargs))
     if len(ours) != len(theirs):
         return False
-    return any(v in shrunk and w == v for (_, v), (_, w) in zip(ours, theirs, strict=True))
+    return any(v in shrunk and w == v for v, w in zip(ours, theirs, strict=True))
 
 
-def _constant_changed(dense: fx.GraphModule, pruned: fx.GraphModule, node: fx.Node) -> bool:
-    """A graph constant with another value in the pruned model's graph."""
+def _changed_constant(dense: fx.GraphModule, pruned: fx.GraphModule, node: fx.Node,
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A graph constant with another value in the pruned model's graph, as (before, after)."""
     try:
-        before, after = _attr(dense, node.target), _attr(pruned, node.target)
+        before, after = resolve_target(dense, node.target), resolve_target(pruned, node.target)
     except AttributeError:
-        return False
-    if not isinstance(before, torch.Tensor):
-        return False
-    return not isinstance(after, torch.Tensor) or before.shape != after.shape \
-        or not torch.equal(before, after)
-
-
-def _attr(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
+        return None
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        return None
+    same = before.shape == after.shape and torch.equal(before, after)
+    return None if same else (before, after)
 
 
 def _downstream(node: fx.Node, limit: int = 8) -> list[fx.Node]:
@@ -145,14 +136,13 @@ def pinned_nodes(dense: Capture, pruned: nn.Module,
             continue
         if node.op == "call_function" and _fixed_size(node, twin):
             pinned[node.name] = "a size fixed in the model's code" + _where(node)
-        elif node.op == "call_function" and _float_changed(node, twin):
+        elif node.op == "call_function" and (values := _float_changed(node, twin)):
             reason = "a number made from a channel count" + _where(node)
-            for reader in [node, *_count_readers(node, twins, _float_changed(node, twin))]:
+            for reader in [node, *_count_readers(node, twins, values)]:
                 pinned[reader.name] = reason
         elif node.op == "get_attr" and node.target not in own and \
-                _constant_changed(dense.graph_module, again.graph_module, node):
-            before = _attr(dense.graph_module, node.target)
-            after = _attr(again.graph_module, node.target)
+                (constants := _changed_constant(dense.graph_module, again.graph_module, node)):
+            before, after = constants
             values = (float(before), float(after)) if before.numel() == 1 == after.numel() \
                 else None
             for user in _downstream(node):
