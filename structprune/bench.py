@@ -85,8 +85,8 @@ def interleaved(dense: Runner, pruned: Runner, **timing: Any) -> tuple[list[floa
     return d_ms, p_ms
 
 
-def ort_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]], threads: int | None,
-                provider: str) -> Runner:
+def _ort_session(path: Path | bytes, threads: int | None, provider: str,
+                 profile_prefix: str | None = None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -94,18 +94,65 @@ def ort_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]], 
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     try:
-        session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
-                                       providers=[provider])
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                    providers=[provider])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types for a bad file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         what = "a model given as bytes" if isinstance(path, bytes) else path
         raise StructPruneError(f"ONNX Runtime cannot load {what} ({first}): export it again "
                                "with `structprune prune`") from exc
+
+
+def _random_feeds(names: Sequence[str], batch: int,
+                  shapes: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    feeds = {i.name: rng.standard_normal((batch, *shape[1:])).astype(np.float32)
-             for i, shape in zip(session.get_inputs(), shapes, strict=False)}
+    return {name: rng.standard_normal((batch, *shape[1:])).astype(np.float32)
+            for name, shape in zip(names, shapes, strict=False)}
+
+
+def ort_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]], threads: int | None,
+               provider: str) -> Runner:
+    session = _ort_session(path, threads, provider)
+    feeds = _random_feeds([i.name for i in session.get_inputs()], batch, shapes)
     return lambda: session.run(None, feeds)
+
+
+# Nodes a runtime adds around a model to convert between the plain layout of its inputs and
+# outputs and its blocked one; a layer inside a model does not pay them.
+LAYOUT_NODES = frozenset({"ReorderInput", "ReorderOutput", "Reorder"})
+
+
+def ort_kernel_ms(model: Path | bytes, batch: int, shapes: Sequence[Sequence[int]],
+                  threads: int | None, provider: str, runs: int,
+                  before_run: Callable[[], None] = lambda: None) -> list[float]:
+    """Per run, the milliseconds ONNX Runtime's profiler gives the model's compute nodes:
+    the call's own overhead and layout reorders (:data:`LAYOUT_NODES`) left out.
+    ``before_run`` is called before every run, outside the timed part."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="structprune-profile-") as tmp:
+        session = _ort_session(model, threads, provider, str(Path(tmp) / "run"))
+        feeds = _random_feeds([i.name for i in session.get_inputs()], batch, shapes)
+        for _ in range(runs):
+            before_run()
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    calls = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") == "Session" and e.get("name") == "model_run")
+    per_call = [0.0] * len(calls)
+    starts = [start for start, _ in calls]
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") \
+                or e.get("args", {}).get("op_name") in LAYOUT_NODES:
+            continue
+        i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
+        if 0 <= i < len(calls) and e["ts"] <= calls[i][1]:
+            per_call[i] += e["dur"] / 1e3
+    return per_call
 
 
 def openvino_available() -> bool:
@@ -116,9 +163,8 @@ def openvino_available() -> bool:
     return True
 
 
-def openvino_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]],
-                    threads: int | None) -> Runner:
-    """OpenVINO on the CPU, compiled for latency at this batch size (static shapes)."""
+def _openvino_request(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]],
+                      threads: int | None, profile: bool = False) -> tuple[Any, dict]:
     import openvino as ov
 
     core = ov.Core()
@@ -133,12 +179,37 @@ def openvino_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[in
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    if profile:
+        config["PERF_COUNT"] = True
     compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-    rng = np.random.default_rng(0)
-    feeds = {port.get_any_name(): rng.standard_normal((batch, *shape[1:])).astype(np.float32)
-             for port, shape in zip(compiled.inputs, shapes, strict=False)}
+    feeds = _random_feeds([port.get_any_name() for port in compiled.inputs], batch, shapes)
+    return compiled.create_infer_request(), feeds
+
+
+def openvino_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]],
+                    threads: int | None) -> Runner:
+    """OpenVINO on the CPU, compiled for latency at this batch size (static shapes)."""
+    request, feeds = _openvino_request(path, batch, shapes, threads)
     return lambda: request.infer(feeds)
+
+
+def openvino_kernel_ms(model: Path | bytes, batch: int, shapes: Sequence[Sequence[int]],
+                       threads: int | None, runs: int,
+                       before_run: Callable[[], None] = lambda: None) -> list[float]:
+    """Per run, the milliseconds OpenVINO's performance counters give the executed compute
+    nodes, layout reorders (:data:`LAYOUT_NODES`) left out; as :func:`ort_kernel_ms`."""
+    import openvino as ov
+
+    request, feeds = _openvino_request(model, batch, shapes, threads, profile=True)
+    times = []
+    for _ in range(runs):
+        before_run()
+        request.infer(feeds)
+        times.append(sum(info.real_time.total_seconds() * 1e3
+                         for info in request.get_profiling_info()
+                         if info.status == ov.ProfilingInfo.Status.EXECUTED
+                         and info.node_type not in LAYOUT_NODES))
+    return times
 
 
 def ort_cells(dense: Path, pruned: Path, shapes: Sequence[Sequence[int]], batches: Sequence[int],

@@ -90,6 +90,18 @@ class Target:
         return bench.ort_runner(source, self.batch, shapes, self.cpu_threads,
                                 _PROVIDERS[self.runtime])
 
+    def onnx_kernel_ms(self, model: Path | bytes, shapes: Sequence[Sequence[int]], runs: int,
+                       before_run: Callable[[], None] = lambda: None) -> list[float]:
+        """Per run of the ONNX ``model``, the milliseconds this CPU runtime's own profiler
+        gives its compute nodes (without the call overhead and layout reorders)."""
+        if self.runtime == "openvino-cpu":
+            return bench.openvino_kernel_ms(model, self.batch, shapes, self.cpu_threads, runs,
+                                            before_run)
+        if self.runtime != "ort-cpu":
+            raise ValueError(f"{self.runtime} has no kernel timer; time it by the wall clock")
+        return bench.ort_kernel_ms(model, self.batch, shapes, self.cpu_threads,
+                                   _PROVIDERS[self.runtime], runs, before_run)
+
     def torch_runner(self, model: Any, shapes: Sequence[Sequence[int]]) -> bench.Runner:
         """A CUDA-graph replay of a copy of ``model`` on this target's dtype, channels_last."""
         import torch

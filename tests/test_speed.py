@@ -124,6 +124,40 @@ def test_a_real_probe_times_the_layer_alone():
     assert latency.probe_ms(ORT1, probe, CONV) > 0
 
 
+def _conv_chain_onnx(n: int) -> bytes:
+    """``n`` 32-channel 3x3 convolutions with ReLU, one after another, at 32x32."""
+    chain = nn.Sequential(*[m for _ in range(n) for m in (nn.Conv2d(32, 32, 3, padding=1),
+                                                           nn.ReLU())]).eval()
+    import io
+
+    buffer = io.BytesIO()
+    torch.onnx.export(chain, (torch.randn(1, 32, 32, 32),), buffer, dynamo=False,
+                      input_names=["x"], opset_version=17)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("runtime", ["ort-cpu", "openvino-cpu"])
+def test_kernel_times_count_the_layers_work_only(runtime):
+    """The profiler's kernel time of a chain of four convolutions is about four times that of
+    one (the call overhead and layout reorders, paid once per call, are left out); one
+    convolution's kernel time is below its wall-clock time; ``before_run`` runs before each
+    run."""
+    if runtime == "openvino-cpu":
+        pytest.importorskip("openvino")
+    target = Target(runtime, threads=1)
+    shapes = [(1, 32, 32, 32)]
+    calls = []
+    one = np.median(target.onnx_kernel_ms(_conv_chain_onnx(1), shapes, 30,
+                                          lambda: calls.append(1))[5:])
+    four = np.median(target.onnx_kernel_ms(_conv_chain_onnx(4), shapes, 30)[5:])
+    assert len(calls) == 30
+    assert 3.0 < four / one < 5.0, (one, four)
+    wall = latency.time_runner(target.onnx_runner(_conv_chain_onnx(1), shapes), min_runs=30)
+    assert one < wall, (one, wall)
+    with pytest.raises(ValueError, match="wall clock"):
+        Target("ort-cuda").onnx_kernel_ms(_conv_chain_onnx(1), shapes, 1)
+
+
 # the latency model: layer shapes at a removal are the pruned modules' shapes
 
 
