@@ -126,7 +126,12 @@ class ShapePropagation(fx.Interpreter):
 
 
 def _as_meta(value: Any) -> Any:
-    return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
+    """A meta tensor of ``value``'s shape, strides and dtype (other values as they are).
+    ``empty_strided``, not ``empty_like``: on meta, empty_like goes through Python reference
+    code, about 250 us a call, a quarter of capturing ResNet-50."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
 
 
 class _Propagate(nn.Module):
@@ -155,7 +160,7 @@ def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any],
         for meta in (True, False):
             runner.meta = meta
             stand_ins: dict[int, torch.Tensor] = {}  # one per tensor: tied weights stay tied
-            swapped = {k: stand_ins.setdefault(id(v), torch.empty_like(v, device="meta") if meta
+            swapped = {k: stand_ins.setdefault(id(v), _as_meta(v) if meta
                                                else v if isinstance(v, nn.Parameter)
                                                else v.clone())
                        for k, v in state.items()}
