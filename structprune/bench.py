@@ -28,6 +28,30 @@ from .errors import StructPruneError
 
 Runner = Callable[[], None]
 
+# How long a CPU runtime's idle worker threads keep spinning after a run. ONNX Runtime's do for
+# tens of milliseconds, and on a machine with no more cores than threads they take the CPU from
+# the next model timed: MobileNetV2 on 2 threads ran in 4.3 ms alone, 8.4 ms beside one
+# other session and 24 ms beside five; with this pause between them, 5.7 ms beside five.
+SPIN_SETTLE_S = 0.05
+
+
+@dataclass
+class SessionRunner:
+    """One model loaded on a runtime, run by calling it. ``settle_s``: the untimed pause
+    that interleaved timing leaves after it before running another model, while its worker
+    threads stop spinning (:data:`SPIN_SETTLE_S` for ONNX Runtime on several CPU threads;
+    OpenVINO's workers cost the next model about 15% at most, and a pause cost it more)."""
+
+    run: Callable[[], Any]
+    settle_s: float = 0.0
+
+    def __call__(self) -> Any:
+        return self.run()
+
+
+def _settle(threads: int | None) -> float:
+    return 0.0 if threads == 1 else SPIN_SETTLE_S
+
 
 @dataclass
 class Cell:
@@ -60,7 +84,9 @@ def interleaved_many(runners: Sequence[Runner], warmup: int = 2, repeats: int = 
                      max_seconds: float = 30.0, min_repeats: int = 3,
                      clock: Callable[[], float] = time.perf_counter,
                      sync: Callable[[], None] = lambda: None) -> list[list[float]]:
-    """Time the runners in turn, reversing the order every round; ms per call for each."""
+    """Time the runners in turn, reversing the order every round; ms per call for each.
+    Before a runner follows another, the other's ``settle_s`` (see :class:`SessionRunner`)
+    passes untimed."""
     for _ in range(warmup):
         for fn in runners:
             fn()
@@ -68,8 +94,13 @@ def interleaved_many(runners: Sequence[Runner], warmup: int = 2, repeats: int = 
     times: list[list[float]] = [[] for _ in runners]
     order = list(range(len(runners)))
     start = clock()
+    last: int | None = None
     for i in range(repeats):
         for k in order if i % 2 == 0 else order[::-1]:
+            settle = getattr(runners[last], "settle_s", 0.0) if last not in (None, k) else 0.0
+            if settle:
+                time.sleep(settle)
+            last = k
             t = clock()
             runners[k]()
             sync()
@@ -118,7 +149,8 @@ def ort_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]], 
                provider: str) -> Runner:
     session = _ort_session(path, threads, provider)
     feeds = _random_feeds([i.name for i in session.get_inputs()], batch, shapes)
-    return lambda: session.run(None, feeds)
+    cpu = provider == "CPUExecutionProvider"
+    return SessionRunner(lambda: session.run(None, feeds), _settle(threads) if cpu else 0.0)
 
 
 # Nodes a runtime adds around a model to convert between the plain layout of its inputs and
@@ -190,7 +222,7 @@ def openvino_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[in
                     threads: int | None) -> Runner:
     """OpenVINO on the CPU, compiled for latency at this batch size (static shapes)."""
     request, feeds = _openvino_request(path, batch, shapes, threads)
-    return lambda: request.infer(feeds)
+    return SessionRunner(lambda: request.infer(feeds))  # a pause made OpenVINO slower
 
 
 def openvino_kernel_ms(model: Path | bytes, batch: int, shapes: Sequence[Sequence[int]],

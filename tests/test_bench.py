@@ -22,6 +22,38 @@ def test_interleaving_alternates_and_times_each_call():
     assert d_ms == pytest.approx([1.0] * 4) and p_ms == pytest.approx([1.0] * 4)
 
 
+def test_a_spinning_runner_settles_untimed_before_another_runs():
+    """After a runner with ``settle_s``, the next *other* runner starts that much later, and
+    the pause is in no one's time; the same runner twice in a row (a round's turn) waits not."""
+    import time
+
+    starts = []
+    dense = bench.SessionRunner(lambda: starts.append(("d", time.perf_counter())), 0.03)
+    pruned = bench.SessionRunner(lambda: starts.append(("p", time.perf_counter())))
+    d_ms, p_ms = bench.interleaved(dense, pruned, warmup=0, repeats=4)
+    # order d p | p d | d p | p d
+    gaps = [(a[0], b[0], b[1] - a[1]) for a, b in itertools.pairwise(starts)]
+    assert [g for g in gaps if g[:2] == ("d", "p")] and \
+        all(gap >= 0.03 for a, b, gap in gaps if (a, b) == ("d", "p"))
+    assert all(gap < 0.03 for a, b, gap in gaps if a == b or (a, b) == ("p", "d"))
+    assert max(d_ms + p_ms) < 30
+
+
+def test_onnx_runtime_on_several_threads_settles():
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),), buffer,
+                      dynamo=False)
+    shapes = [(1, 3, 8, 8)]
+    one = bench.ort_runner(buffer.getvalue(), 1, shapes, 1, "CPUExecutionProvider")
+    two = bench.ort_runner(buffer.getvalue(), 1, shapes, 2, "CPUExecutionProvider")
+    assert one.settle_s == 0 and two.settle_s == bench.SPIN_SETTLE_S
+    assert two()[0].shape == (1, 4, 6, 6)
+
+
 def test_time_budget_stops_after_the_minimum():
     ticks = itertools.count()
     d_ms, _ = bench.interleaved(lambda: None, lambda: None, warmup=0, repeats=50,
