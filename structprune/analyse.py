@@ -22,6 +22,7 @@ The engine knows no op by name: everything op-specific is in the rule registry.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -401,6 +402,34 @@ class _Engine:
             return spec_to_info(ctx.output)
 
 
+def _touch_table(reps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every component the representatives touch, in order of first appearance (along the
+    representatives, then their positions), with a row of the representatives it touches
+    (ascending, padded with -1) and its fewest slots in one of them.
+
+    Vectorised over the (representative, component) pairs: a Python step per pair took about
+    15% of ResNet-50's whole pass."""
+    parts = [np.unique(comps, return_index=True, return_counts=True) for comps in reps]
+    if not any(values.size for values, _, _ in parts):
+        empty = np.zeros(0, np.int64)
+        return empty, np.zeros((0, 1), np.int64), empty
+    offsets = np.cumsum([0] + [comps.size for comps in reps])
+    comp = np.concatenate([values for values, _, _ in parts])
+    rep = np.concatenate([np.full(v.size, r) for r, (v, _, _) in enumerate(parts)])
+    count = np.concatenate([counts for _, _, counts in parts])
+    seen = np.concatenate([first + offsets[r] for r, (_, first, _) in enumerate(parts)])
+    order = np.lexsort((rep, comp))
+    comp, rep, count, seen = comp[order], rep[order], count[order], seen[order]
+    starts = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1]])
+    n_touched = np.diff(np.r_[starts, comp.size])
+    touches = np.full((starts.size, n_touched.max()), -1, np.int64)
+    touches[np.repeat(np.arange(starts.size), n_touched),
+            np.arange(comp.size) - np.repeat(starts, n_touched)] = rep
+    fewest = np.minimum.reduceat(count, starts)
+    appearance = np.argsort(np.minimum.reduceat(seen, starts), kind="stable")
+    return comp[starts][appearance], touches[appearance], fewest[appearance]
+
+
 def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
     """Group components by the set of parameter dimensions they touch.
 
@@ -437,35 +466,22 @@ def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
             reps.append(comps)
         rep_of[key] = rep
 
-    # for each component in order of first appearance: the representatives it touches, and
-    # its fewest slots in one of them
-    touched: dict[int, list[int]] = {}
-    fewest: dict[int, int] = {}
-    for rep, comps in enumerate(reps):
-        values, first, counts = np.unique(comps, return_index=True, return_counts=True)
-        order = np.argsort(first, kind="stable")
-        for comp, count in zip(values[order].tolist(), counts[order].tolist(), strict=True):
-            if comp in touched:
-                touched[comp].append(rep)
-                fewest[comp] = min(fewest[comp], count)
-            else:
-                touched[comp] = [rep]
-                fewest[comp] = count
-
-    group_of: dict[tuple[int, ...], int] = {}
-    units: list[list[int]] = []
-    widths: list[int] = []
+    comps, touches, fewest = _touch_table(reps)
+    comps, touches, fewest = comps[listed[comps]], touches[listed[comps]], fewest[listed[comps]]
+    # components touching the same representatives form one group, numbered by appearance
+    _, first_of_group, group_of_row = np.unique(touches, axis=0, return_index=True,
+                                                return_inverse=True)
+    rank = np.empty(first_of_group.size, np.int64)
+    rank[np.argsort(first_of_group, kind="stable")] = np.arange(first_of_group.size)
+    group_of_row = rank[group_of_row.reshape(-1)]
     group_of_comp = np.full(n_comp, -1, np.int64)
-    for comp, touches in touched.items():
-        if not listed[comp]:
-            continue
-        g = group_of.setdefault(tuple(touches), len(units))
-        if g == len(units):
-            units.append([])
-            widths.append(fewest[comp])
-        units[g].append(comp)
-        widths[g] = min(widths[g], fewest[comp])
-        group_of_comp[comp] = g
+    group_of_comp[comps] = group_of_row
+    by_group = np.argsort(group_of_row, kind="stable")  # appearance order within a group
+    bounds = np.searchsorted(group_of_row[by_group], np.arange(first_of_group.size + 1))
+    units = [comps[by_group[a:b]].tolist() for a, b in itertools.pairwise(bounds.tolist())]
+    widths = np.minimum.reduceat(fewest[by_group], bounds[:-1]).tolist() if units else []
+    group_of = {tuple(int(r) for r in touches[i] if r >= 0): g
+                for g, i in enumerate(np.sort(first_of_group).tolist())}
 
     reasons: list[dict[str, list[str]]] = [defaultdict(list) for _ in units]
     for comps, kind, reason, node in records:
