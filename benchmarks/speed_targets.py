@@ -93,7 +93,7 @@ def main() -> int:
                     "batch": 1, "runtime": "ort-cpu"})
     threads = [int(t) for t in args.threads.split(",")]
     models = args.models.split(",")
-    ratios = [float(r) for r in args.ratios.split(",")]
+    ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else []
     goals = [float(s) for s in args.speedups.split(",")] if args.speedups else []
     # this run's cells replace earlier ones of the same model, ratio (or goal) and threads
     results["rows"] = [r for r in results["rows"] if not (

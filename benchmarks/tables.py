@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 START, END = "<!-- tables:start -->", "<!-- tables:end -->"
@@ -384,6 +386,28 @@ SPEED_VARIANTS = [("structprune", "structprune"), ("structprune_auto", "round_to
                   ("torch_pruning", "Torch-Pruning"), ("torch_pruning_r8", "TP round_to 8")]
 
 
+def prediction_errors(rows: list[dict]) -> list[str]:
+    """The latency model's whole-model prediction (the plain sum over layers, no calibration)
+    against the measurement, per model and thread count, over the ratio cells."""
+    lines = ["The latency model's prediction of the whole model (sum of the table's layer "
+             "times, not calibrated) against `prune`'s own measurement, over the ratio cells "
+             "above: median and largest error.", "",
+             "| model | threads | dense: median (largest) error | pruned: median (largest) "
+             "error | cells |", "|---|---:|---:|---:|---:|"]
+    by: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if "target_latency_model" in r:
+            by.setdefault((r["model"], r["threads"]), []).append(r["target_latency_model"])
+    for (model, threads), found in sorted(by.items()):
+        cols = []
+        for key in ("dense_error", "pruned_error"):
+            errors = np.array([f[key] for f in found])
+            worst = errors[np.argmax(np.abs(errors))]
+            cols.append(f"{100 * np.median(errors):+.0f}% ({100 * worst:+.0f}%)")
+        lines.append(f"| {model} | {threads} | {cols[0]} | {cols[1]} | {len(found)} |")
+    return lines
+
+
 def speed_targets() -> str:
     """Speed-ups over dense on ONNX Runtime CPU by ratio, and speed targets met or not."""
     data = load("speed_targets_cpu2.json")
@@ -431,6 +455,7 @@ def speed_targets() -> str:
         + f". `--target ort-cpu` at least as fast as Torch-Pruning in {at_least_tp} of {cells} "
         f"cells, and in {dominates} of them while keeping at least as many MACs (within 2 "
         "points of the dense model's)."]
+    lines += ["", *prediction_errors(data["rows"])]
     targets = data.get("targets", [])
     if targets:
         lines += ["", "`--target-speedup X --target ort-cpu`: the speed-up measured in "

@@ -364,7 +364,7 @@ def _to_goal(found: _Search, goal_ms: float, calibration: float, attempts: int,
     tried: dict[tuple, tuple[PruneResult, Speed, Point]] = {}
     history: list[tuple[float, float]] = []  # (predicted, measured) per attempt
     for _ in range(attempts):
-        point = search(path, _predicted_goal(history, goal_ms, calibration))
+        point = search(path, _predicted_goal(history, goal_ms, calibration, tolerance))
         if point is None:  # the path ends above the goal: measure the fastest widths
             point = path.fastest()
         state = tuple(sorted(point.keep.items()))
@@ -386,11 +386,13 @@ def _to_goal(found: _Search, goal_ms: float, calibration: float, attempts: int,
 
 
 def _predicted_goal(history: list[tuple[float, float]], goal_ms: float,
-                    calibration: float) -> float:
+                    calibration: float, step: float = 0.05) -> float:
     """The predicted latency to search for so that the measured one meets ``goal_ms``:
     interpolated between the nearest measured attempts on either side of the goal, else
     scaled by the nearest attempt's measured-to-predicted ratio (before any, by the dense
-    model's)."""
+    model's). While every attempt missed on one side, it asks for at least ``step`` beyond
+    the nearest of them, so that a noisy measurement cannot send the search back to
+    widths already measured."""
     if not history:
         return goal_ms / calibration
     above = [h for h in history if h[1] > goal_ms]
@@ -400,7 +402,12 @@ def _predicted_goal(history: list[tuple[float, float]], goal_ms: float,
         if m1 > m2:
             return p2 + (goal_ms - m2) * (p1 - p2) / (m1 - m2)
     predicted, measured = min(history, key=lambda h: abs(h[1] - goal_ms))
-    return goal_ms * predicted / measured
+    want = goal_ms * predicted / measured
+    if above and not below:  # all too slow: narrower than the narrowest tried
+        want = min(want, min(p for p, _ in above) * (1 - step))
+    if below and not above:  # all faster than needed: wider than the widest tried
+        want = max(want, max(p for p, _ in below) * (1 + step))
+    return want
 
 
 def _fix(found: _Search, start: dict[int, int], slow: Speed, attempt: Callable, attempts: int,

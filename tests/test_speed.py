@@ -465,6 +465,15 @@ def test_the_prediction_is_corrected_by_the_measurements():
     assert speed._predicted_goal([(50.0, 60.0), (30.0, 40.0)], 50.0, 2.0) == 40.0
     assert speed._predicted_goal([(50.0, 60.0), (45.0, 58.0)], 30.0, 2.0) == \
         pytest.approx(30.0 * 45.0 / 58.0)
+    # ResNet-50 on 2 threads asked for 1.25x (34.9 ms): the narrower second attempt measured
+    # slower by noise, and the nearest attempt's ratio sent the search back to the first
+    # widths. While all attempts are too slow it asks for narrower than the narrowest.
+    history = [(39.54, 37.3), (35.76, 39.0)]
+    assert 34.9 * 39.54 / 37.3 > 35.76  # the plain rule would go back
+    assert speed._predicted_goal(history, 34.9, 1.0, 0.05) == pytest.approx(35.76 * 0.95)
+    # all faster than needed: wider than the widest tried
+    assert speed._predicted_goal([(20.0, 18.0), (22.0, 16.0)], 30.0, 1.0, 0.05) == \
+        pytest.approx(max(30.0 * 20.0 / 18.0, 22.0 * 1.05))
 
 
 def test_openvino_target_times_the_model_layers(tmp_path):
