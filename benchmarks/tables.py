@@ -388,23 +388,27 @@ SPEED_VARIANTS = [("structprune", "structprune"), ("structprune_auto", "round_to
 
 def prediction_errors(rows: list[dict]) -> list[str]:
     """The latency model's whole-model prediction (the plain sum over layers, no calibration)
-    against the measurement, per model and thread count, over the ratio cells."""
-    lines = ["The latency model's prediction of the whole model (sum of the table's layer "
-             "times, not calibrated) against `prune`'s own measurement, over the ratio cells "
-             "above: median and largest error.", "",
-             "| model | threads | dense: median (largest) error | pruned: median (largest) "
-             "error | cells |", "|---|---:|---:|---:|---:|"]
+    against `prune`'s measurements, per model and thread count, over the ratio cells."""
+    lines = ["The latency model's prediction of the whole model (the sum of the table's layer "
+             "times, not calibrated) against `prune`'s own measurements in the ratio cells "
+             "above. Dense: one prediction, measured once per cell (median and p10-p90 over "
+             "the cells). Pruned: the error of each cell's prediction (median and p10-p90).", "",
+             "| model | threads | dense predicted | dense measured (p10-p90) | error | "
+             "pruned error (p10-p90) | cells |", "|---|---:|---:|---:|---:|---:|---:|"]
     by: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
         if "target_latency_model" in r:
             by.setdefault((r["model"], r["threads"]), []).append(r["target_latency_model"])
     for (model, threads), found in sorted(by.items()):
-        cols = []
-        for key in ("dense_error", "pruned_error"):
-            errors = np.array([f[key] for f in found])
-            worst = errors[np.argmax(np.abs(errors))]
-            cols.append(f"{100 * np.median(errors):+.0f}% ({100 * worst:+.0f}%)")
-        lines.append(f"| {model} | {threads} | {cols[0]} | {cols[1]} | {len(found)} |")
+        measured = np.array([f["dense_measured_ms"] for f in found])
+        predicted = found[0]["dense_predicted_ms"]
+        pruned = np.array([f["pruned_error"] for f in found])
+        lines.append(
+            f"| {model} | {threads} | {predicted:.1f} ms | {np.median(measured):.1f} ms "
+            f"({np.percentile(measured, 10):.1f}-{np.percentile(measured, 90):.1f}) | "
+            f"{100 * (predicted / np.median(measured) - 1):+.0f}% | "
+            f"{100 * np.median(pruned):+.0f}% ({100 * np.percentile(pruned, 10):+.0f}% to "
+            f"{100 * np.percentile(pruned, 90):+.0f}%) | {len(found)} |")
     return lines
 
 
