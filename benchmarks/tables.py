@@ -177,6 +177,53 @@ def plot_gpu_latency(path: Path) -> bool:
     return True
 
 
+def plot_speed_targets(path: Path) -> bool:
+    """Speed-up over dense against the MACs kept, one panel per model and thread count: every
+    variant of the ratio cells, and the speed goals' results."""
+    data = load("speed_targets_cpu2.json")
+    if not data or not data.get("rows"):
+        return False
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in data["rows"]})
+    threads = sorted({r["threads"] for r in data["rows"]})
+    fig, axes = plt.subplots(len(threads), len(models), figsize=(4.2 * len(models),
+                                                                3.4 * len(threads)),
+                             squeeze=False)
+    for i, n in enumerate(threads):
+        for j, model in enumerate(models):
+            ax = axes[i][j]
+            rows = [r for r in data["rows"] if r["model"] == model and r["threads"] == n]
+            for key, label in SPEED_VARIANTS:
+                points = sorted((r["macs"][key] / r["macs"]["dense"], r["latency"][key]["speedup"])
+                                for r in rows if key in r["latency"])
+                ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=label,
+                        lw=2.2 if key == "structprune_target" else 1.0)
+            goals = [(t["macs_ratio"], t["measured"]["speedup"]) for t in data.get("targets", [])
+                     if t["model"] == model and t["threads"] == n and "measured" in t]
+            if goals:
+                ax.scatter(*zip(*goals, strict=True), marker="*", s=70, color="black", zorder=5,
+                           label="--target-speedup goals")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_yticks([0.5, 1, 2, 4, 8, 16])
+            ax.invert_xaxis()
+            ax.set_title(f"{model}, ONNX Runtime CPU, {n} thread{'s' * (n > 1)}", fontsize=9)
+            ax.set_xlabel("MACs kept (fraction of dense)")
+            ax.set_ylabel("speed-up over dense")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def coverage() -> str:
     data = load("coverage_torchvision.json")
     if not data:
@@ -536,10 +583,14 @@ def render() -> str:
                 "16-thread cells were noisy on the GPU host (dense ResNet-50 ran slower on 16 "
                 "threads than on 1), which is why `structprune bench` reports p10-p90 beside "
                 "each median.")
+    speed = speed_targets()
+    if speed and (RESULTS / "speed_targets_cpu2.png").exists():
+        speed += ("\n\n![speed-up against MACs kept on ONNX Runtime CPU]"
+                  "(benchmarks/results/speed_targets_cpu2.png)")
     cpu = "\n\n".join(t for t in (cpu_latency("latency_ort_cpu2.json", True),
                                    cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
     parts = [pass_time(), capture_paths(), coverage(), coverage_external(), gpu,
-             cpu + ("\n\n" + cpu_note if cpu else ""), speed_targets(), yolo_latency(), scale(),
+             cpu + ("\n\n" + cpu_note if cpu else ""), speed, yolo_latency(), scale(),
              criteria_table(), budget(), demo(), recovery()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -548,11 +599,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", action="store_true")
     args = parser.parse_args()
+    if args.readme:
+        plot_gpu_latency(RESULTS / "latency_h100.png")
+        plot_speed_targets(RESULTS / "speed_targets_cpu2.png")
     text = render()
     if not args.readme:
         print(text)
         return 0
-    plot_gpu_latency(RESULTS / "latency_h100.png")
     readme = ROOT.parent / "README.md"
     content = readme.read_text()
     head, _, rest = content.partition(START)
