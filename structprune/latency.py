@@ -4,9 +4,9 @@ Every layer with a probe (convolutions and linear maps, with the pointwise work 
 them: bias, folded BatchNorm, activation) is timed on the target as it would run inside a
 model (see :func:`probe_ms`), at the widths the width search asks for, and the result is
 kept in a table keyed by op, input shape, channels in and out, kernel, stride, padding,
-dilation, groups, dtype, batch, runtime and threads. The table is cached on disk, one file per runtime and machine (``$STRUCTPRUNE_CACHE`` or
-``~/.cache/structprune``); a file written under another machine or runtime fingerprint is
-ignored and rebuilt. A model's latency is predicted as the sum over its layers, which
+dilation, groups, dtype, batch, runtime and threads. The table is cached on disk, one file
+per runtime and machine (``$STRUCTPRUNE_CACHE`` or ``~/.cache/structprune``); a file
+written under another machine or runtime fingerprint is ignored and rebuilt. A model's latency is predicted as the sum over its layers, which
 :mod:`structprune.speed` checks against a measurement of the whole exported model.
 
 Which layers a probe exists for is declared once, in :data:`PROBES` (``register_probe`` adds
@@ -218,8 +218,8 @@ def probe_ms(target: Target, probe: Probe, shape: LayerShape) -> float:
     On a CPU runtime this is the layer's kernel time by the runtime's own profiler, median of
     :data:`KERNEL_RUNS` runs after :data:`KERNEL_WARMUP`, with the caches evicted before each
     run (see :class:`CacheEvictor`). A layer inside a model pays neither the call overhead
-    nor the layout reorders around a one-layer model; timed alone by
-    the wall clock, ResNet-50's layers summed to 1.46x of the whole model on two threads.
+    nor the layout reorders around a one-layer model; timed alone by the wall clock,
+    ResNet-50's layers summed to 1.46x of the whole model on two threads.
     On a GPU runtime it is the wall clock of repeated runs (a CUDA graph for torch)."""
     shapes = [(target.batch, *shape.input_shape)]
     if target.cpu_threads is not None:
