@@ -49,7 +49,9 @@ class SessionRunner:
         return self.run()
 
 
-def _settle(threads: int | None) -> float:
+def ort_settle_s(threads: int | None) -> float:
+    """The pause an ONNX Runtime CPU session on ``threads`` threads (None: every core) needs
+    after a run before another model is timed (see :data:`SPIN_SETTLE_S`)."""
     return 0.0 if threads == 1 else SPIN_SETTLE_S
 
 
@@ -150,7 +152,7 @@ def ort_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]], 
     session = _ort_session(path, threads, provider)
     feeds = _random_feeds([i.name for i in session.get_inputs()], batch, shapes)
     cpu = provider == "CPUExecutionProvider"
-    return SessionRunner(lambda: session.run(None, feeds), _settle(threads) if cpu else 0.0)
+    return SessionRunner(lambda: session.run(None, feeds), ort_settle_s(threads) if cpu else 0.0)
 
 
 # Nodes a runtime adds around a model to convert between the plain layout of its inputs and

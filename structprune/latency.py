@@ -29,7 +29,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .analyse import Analysis
-from .bench import SPIN_SETTLE_S
+from .bench import ort_settle_s
 from .plan import PruneCost, atomic_write_text
 from .runtimes import Target, fingerprint, fingerprint_digest
 from .types import TensorSpec
@@ -300,8 +300,8 @@ class LatencyTable:
             self._bar.total += len(missing)
             self._bar.refresh()
         start = time.perf_counter()
-        if (self.target.cpu_threads or 1) > 1:
-            time.sleep(SPIN_SETTLE_S)  # another session's spinning workers would slow the probes
+        if self.target.runtime == "ort-cpu":  # another session's spinning workers slow probes
+            time.sleep(ort_settle_s(self.target.cpu_threads))
         for key, (probe, shape) in missing.items():
             self.entries[key] = float(self.measure(self.target, probe, shape))
             self.measured += 1

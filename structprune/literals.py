@@ -57,11 +57,16 @@ def _failing_frame(exc: BaseException) -> tuple[str, int] | None:
     return (frame.filename, frame.lineno) if frame is not None else None
 
 
-def _ints(value: Any) -> list[int]:
-    """The integer literals among a node's arguments, flattened, in order."""
+def _flat(value: Any) -> list[Any]:
+    """A node's (nested) arguments, flattened, in order."""
     flat: list[Any] = []
     fx.node.map_aggregate(value, flat.append)
-    return [v for v in flat if type(v) is int]
+    return flat
+
+
+def _ints(value: Any) -> list[int]:
+    """The integer literals among a node's arguments, flattened, in order."""
+    return [v for v in _flat(value) if type(v) is int]
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -156,9 +161,7 @@ def pinned_nodes(dense: Capture, pruned: nn.Module,
 def _float_changed(node: fx.Node, twin: fx.Node) -> tuple[float, float] | None:
     """The first float argument whose value differs in the pruned graph (a float is never a
     size: it was computed from one, like ``x / C ** 0.5``), as (before, after)."""
-    ours, theirs = [], []
-    fx.node.map_aggregate((node.args, node.kwargs), ours.append)
-    fx.node.map_aggregate((twin.args, twin.kwargs), theirs.append)
+    ours, theirs = _flat((node.args, node.kwargs)), _flat((twin.args, twin.kwargs))
     if len(ours) != len(theirs):
         return None
     for a, b in zip(ours, theirs, strict=True):
