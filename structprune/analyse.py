@@ -40,7 +40,7 @@ from .capture import Capture
 from .registry import RuleRegistry
 from .rules import DEFAULT_REGISTRY
 from .rules.base import pin_counted_channels
-from .tree import resolve_target, tensor_index
+from .tree import tensor_index
 from .types import PINNED, ChannelMap, TensorInfo, TensorSpec, spec_to_info, tensor_infos
 
 # the reason recorded when a rule raises on a call it cannot read (tests look for it)
@@ -348,7 +348,7 @@ class _Engine:
         return info
 
     def get_attr(self, node: fx.Node) -> Any:
-        value = resolve_target(self.capture.graph_module, node.target)
+        value = self.capture.resolve(node.target)
         if isinstance(value, torch.Tensor):
             name = self.tensor_names.get(id(value))
             if name is None and node.target in self.tensors:  # torch.export: copies by name
@@ -363,7 +363,7 @@ class _Engine:
         self.capture = capture  # the rules read this pass's captured values through it
         env: dict[fx.Node, Any] = {}
         self.env = env
-        self.modules = dict(self.capture.graph_module.named_modules())
+        self.modules = dict(self.capture.root.named_modules(remove_duplicate=False))
         values = self.capture.values
         for node in self.capture.graph.nodes:
             if node.op == "placeholder":

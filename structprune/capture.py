@@ -1,10 +1,10 @@
 """Stage 1, capture: trace a model into an ``fx.GraphModule`` and record what each node makes.
 
-``capture(model, example_inputs)`` returns a :class:`Capture`: a ``GraphModule`` over the
-user's own submodules (no weights are copied) whose every node carries, in
-``node.meta["val"]``, what it produced on the example inputs: meta tensors for tensors,
-plain Python values (sizes, ints) as they are. Both capture paths give that one
-representation:
+``capture(model, example_inputs)`` returns a :class:`Capture`: an fx graph whose targets name
+the user's own submodules and tensors (no weights are copied), and whose every node carries,
+in ``node.meta["val"]``, what it produced on the example inputs: meta tensors for tensors,
+plain Python values (sizes, ints) as they are; ``Capture.graph_module`` is that graph as an
+``fx.GraphModule``. Both capture paths give that one representation:
 
 - ``fx``: symbolic tracing with :class:`LeafTracer`, an ``fx.Tracer`` that keeps every
   module type the rule registry declares (and any the caller names) as a leaf; then
@@ -21,6 +21,7 @@ forward reads (auxiliary heads) are traced in that mode too, in ``Capture.other_
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import traceback
@@ -43,24 +44,47 @@ from .types import TensorSpec, to_spec
 
 @dataclass
 class Capture:
-    """A traced model and what each of its nodes produced on the example inputs."""
+    """A traced model and what each of its nodes produced on the example inputs.
+
+    The graph's ``call_module`` and ``get_attr`` targets name attributes of ``root``: the
+    user's model itself for an fx trace, the exported ``GraphModule`` for torch.export;
+    the tensor constants fx made targets for are in ``constants`` (fx parks them on the
+    traced module, and the user's model is left as it was). :meth:`resolve` looks both up.
+    """
 
     model: nn.Module
-    graph_module: fx.GraphModule  # its targets resolve to the user's own objects
+    graph: fx.Graph
     example_inputs: tuple[Any, ...]
     method: str = "fx"
     leaf_types: tuple[type, ...] = ()
+    root: nn.Module | None = None  # None: the model
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
     # the same model traced in the other train/eval mode, when that mode runs parameters
     # this trace never touches (auxiliary training heads): analysed for coupling only
     other_modes: list[Capture] = field(default_factory=list)
     values: dict[str, Any] = field(init=False)  # node name -> TensorSpecs and plain values
 
     def __post_init__(self) -> None:
+        if self.root is None:
+            self.root = self.model
         self.values = {node.name: to_spec(node.meta.get("val")) for node in self.graph.nodes}
 
-    @property
-    def graph(self) -> fx.Graph:
-        return self.graph_module.graph
+    def resolve(self, target: str) -> Any:
+        """What a ``call_module`` or ``get_attr`` target of the graph names."""
+        if target in self.constants:
+            return self.constants[target]
+        return resolve_target(self.root, target)
+
+    @functools.cached_property
+    def graph_module(self) -> fx.GraphModule:
+        """The graph as an ``fx.GraphModule`` over the user's own objects, built when first
+        asked for: the pass reads the graph only, and fx's code generation for a
+        ``GraphModule`` costs as much as propagating shapes (DenseNet-201: 45 ms)."""
+        if isinstance(self.root, fx.GraphModule) and self.root.graph is self.graph:
+            return self.root
+        targets = {n.target: self.resolve(n.target) for n in self.graph.nodes
+                   if n.op in ("call_module", "get_attr")}
+        return fx.GraphModule(targets, self.graph, class_name=type(self.model).__name__)
 
     def tensor_spec(self, arg: Any) -> TensorSpec | None:
         """The TensorSpec a node argument produced, or None for a constant or non-tensor."""
@@ -88,14 +112,23 @@ class LeafTracer(fx.Tracer):
 
 class ShapePropagation(fx.Interpreter):
     """Run a graph and store each node's result in ``node.meta["val"]``, as fx's own
-    ``ShapeProp`` stores tensor metadata: on meta tensors when ``meta`` (the interpreted
-    module's parameters and buffers must be meta tensors too), else for real. On meta, an
-    op whose output shape the registry declares is not run at all."""
+    ``ShapeProp`` stores tensor metadata: on meta tensors when ``meta``, else for real.
 
-    def __init__(self, module: fx.GraphModule, meta: bool, registry: RuleRegistry):
-        super().__init__(module)
+    On meta, an op whose output shape the registry declares is not run at all; a module is
+    run with meta stand-ins for its own parameters and buffers (``functional_call``), and a
+    ``get_attr`` gives a meta tensor, so the model's weights are never read or changed."""
+
+    def __init__(self, module: nn.Module, meta: bool, registry: RuleRegistry,
+                 graph: fx.Graph | None = None, constants: dict[str, Any] | None = None):
+        super().__init__(module, graph=graph)
         self.meta = meta
         self.registry = registry
+        self.constants = constants or {}
+
+    def fetch_attr(self, target: str) -> Any:
+        if target in self.constants:
+            return self.constants[target]
+        return super().fetch_attr(target)
 
     def run_node(self, n: fx.Node) -> Any:
         result = self._declared(n) if self.meta else None
@@ -124,6 +157,16 @@ class ShapePropagation(fx.Interpreter):
         value = super().get_attr(target, args, kwargs)  # graph constants stay real otherwise
         return _as_meta(value) if self.meta else value
 
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        if not self.meta:
+            return super().call_module(target, args, kwargs)
+        module = self.fetch_attr(target)
+        tensors = dict(module.named_parameters(remove_duplicate=False))
+        tensors.update(module.named_buffers(remove_duplicate=False))
+        stand_ins: dict[int, torch.Tensor] = {}  # one per tensor: tied weights stay tied
+        meta = {k: stand_ins.setdefault(id(v), _as_meta(v)) for k, v in tensors.items()}
+        return functional_call(module, meta, args, kwargs, strict=False)
+
 
 def _as_meta(value: Any) -> Any:
     """A meta tensor of ``value``'s shape, strides and dtype (other values as they are).
@@ -135,45 +178,45 @@ def _as_meta(value: Any) -> Any:
 
 
 class _Propagate(nn.Module):
-    """Holds the graph module so that ``functional_call`` can swap its tensors for the run."""
+    """Holds the graph module so that ``functional_call`` can swap its tensors for a real run."""
 
     def __init__(self, gm: fx.GraphModule, registry: RuleRegistry):
         super().__init__()
         self.gm = gm
         self.registry = registry
-        self.meta = True
 
     def forward(self, *inputs: Any) -> Any:
-        return ShapePropagation(self.gm, self.meta, self.registry).run(*inputs)
+        return ShapePropagation(self.gm, False, self.registry).run(*inputs)
 
 
-def propagate(gm: fx.GraphModule, example_inputs: Sequence[Any],
-              registry: RuleRegistry = DEFAULT_REGISTRY) -> None:
-    """Fill ``node.meta["val"]`` for every node of ``gm``: on meta tensors, else (for a graph
-    that cannot run on meta, such as one reading plain tensor attributes) on the real inputs,
-    with the model's buffers copied so that nothing of the user's model changes."""
-    runner = _Propagate(gm, registry)
+def propagate(cap: Capture, registry: RuleRegistry = DEFAULT_REGISTRY) -> None:
+    """Fill ``node.meta["val"]`` for every node of ``cap``'s graph, and ``cap.values``: on meta
+    tensors, else (for a graph that cannot run on meta, such as one reading plain tensor
+    attributes) on the real inputs, with the model's buffers copied so that nothing of the
+    user's model changes."""
+    with torch.no_grad():
+        try:
+            ShapePropagation(cap.root, True, registry, cap.graph, cap.constants) \
+                .run(*cap.example_inputs)
+        except Exception:  # noqa: BLE001 - retried on real tensors, then reported
+            _propagate_for_real(cap, registry)
+    cap.values = {node.name: to_spec(node.meta.get("val")) for node in cap.graph.nodes}
+
+
+def _propagate_for_real(cap: Capture, registry: RuleRegistry) -> None:
+    runner = _Propagate(cap.graph_module, registry)
     state = dict(runner.named_parameters(remove_duplicate=False))
     state.update(runner.named_buffers(remove_duplicate=False))
-    errors = []
-    with torch.no_grad():
-        for meta in (True, False):
-            runner.meta = meta
-            stand_ins: dict[int, torch.Tensor] = {}  # one per tensor: tied weights stay tied
-            swapped = {k: stand_ins.setdefault(id(v), _as_meta(v) if meta
-                                               else v if isinstance(v, nn.Parameter)
-                                               else v.clone())
-                       for k, v in state.items()}
-            try:
-                functional_call(runner, swapped, tuple(example_inputs), strict=False)
-                return
-            except Exception as exc:  # noqa: BLE001 - retried on real tensors, then reported
-                errors.append(exc)
-    exc = errors[-1]
-    raise CaptureError(
-        f"the model's forward fails on the example inputs at {_user_frame(exc)}: "
-        f"{type(exc).__name__}: {first_line(exc)}. Check --input-shape (one per forward() input)"
-    ) from exc
+    copies: dict[int, torch.Tensor] = {}  # one per tensor: tied buffers stay tied
+    swapped = {k: v if isinstance(v, nn.Parameter) else copies.setdefault(id(v), v.clone())
+               for k, v in state.items()}
+    try:
+        functional_call(runner, swapped, cap.example_inputs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - reported with the user's location
+        raise CaptureError(
+            f"the model's forward fails on the example inputs at {_user_frame(exc)}: "
+            f"{type(exc).__name__}: {first_line(exc)}. Check --input-shape (one per "
+            "forward() input)") from exc
 
 
 def is_user_file(path: str) -> bool:
@@ -198,8 +241,10 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def trace(model: nn.Module, leaf_types: Iterable[type] = (),
-          registry: RuleRegistry = DEFAULT_REGISTRY) -> fx.GraphModule:
-    """Symbolically trace ``model``; raise :class:`CaptureError` naming the offending line."""
+          registry: RuleRegistry = DEFAULT_REGISTRY) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+    """Symbolically trace ``model``: its graph, and the tensor constants fx made ``get_attr``
+    targets for (taken back off the model). Raise :class:`CaptureError` naming the offending
+    line."""
     before = set(vars(model))
     try:
         graph = LeafTracer(tuple(leaf_types), registry).trace(model)
@@ -209,11 +254,12 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = (),
             f"{first_line(exc)}. Mark the module that does this as a leaf "
             "(leaf_modules=[...]) and register a rule for it, or use the torch.export capture"
         ) from exc
-    gm = fx.GraphModule(model, graph)
+    constants = {}
     for attr in set(vars(model)) - before:  # fx parks tensor constants on the root: undo
         if attr.startswith("_tensor_constant"):
+            constants[attr] = getattr(model, attr)
             delattr(model, attr)
-    return gm
+    return graph, constants
 
 
 def export_graph(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
@@ -258,8 +304,13 @@ def module_state_kept(model: nn.Module) -> Iterator[None]:
                 setattr(module, name, value)
 
 
-def _check_input_count(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+def _exported(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple,
+              leaf_types: tuple[type, ...]) -> Capture:
+    return Capture(model, gm.graph, example_inputs, "export", leaf_types, root=gm)
+
+
+def _check_input_count(graph: fx.Graph, example_inputs: Sequence[Any]) -> None:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     named = [n for n in placeholders if not n.target.startswith("*")]  # not *args, **kwargs
     required = sum(1 for n in named if not n.args)
     most = float("inf") if len(named) < len(placeholders) else len(named)
@@ -295,10 +346,10 @@ def capture(
     leaf_types = tuple(leaf_modules)
     with evaluation(model):
         if method == "export":
-            return Capture(model, export_graph(model, example_inputs), example_inputs,
-                           "export", leaf_types)
+            return _exported(model, export_graph(model, example_inputs), example_inputs,
+                             leaf_types)
         try:
-            gm = trace(model, leaf_types, registry)
+            graph, constants = trace(model, leaf_types, registry)
         except CaptureError as fx_error:
             if method == "fx":
                 raise
@@ -306,11 +357,11 @@ def capture(
                 gm = export_graph(model, example_inputs)
             except CaptureError as export_error:
                 raise _both_failed(model, fx_error, export_error) from export_error
-            return Capture(model, gm, example_inputs, "export", leaf_types)
-        _check_input_count(gm, example_inputs)
-        propagate(gm, example_inputs, registry)
-        result = Capture(model, gm, example_inputs, "fx", leaf_types)
-        unused = unused_parameters(model, gm)
+            return _exported(model, gm, example_inputs, leaf_types)
+        _check_input_count(graph, example_inputs)
+        result = Capture(model, graph, example_inputs, "fx", leaf_types, constants=constants)
+        propagate(result, registry)
+        unused = unused_parameters(model, graph)
         if unused:
             result.other_modes.append(_training_mode(model, example_inputs, leaf_types,
                                                      registry, unused))
@@ -335,24 +386,23 @@ def _both_failed(model: nn.Module, fx_error: CaptureError,
 def graph_parameters(cap: Capture) -> dict[str, torch.Tensor]:
     """The parameters ``cap``'s graph reads, by name: those of the modules it calls and the
     ones it reads by ``get_attr`` (an exported graph reads all of its own)."""
-    gm = cap.graph_module
     if cap.method != "fx":
-        return dict(gm.named_parameters())
+        return dict(cap.root.named_parameters())
     params: dict[str, torch.Tensor] = {}
     for node in cap.graph.nodes:
         if node.op == "call_module":
-            params.update(gm.get_submodule(node.target).named_parameters(prefix=node.target))
+            params.update(cap.resolve(node.target).named_parameters(prefix=node.target))
         elif node.op == "get_attr":
-            value = resolve_target(gm, node.target)
+            value = cap.resolve(node.target)
             if isinstance(value, nn.Parameter):
                 params[node.target] = value
     return params
 
 
-def unused_parameters(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+def unused_parameters(model: nn.Module, graph: fx.Graph) -> list[str]:
     """Parameters of ``model`` that the traced graph never reads."""
-    attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    attrs = {n.target for n in graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
 
     def used(name: str) -> bool:
         if name in attrs:
@@ -372,16 +422,17 @@ def _training_mode(model: nn.Module, example_inputs: tuple, leaf_types: tuple[ty
     """Trace the training-mode forward too, so pruning cannot break what only it runs."""
     try:
         with training_mode(model, training=True):
-            gm = trace(model, leaf_types, registry)
+            graph, constants = trace(model, leaf_types, registry)
+        result = Capture(model, graph, example_inputs, "fx", leaf_types, constants=constants)
         # shapes are those of eval mode, in which batch norm also takes a batch of one
-        propagate(gm, example_inputs, registry)
+        propagate(result, registry)
     except CaptureError as exc:
         modules = sorted({n.rsplit(".", 1)[0] for n in unused})
         raise CaptureError(
             f"{', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''} run only in training "
             f"mode, and the training-mode forward fails on these example inputs ({exc}); "
             "pass an input shape that mode accepts") from exc
-    return Capture(model, gm, example_inputs, "fx", leaf_types)
+    return result
 
 
 __all__ = ["Capture", "LeafTracer", "ShapePropagation", "capture", "export_graph",

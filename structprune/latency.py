@@ -386,7 +386,7 @@ class LatencyModel:
     def _layer(self, node: Any) -> Layer | None:
         if node.op != "call_module":
             return None
-        module = self.analysis.capture.graph_module.get_submodule(node.target)
+        module = self.analysis.capture.resolve(node.target)
         probe = _probe_for(module)
         weight = self.cost.node_weight.get(node.name)
         arg = node.args[0] if node.args else None

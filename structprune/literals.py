@@ -33,7 +33,6 @@ from .errors import CaptureError
 from .plan import PlanSettings, make_plan
 from .registry import RuleRegistry
 from .score import score
-from .tree import resolve_target
 from .types import PINNED
 
 # probes of an export graph: each finds the fixed literals of one or more lines of code
@@ -91,11 +90,11 @@ def _fixed_size(node: fx.Node, twin: fx.Node) -> bool:
     return any(v in shrunk and w == v for v, w in zip(ours, theirs, strict=True))
 
 
-def _changed_constant(dense: fx.GraphModule, pruned: fx.GraphModule, node: fx.Node,
+def _changed_constant(dense: Capture, pruned: Capture, node: fx.Node,
                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A graph constant with another value in the pruned model's graph, as (before, after)."""
     try:
-        before, after = resolve_target(dense, node.target), resolve_target(pruned, node.target)
+        before, after = dense.resolve(node.target), pruned.resolve(node.target)
     except AttributeError:
         return None
     if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
@@ -146,7 +145,7 @@ def pinned_nodes(dense: Capture, pruned: nn.Module,
             for reader in [node, *_count_readers(node, twins, values)]:
                 pinned[reader.name] = reason
         elif node.op == "get_attr" and node.target not in own and \
-                (constants := _changed_constant(dense.graph_module, again.graph_module, node)):
+                (constants := _changed_constant(dense, again, node)):
             before, after = constants
             values = (float(before), float(after)) if before.numel() == 1 == after.numel() \
                 else None

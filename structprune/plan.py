@@ -27,7 +27,7 @@ from .capture import Capture
 from .errors import PlanError
 from .registry import RuleRegistry
 from .rules import DEFAULT_REGISTRY
-from .tree import resolve_target, tensor_index
+from .tree import tensor_index
 from .types import TensorSpec
 
 FORMAT = "structprune.plan/1"
@@ -306,7 +306,7 @@ def count_node_macs(capture: Capture, registry: RuleRegistry | None = None) -> d
     for node in capture.graph.nodes:
         if not isinstance(capture.values.get(node.name), TensorSpec):
             continue
-        module = capture.graph_module.get_submodule(node.target) \
+        module = capture.resolve(node.target) \
             if node.op == "call_module" else None
         counter = registry.macs_for(node, module)
         if counter is not None:
@@ -322,13 +322,13 @@ def _weight_name(capture: Capture, node: fx.Node, names: dict[int, str],
     module's ``weight``, else the one model tensor of two or more axes that the node reads
     through ``get_attr`` (F.conv2d's, F.linear's or an ATen conv's weight)."""
     if node.op == "call_module":
-        weight = getattr(capture.graph_module.get_submodule(node.target), "weight", None)
+        weight = getattr(capture.resolve(node.target), "weight", None)
         return names.get(id(weight)) if isinstance(weight, torch.Tensor) else None
     found = set()
     for arg in node.all_input_nodes:
         if arg.op != "get_attr":
             continue
-        value = resolve_target(capture.graph_module, arg.target)
+        value = capture.resolve(arg.target)
         if not isinstance(value, torch.Tensor) or value.ndim < 2:
             continue
         name = names.get(id(value))

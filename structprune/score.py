@@ -20,6 +20,7 @@ compare on one scale when ranked globally. Criteria that need data are in :data:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
@@ -71,9 +72,13 @@ def slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return t.movedim(dim, 0).reshape(t.shape[dim], -1).double()
 
 
+Key = tuple[str, int]  # a member: (tensor name, axis)
+
+
 class Criterion:
     """Base of the built-in criteria: ``criterion(analysis, group)`` is one raw score per unit
-    of ``group`` (in ``group.units`` order); subclasses implement :meth:`measure`.
+    of ``group`` (in ``group.units`` order), and :meth:`scores` scores many groups at once;
+    subclasses implement :meth:`measure` (and may batch :meth:`scores`).
 
     ``fallbacks`` lists the indices of the groups a criterion could not score by its own rule
     and scored by ``l2`` magnitude instead (``bn`` for a group without a norm, ...), filled
@@ -84,38 +89,58 @@ class Criterion:
         self.analysis = analysis
         self.params = graph_parameters(analysis.capture)  # parameters count, buffers do not
         self.fallbacks: list[int] = []
-        self.unit_of = np.full(analysis.component.size and int(analysis.component.max()) + 1,
-                               -1, np.int64)
-        self._per_slot: dict[tuple[str, int], np.ndarray] = {}  # a tensor read once
+        self.components = analysis.component.size and int(analysis.component.max()) + 1
+        self._per_slot: dict[Key, np.ndarray] = {}  # a tensor read once
         self._magnitude: Magnitude | None = None
 
     def __call__(self, analysis: Analysis, group: Group) -> np.ndarray:
-        self.unit_of[group.units] = np.arange(group.size)
-        try:
-            return self.measure(group)
-        finally:
-            self.unit_of[group.units] = -1
+        return self.measure(group)
 
     def measure(self, group: Group) -> np.ndarray:
         raise NotImplementedError
 
-    def parameter_members(self, group: Group) -> list[tuple[str, int]]:
-        return [(name, dim) for name, dim in group.members if name in self.params]
+    def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
+        """Raw scores of each group, by group index, in order."""
+        return {group.index: self.measure(group) for group in groups}
 
-    def per_slot(self, key: tuple[str, int],
-                 compute: Callable[[str, int], np.ndarray]) -> np.ndarray:
+    def is_parameter(self, key: Key) -> bool:
+        return key[0] in self.params
+
+    def per_slot(self, key: Key, compute: Callable[[str, int], np.ndarray]) -> np.ndarray:
         """``compute(name, dim)``, one value per slot of member ``key``, cached: a tensor
         in several groups is read once."""
         if key not in self._per_slot:
             self._per_slot[key] = compute(*key)
         return self._per_slot[key]
 
-    def into_units(self, group: Group, key: tuple[str, int], values: np.ndarray) -> np.ndarray:
-        """Sum per-slot ``values`` of member ``key`` into the group's units (a unit may own
-        several slots; slots of units in other groups are left out)."""
-        units = self.unit_of[self.analysis.component[self.analysis.slots[key]]]
-        inside = units >= 0
-        return np.bincount(units[inside], values[inside], minlength=group.size)
+    def member_sums(self, groups: list[Group], include: Callable[[Key], bool],
+                    values: Callable[[Key], np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """For each group: ``values(key)`` (one value per slot of member ``key``) summed into
+        its units over the members that ``include`` accepts, and how many those are.
+
+        Every slot adds to the unit that owns it, in slot order (the analysis' tensor order,
+        then position), all groups in one bincount: a unit's sum is the same whichever
+        groups are scored with it, and DenseNet-201's 6,000 (group, member) pairs cost one
+        pass over the slots instead of one each."""
+        position = np.full(self.components, -1, np.int64)  # component -> place among units
+        starts = [0]
+        counts, wanted = [], set()
+        for group in groups:
+            position[group.units] = np.arange(starts[-1], starts[-1] + group.size)
+            starts.append(starts[-1] + group.size)
+            keys = [key for key in group.members if include(key)]
+            counts.append(len(keys))
+            wanted.update(keys)
+        keys = [key for key in self.analysis.slots if key in wanted]
+        total = np.zeros(starts[-1])
+        if keys:
+            slots = self.analysis.slots
+            where = position[self.analysis.component[np.concatenate([slots[k] for k in keys])]]
+            inside = where >= 0
+            flat = np.concatenate([values(k) for k in keys])
+            total = np.bincount(where[inside], flat[inside], minlength=starts[-1])
+        return [(total[a:b], n)
+                for (a, b), n in zip(itertools.pairwise(starts), counts, strict=True)]
 
     def fall_back(self, group: Group) -> np.ndarray:
         """``l2`` magnitude for a group this criterion cannot score; recorded in fallbacks."""
@@ -139,15 +164,16 @@ class Magnitude(Criterion):
         super().__init__(analysis)
         self.p = p
 
+    def norms(self, key: Key) -> np.ndarray:
+        return self.per_slot(key, lambda name, dim: slice_norms(self.params[name], dim, self.p))
+
+    def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
+        sums = self.member_sums(groups, self.is_parameter, self.norms)
+        return {group.index: total / max(n, 1)
+                for group, (total, n) in zip(groups, sums, strict=True)}
+
     def measure(self, group: Group) -> np.ndarray:
-        total = np.zeros(group.size)
-        counted = 0
-        for key in self.parameter_members(group):
-            norms = self.per_slot(key, lambda name, dim: slice_norms(self.params[name], dim,
-                                                                     self.p))
-            total += self.into_units(group, key, norms)
-            counted += 1
-        return total / max(counted, 1)
+        return self.scores([group])[group.index]
 
 
 class NormScale(Criterion):
@@ -165,15 +191,15 @@ class NormScale(Criterion):
         super().__init__(analysis)
         self.tensors = analysis.capture.model.state_dict(keep_vars=True)  # weights or buffers
 
+    def is_norm_weight(self, key: Key) -> bool:
+        return key[0] in self.tensors and is_norm_weight(self.analysis.capture.model, key[0])
+
+    def gammas(self, key: Key) -> np.ndarray:
+        return self.per_slot(key, lambda name, dim: slices(self.tensors[name], dim).abs()
+                             .sum(dim=1).cpu().numpy())
+
     def measure(self, group: Group) -> np.ndarray:
-        total = np.zeros(group.size)
-        found = False
-        for name, dim in group.members:
-            if name not in self.tensors or not is_norm_weight(self.analysis.capture.model, name):
-                continue
-            gamma = slices(self.tensors[name], dim).abs().sum(dim=1).cpu().numpy()
-            total += self.into_units(group, (name, dim), gamma)
-            found = True
+        [(total, found)] = self.member_sums([group], self.is_norm_weight, self.gammas)
         return total if found else self.fall_back(group)
 
 
@@ -215,15 +241,14 @@ class FPGM(Criterion):
     flatten into a large linear map would make tens of thousands of them); a group without
     filters falls back to ``l2`` (listed in ``fallbacks``)."""
 
+    def is_filter(self, key: Key) -> bool:
+        return self.is_parameter(key) and self.params[key[0]].ndim >= 2 and key[1] == 0
+
+    def distances(self, key: Key) -> np.ndarray:
+        return self.per_slot(key, lambda name, dim: _distance_sums(self.params[name], dim))
+
     def measure(self, group: Group) -> np.ndarray:
-        total = np.zeros(group.size)
-        counted = 0
-        for key in self.parameter_members(group):
-            if self.params[key[0]].ndim < 2 or key[1] != 0:
-                continue
-            sums = self.per_slot(key, lambda name, dim: _distance_sums(self.params[name], dim))
-            total += self.into_units(group, key, sums)
-            counted += 1
+        [(total, counted)] = self.member_sums([group], self.is_filter, self.distances)
         return total / counted if counted else self.fall_back(group)
 
 
@@ -241,12 +266,19 @@ class LAMP(Criterion):
         self.magnitude = Magnitude(analysis, 2)
 
     def measure(self, group: Group) -> np.ndarray:
-        m = np.square(self.magnitude(self.analysis, group))
-        order = np.argsort(m, kind="stable")
-        tail = np.cumsum(m[order][::-1])[::-1]  # sum over this rank and every higher one
-        out = np.zeros(group.size)
-        out[order] = np.divide(m[order], tail, out=np.zeros(group.size), where=tail > 0)
-        return out
+        return self.scores([group])[group.index]
+
+    def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
+        return {index: _lamp(np.square(m)) for index, m in self.magnitude.scores(groups).items()}
+
+
+def _lamp(m: np.ndarray) -> np.ndarray:
+    """LAMP's score of squared magnitudes ``m``."""
+    order = np.argsort(m, kind="stable")
+    tail = np.cumsum(m[order][::-1])[::-1]  # sum over this rank and every higher one
+    out = np.zeros(m.size)
+    out[order] = np.divide(m[order], tail, out=np.zeros(m.size), where=tail > 0)
+    return out
 
 
 class Random(Criterion):
@@ -341,13 +373,13 @@ class Taylor(_Gradients):
     with G the gradient of sum_b CE(model(x_b), y_b) over the calibration batches and M the
     group's parameter members (buffers do not count): the whole group, one Taylor term."""
 
+    def products(self, key: Key) -> np.ndarray:
+        return self.per_slot(key, lambda name, dim: (
+            slices(self.params[name], dim) * slices(self.grads[name], dim))
+            .sum(dim=1).cpu().numpy())
+
     def measure(self, group: Group) -> np.ndarray:
-        total = np.zeros(group.size)
-        for key in self.parameter_members(group):
-            products = self.per_slot(key, lambda name, dim: (
-                slices(self.params[name], dim) * slices(self.grads[name], dim))
-                .sum(dim=1).cpu().numpy())
-            total += self.into_units(group, key, products)
+        [(total, _)] = self.member_sums([group], self.is_parameter, self.products)
         return np.abs(total)
 
 
@@ -358,14 +390,12 @@ class Gradient(_Gradients):
 
     averaged over the group's parameter members as :class:`Magnitude` averages."""
 
+    def means(self, key: Key) -> np.ndarray:
+        return self.per_slot(key, lambda name, dim: slices(self.grads[name], dim)
+                             .abs().mean(dim=1).cpu().numpy())
+
     def measure(self, group: Group) -> np.ndarray:
-        total = np.zeros(group.size)
-        counted = 0
-        for key in self.parameter_members(group):
-            means = self.per_slot(key, lambda name, dim: slices(self.grads[name], dim)
-                                  .abs().mean(dim=1).cpu().numpy())
-            total += self.into_units(group, key, means)
-            counted += 1
+        [(total, counted)] = self.member_sums([group], self.is_parameter, self.means)
         return total / max(counted, 1)
 
 
@@ -440,7 +470,7 @@ class Activation(Criterion):
             for batch in self.batches:
                 for inputs in _fixed_batches(capture, _inputs(batch, device)):
                     runner.run(*inputs)
-        n = self.unit_of.size
+        n = self.components
         total, entries = np.zeros(n), np.zeros(n)
         for c, sums, count in zip(self.analysis.consumptions, runner.sums, runner.counts,
                                   strict=True):
@@ -546,11 +576,10 @@ def score(analysis: Analysis, importance: str | Importance = "l2",
     groups = analysis.groups if groups is None else groups
     measure = make_criterion(importance, analysis, data=data, seed=seed, batches=batches) \
         if isinstance(importance, str) else importance
-    scores = {}
-    for group in groups:
-        s = np.asarray(measure(analysis, group), dtype=np.float64)
-        scores[group.index] = normalise(s, normalize)
-    return scores
+    raw = measure.scores(groups) if isinstance(measure, Criterion) else \
+        {group.index: measure(analysis, group) for group in groups}
+    return {index: normalise(np.asarray(s, dtype=np.float64), normalize)
+            for index, s in raw.items()}
 
 
 __all__ = ["FPGM", "IMPORTANCE", "LAMP", "NEEDS_DATA", "NORMALIZE", "Activation", "Criterion",

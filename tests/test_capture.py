@@ -218,3 +218,84 @@ def test_a_forward_with_varargs_takes_any_number_of_example_inputs(count):
     assert result.figures["capture"] == "fx"
     with pytest.raises(CaptureError, match="takes 1 or more inputs"):
         capture(VarArgs(count == 2), (), method="fx")
+
+
+CONVS = [
+    nn.Conv2d(4, 6, 3),
+    nn.Conv2d(4, 6, 3, stride=2, padding=1),
+    nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(0, 2), dilation=(2, 1)),
+    nn.Conv2d(4, 6, 3, padding="same", dilation=2),
+    nn.Conv2d(4, 6, 4, padding="valid", stride=3),
+    nn.Conv2d(4, 8, 3, padding=1, groups=2, padding_mode="reflect"),
+    nn.Conv1d(4, 6, 5, stride=2, padding=2),
+    nn.Conv3d(4, 6, 3, stride=(1, 2, 2), padding=1),
+]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda m: repr(m))
+@pytest.mark.parametrize("batched", [True, False])
+def test_declared_conv_shapes_equal_the_meta_kernel(conv, batched):
+    """Capture skips the conv's meta kernel where the registry declares its shape: the
+    declaration must give what the kernel gives, batched and unbatched, every padding."""
+    from structprune.rules.layers import conv_shape
+
+    spatial = (9, 11, 7)[:len(conv.kernel_size)]
+    x = torch.empty((2, 4, *spatial) if batched else (4, *spatial), device="meta")
+    want = torch.func.functional_call(
+        conv, {k: v.to("meta") for k, v in conv.state_dict().items()}, (x,))
+    assert conv_shape(conv, (x,), {}) == (tuple(want.shape), want.dtype)
+
+
+def test_a_conv_shape_the_formula_cannot_give_is_left_to_the_kernel():
+    from structprune.rules.layers import conv_shape
+
+    conv = nn.Conv2d(4, 6, 5)
+    assert conv_shape(conv, (torch.empty(1, 3, 9, 9, device="meta"),), {}) is None  # channels
+    assert conv_shape(conv, (torch.empty(1, 4, 3, 9, device="meta"),), {}) is None  # too small
+    assert conv_shape(conv, (torch.empty(1, 4, 9, 9, dtype=torch.half, device="meta"),),
+                      {}) is None  # dtype mismatch: the kernel raises its own error
+
+
+@pytest.mark.parametrize("shapes, dim", [
+    ([(2, 3, 4), (2, 5, 4)], 1), ([(2, 3, 4), (2, 3, 1), (2, 3, 2)], -1), ([(6,), (2,)], 0),
+    ([(1, 2, 3)], 2)])
+def test_declared_cat_shapes_equal_the_meta_kernel(shapes, dim):
+    from structprune.rules.shape import cat_shape
+
+    tensors = [torch.empty(s, device="meta") for s in shapes]
+    want = torch.cat(tensors, dim)
+    assert cat_shape(None, (tensors, dim), {}) == (tuple(want.shape), want.dtype)
+    assert cat_shape(None, (tensors,), {"dim": dim}) == (tuple(want.shape), want.dtype)
+
+
+def test_a_cat_the_formula_cannot_give_is_left_to_the_kernel():
+    from structprune.rules.shape import cat_shape
+
+    a, b = torch.empty(2, 3, device="meta"), torch.empty(2, 4, device="meta")
+    assert cat_shape(None, ([a, b], 0), {}) is None  # mismatched: torch raises
+    assert cat_shape(None, ([a, b.half()], 1), {}) is None  # type promotion
+    assert cat_shape(None, ([a, torch.empty(0, device="meta")], 0), {}) is None  # legacy empty
+    assert cat_shape(None, ([], 0), {}) is None
+
+
+class ConstantInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x) * torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(1, 4, 1, 1)
+
+
+def test_tensor_constants_stay_off_the_model_and_resolve_through_the_capture():
+    """fx parks a tensor made in forward on the traced module; capture takes it back off the
+    user's model and keeps it where the graph (and its lazily built GraphModule) find it."""
+    model = ConstantInForward().eval()
+    x = torch.randn(1, 3, 4, 4)
+    cap = capture(model, (x,))
+    assert not [a for a in vars(model) if a.startswith("_tensor_constant")]
+    [node] = [n for n in cap.graph.nodes if n.op == "get_attr"]
+    want = torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(1, 4, 1, 1)  # fx ran the reshape
+    assert torch.equal(cap.resolve(node.target), want)
+    with torch.no_grad():
+        assert torch.equal(cap.graph_module(x), model(x))

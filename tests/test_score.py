@@ -57,3 +57,23 @@ def test_scores_equal_a_direct_mean_of_memberslice_norms():
                     total[unit_of[int(comp)]] += norms[slot]
         want = total / members
         np.testing.assert_allclose(scores[group.index], want / want.mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", ["l2", "l1", "lamp", "fpgm", "bn"])
+def test_a_group_scores_the_same_alone_and_among_all(criterion):
+    """Criteria sum every group in one pass over the slots; a group's raw scores must not
+    depend, even in the last bit, on which other groups are scored with it (DenseNet: a
+    consumer's input axis spans many groups)."""
+    import torchvision
+
+    from structprune import analyse, capture
+    from structprune.score import make_criterion
+
+    model = torchvision.models.densenet121().eval()
+    analysis = analyse(capture(model, (torch.randn(1, 3, 32, 32),)))
+    groups = [g for g in analysis.groups if (~g.blocked).any()]
+    together = make_criterion(criterion, analysis).scores(groups)
+    alone = make_criterion(criterion, analysis)
+    for group in groups[::-1]:
+        np.testing.assert_array_equal(alone(analysis, group), together[group.index])
+    assert len(groups) > 50
