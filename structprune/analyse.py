@@ -409,15 +409,14 @@ def _touch_table(reps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.nda
 
     Vectorised over the (representative, component) pairs: a Python step per pair took about
     15% of ResNet-50's whole pass."""
-    parts = [np.unique(comps, return_index=True, return_counts=True) for comps in reps]
-    if not any(values.size for values, _, _ in parts):
+    if not any(comps.size for comps in reps):
         empty = np.zeros(0, np.int64)
         return empty, np.zeros((0, 1), np.int64), empty
-    offsets = np.cumsum([0] + [comps.size for comps in reps])
-    comp = np.concatenate([values for values, _, _ in parts])
-    rep = np.concatenate([np.full(v.size, r) for r, (v, _, _) in enumerate(parts)])
-    count = np.concatenate([counts for _, _, counts in parts])
-    seen = np.concatenate([first + offsets[r] for r, (_, first, _) in enumerate(parts)])
+    # each (representative, component) pair once, with its first position and its count
+    stride = int(max(comps.max() for comps in reps if comps.size)) + 1
+    pairs = np.concatenate([r * stride + comps for r, comps in enumerate(reps)])
+    pair, seen, count = np.unique(pairs, return_index=True, return_counts=True)
+    rep, comp = np.divmod(pair, stride)
     order = np.lexsort((rep, comp))
     comp, rep, count, seen = comp[order], rep[order], count[order], seen[order]
     starts = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1]])
@@ -469,19 +468,18 @@ def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
     comps, touches, fewest = _touch_table(reps)
     comps, touches, fewest = comps[listed[comps]], touches[listed[comps]], fewest[listed[comps]]
     # components touching the same representatives form one group, numbered by appearance
-    _, first_of_group, group_of_row = np.unique(touches, axis=0, return_index=True,
-                                                return_inverse=True)
-    rank = np.empty(first_of_group.size, np.int64)
-    rank[np.argsort(first_of_group, kind="stable")] = np.arange(first_of_group.size)
-    group_of_row = rank[group_of_row.reshape(-1)]
+    numbering: dict[bytes, int] = {}
+    group_of_row = np.fromiter((numbering.setdefault(row.tobytes(), len(numbering))
+                                for row in touches), np.int64, len(touches))
+    n_groups = len(numbering)
     group_of_comp = np.full(n_comp, -1, np.int64)
     group_of_comp[comps] = group_of_row
     by_group = np.argsort(group_of_row, kind="stable")  # appearance order within a group
-    bounds = np.searchsorted(group_of_row[by_group], np.arange(first_of_group.size + 1))
+    bounds = np.searchsorted(group_of_row[by_group], np.arange(n_groups + 1))
     units = [comps[by_group[a:b]].tolist() for a, b in itertools.pairwise(bounds.tolist())]
     widths = np.minimum.reduceat(fewest[by_group], bounds[:-1]).tolist() if units else []
-    group_of = {tuple(int(r) for r in touches[i] if r >= 0): g
-                for g, i in enumerate(np.sort(first_of_group).tolist())}
+    group_of = {tuple(int(r) for r in touches[by_group[a]] if r >= 0): g
+                for g, a in enumerate(bounds[:-1].tolist())}
 
     reasons: list[dict[str, list[str]]] = [defaultdict(list) for _ in units]
     for comps, kind, reason, node in records:

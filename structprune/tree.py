@@ -73,7 +73,8 @@ def training_mode(*models: nn.Module, training: bool = False) -> Iterator[None]:
         yield
     finally:
         for m, flag in saved:
-            m.training = flag
+            if m.training != flag:  # an nn.Module attribute write is slow: only the changed
+                m.training = flag
 
 
 def evaluation(*models: nn.Module) -> contextlib.AbstractContextManager[None]:

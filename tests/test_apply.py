@@ -81,6 +81,9 @@ def test_the_copy_shares_no_mutable_state_with_the_original():
     model.conv1.register_forward_hook(lambda *_: calls.append("original"))
     pruned = sp.prune(model, (torch.randn(1, 3, 32, 32),), 0.5).model
     pruned.conv1.register_forward_hook(lambda *_: calls.append("copy"))
+    # tables that were empty in the original are the copy's own too (the memo makes them)
+    pruned.bn1.register_forward_pre_hook(lambda *_: calls.append("copy"))
+    pruned.layer1[0].conv2.register_forward_hook(lambda *_: calls.append("copy"))
     pruned.fc.extra = 1  # a new attribute on the copy only
     calls.clear()
     with torch.no_grad():
