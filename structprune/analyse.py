@@ -363,7 +363,7 @@ class _Engine:
         self.capture = capture  # the rules read this pass's captured values through it
         env: dict[fx.Node, Any] = {}
         self.env = env
-        self.modules = dict(self.capture.root.named_modules(remove_duplicate=False))
+        self.modules = self.capture.modules
         values = self.capture.values
         for node in self.capture.graph.nodes:
             if node.op == "placeholder":
@@ -478,7 +478,7 @@ def _unit_groups(engine: _Engine, component: np.ndarray) -> list[Group]:
     bounds = np.searchsorted(group_of_row[by_group], np.arange(n_groups + 1))
     units = [comps[by_group[a:b]].tolist() for a, b in itertools.pairwise(bounds.tolist())]
     widths = np.minimum.reduceat(fewest[by_group], bounds[:-1]).tolist() if units else []
-    group_of = {tuple(int(r) for r in touches[by_group[a]] if r >= 0): g
+    group_of = {tuple(r for r in touches[by_group[a]].tolist() if r >= 0): g
                 for g, a in enumerate(bounds[:-1].tolist())}
 
     reasons: list[dict[str, list[str]]] = [defaultdict(list) for _ in units]

@@ -73,7 +73,13 @@ class Capture:
         """What a ``call_module`` or ``get_attr`` target of the graph names."""
         if target in self.constants:
             return self.constants[target]
-        return resolve_target(self.root, target)
+        module = self.modules.get(target)
+        return module if module is not None else resolve_target(self.root, target)
+
+    @functools.cached_property
+    def modules(self) -> dict[str, nn.Module]:
+        """``root``'s submodules by qualified name."""
+        return dict(self.root.named_modules(remove_duplicate=False))
 
     @functools.cached_property
     def graph_module(self) -> fx.GraphModule:
@@ -128,7 +134,8 @@ class ShapePropagation(fx.Interpreter):
     def fetch_attr(self, target: str) -> Any:
         if target in self.constants:
             return self.constants[target]
-        return super().fetch_attr(target)
+        module = self.submodules.get(target)  # fx's own table of the module's submodules
+        return module if module is not None else super().fetch_attr(target)
 
     def run_node(self, n: fx.Node) -> Any:
         result = self._declared(n) if self.meta else None

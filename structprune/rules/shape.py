@@ -258,9 +258,9 @@ def cat_shape(module: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], 
     if first.ndim == 0 or not -first.ndim <= dim < first.ndim:
         return None
     dim %= first.ndim
-    rest = first.shape[:dim] + first.shape[dim + 1:]
-    if any(t.dtype != first.dtype or t.ndim != first.ndim or t.shape[:dim] + t.shape[dim + 1:]
-           != rest for t in tensors):
+    before, after = first.shape[:dim], first.shape[dim + 1:]
+    if any(t.dtype != first.dtype or t.ndim != first.ndim or t.shape[:dim] != before
+           or t.shape[dim + 1:] != after for t in tensors):
         return None
     return (*first.shape[:dim], sum(t.shape[dim] for t in tensors), *first.shape[dim + 1:]), \
         first.dtype
