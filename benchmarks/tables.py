@@ -135,11 +135,32 @@ def scale() -> str:
     data = load("scale_cpu.json")
     if not data:
         return ""
-    lines = ["### Scale (2-core CPU, 224x224, ratio 0.5, one run each in a fresh process)", "",
-             "| model | graph nodes | parameters | pass | peak memory |", "|---|---:|---:|---:|---:|"]
+    repeats = data.get("repeats", 1)
+    runs = "one run each" if repeats == 1 else f"median of {repeats} runs each"
+    baseline = data.get("baseline")
+    lines = [f"### Scale (2-core CPU, 224x224, ratio 0.5, {runs} in a fresh process)", ""]
+    head = "| model | graph nodes | parameters | pass (spread) | peak memory |"
+    rule = "|---|---:|---:|---:|---:|"
+    if baseline:
+        head += f" {baseline} pass (spread) | ratio |"
+        rule += "---:|---:|"
+    lines += [head, rule]
     for r in data["rows"]:
-        lines.append(f"| {r['model']} | {r['nodes']} | {r['params'] / 1e6:.1f}M | "
-                     f"{r['pass_s']:.2f} s | {r['peak_rss_gib']:.2f} GiB |")
+        passes = r.get("pass_runs_s", [r["pass_s"]])
+        line = (f"| {r['model']} | {r['nodes']} | {r['params'] / 1e6:.1f}M | "
+                f"{r['pass_s']:.2f} s ({min(passes):.2f}-{max(passes):.2f}) | "
+                f"{r['peak_rss_gib']:.2f} GiB |")
+        if baseline and "baseline" in r:
+            base = r["baseline"]
+            line += (f" {base['pass_s']:.2f} s ({min(base['pass_runs_s']):.2f}-"
+                     f"{max(base['pass_runs_s']):.2f}) | {r['ratio_to_baseline']:.2f}x |")
+        lines.append(line)
+    if baseline:
+        lines += ["", f"The {baseline} columns are that commit's code, run alternately with this "
+                      "one, run by run, on the same machine; ratio is this pass over its pass. "
+                      f"Run: `git worktree add /tmp/base {baseline}`, then `python "
+                      f"benchmarks/scale.py --repeats {repeats} --baseline /tmp/base "
+                      f"--baseline-label {baseline}`."]
     if data.get("time_vs_nodes_loglog_slope") is not None:
         lines += ["", f"Slope of log(pass time) against log(graph nodes): "
                       f"{data['time_vs_nodes_loglog_slope']:.2f} (1.0 is linear)."]

@@ -299,3 +299,32 @@ def test_tensor_constants_stay_off_the_model_and_resolve_through_the_capture():
     assert torch.equal(cap.resolve(node.target), want)
     with torch.no_grad():
         assert torch.equal(cap.graph_module(x), model(x))
+
+
+POOLS = [nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((3, None)), nn.AdaptiveMaxPool2d((2, 5)),
+         nn.AdaptiveAvgPool1d(4), nn.AdaptiveAvgPool3d((1, 2, None))]
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=lambda m: repr(m))
+@pytest.mark.parametrize("batched", [True, False])
+def test_declared_adaptive_pool_shapes_equal_the_meta_kernel(pool, batched):
+    from structprune.rules.reduce import adaptive_pool_shape
+
+    n = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool3d: 3}.get(type(pool), 2)
+    spatial = (9, 11, 7)[:n]
+    x = torch.empty((2, 4, *spatial) if batched else (4, *spatial), device="meta")
+    want = pool(x)
+    assert adaptive_pool_shape(pool, (x,), {}) == (tuple(want.shape), want.dtype)
+    assert adaptive_pool_shape(nn.AdaptiveMaxPool2d(2, return_indices=True), (x,), {}) is None
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (8,), (2, 3, 8)])
+def test_declared_linear_shapes_equal_the_meta_kernel(shape):
+    from structprune.rules.layers import linear_shape
+
+    linear = nn.Linear(8, 6)
+    x = torch.empty(shape, device="meta")
+    want = torch.func.functional_call(
+        linear, {k: v.to("meta") for k, v in linear.state_dict().items()}, (x,))
+    assert linear_shape(linear, (x,), {}) == (tuple(want.shape), want.dtype)
+    assert linear_shape(linear, (torch.empty(5, 7, device="meta"),), {}) is None
