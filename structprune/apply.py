@@ -57,16 +57,17 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False,
     for entry in plan.params:
         cuts[entry["name"]].append((entry["dim"], entry["keep"]))
     with torch.no_grad():
-        sliced = {id(named[name]): _sliced(named[name], dims) for name, dims in cuts.items()}
-    touched = {id(module): module for key in sliced for module, _ in holders[key]}
-    if inplace:
-        for key, new in sliced.items():
-            for module, attr in holders[key]:
-                setattr(module, attr, new)  # re-registers the parameter or buffer
-    else:  # the copy takes the sliced tensors in place of the originals, which it never copies
-        memo = _copy_memo(model, sliced)
+        sliced = {name: _sliced(named[name], dims) for name, dims in cuts.items()}
+    if not inplace:  # the copy takes the sliced tensors in place of the originals
+        memo = _copy_memo(model, {id(named[name]): new for name, new in sliced.items()})
         model = copy.deepcopy(model, memo)
-        touched = {id(memo[key]): memo[key] for key in touched}  # their copies
+        named, holders, _ = tensor_index(model)  # a module may copy itself without the memo
+    touched: dict[int, nn.Module] = {}
+    for name, new in sliced.items():
+        for module, attr in holders[id(named[name])]:
+            if getattr(module, attr) is not new:
+                setattr(module, attr, new)  # re-registers the parameter or buffer
+            touched[id(module)] = module
     for module in _with_ancestors(model, touched):
         resize = registry.resizer_for(module)
         if resize is not None:

@@ -88,9 +88,13 @@ class Capture:
         ``GraphModule`` costs as much as propagating shapes (DenseNet-201: 45 ms)."""
         if isinstance(self.root, fx.GraphModule) and self.root.graph is self.graph:
             return self.root
-        targets = {n.target: self.resolve(n.target) for n in self.graph.nodes
-                   if n.op in ("call_module", "get_attr")}
-        return fx.GraphModule(targets, self.graph, class_name=type(self.model).__name__)
+        for name, value in self.constants.items():  # where fx parked them, for the build only
+            setattr(self.root, name, value)
+        try:
+            return fx.GraphModule(self.root, self.graph)
+        finally:
+            for name in self.constants:
+                delattr(self.root, name)
 
     def tensor_spec(self, arg: Any) -> TensorSpec | None:
         """The TensorSpec a node argument produced, or None for a constant or non-tensor."""
@@ -351,6 +355,11 @@ def capture(
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     leaf_types = tuple(leaf_modules)
+    lazy = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    if lazy:
+        raise CaptureError(f"{lazy[0]} is not initialised yet (a lazy module): run the model "
+                           "once on an example input before pruning it")
     with evaluation(model):
         if method == "export":
             return _exported(model, export_graph(model, example_inputs), example_inputs,

@@ -101,7 +101,7 @@ class Criterion:
 
     def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
         """Raw scores of each group, by group index, in order."""
-        return {group.index: self.measure(group) for group in groups}
+        return {group.index: self(self.analysis, group) for group in groups}
 
     def is_parameter(self, key: Key) -> bool:
         return key[0] in self.params
@@ -557,6 +557,9 @@ def normalise(s: np.ndarray, how: str = "mean") -> np.ndarray:
     return s / scale if scale > 0 else s
 
 
+_BATCHED = (Magnitude, LAMP)
+
+
 def score(analysis: Analysis, importance: str | Importance = "l2",
           groups: list[Group] | None = None, *, data: Iterable | None = None,
           normalize: str = "mean", seed: int = 0, batches: int | None = None,
@@ -576,7 +579,9 @@ def score(analysis: Analysis, importance: str | Importance = "l2",
     groups = analysis.groups if groups is None else groups
     measure = make_criterion(importance, analysis, data=data, seed=seed, batches=batches) \
         if isinstance(importance, str) else importance
-    raw = measure.scores(groups) if isinstance(measure, Criterion) else \
+    # the built-in criteria score all groups at once; anything else (a subclass that
+    # overrides how one group is measured, a plain callable) one group at a time
+    raw = measure.scores(groups) if type(measure) in _BATCHED else \
         {group.index: measure(analysis, group) for group in groups}
     return {index: normalise(np.asarray(s, dtype=np.float64), normalize)
             for index, s in raw.items()}

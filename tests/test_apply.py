@@ -1,3 +1,4 @@
+import copy
 import io
 import json
 
@@ -148,3 +149,27 @@ def test_weights_cut_on_both_axes_keep_exactly_the_listed_slices():
     assert (got.numpy() == want).all()
     assert (pruned[0].in_channels, pruned[0].out_channels) == (4, 4)
     assert model[0].weight.shape == (12, 10, 3, 3)  # the dense model is untouched
+
+
+class CopiesItself(nn.Module):
+    """A module whose own __deepcopy__ ignores deepcopy's memo."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+    def __deepcopy__(self, memo):
+        new = CopiesItself.__new__(CopiesItself)
+        new.__dict__ = copy.deepcopy(self.__dict__)
+        return new
+
+
+def test_a_module_that_copies_itself_without_the_memo_is_still_pruned():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), CopiesItself(), nn.Conv2d(8, 2, 1)).eval()
+    result = sp.prune(model, (torch.randn(1, 3, 6, 6),), 0.5)
+    assert result.verification.ok
+    assert result.model[1].conv.weight.shape == (4, 4, 3, 3)
+    assert model[1].conv.weight.shape == (8, 8, 3, 3)

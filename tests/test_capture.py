@@ -328,3 +328,53 @@ def test_declared_linear_shapes_equal_the_meta_kernel(shape):
         linear, {k: v.to("meta") for k, v in linear.state_dict().items()}, (x,))
     assert linear_shape(linear, (x,), {}) == (tuple(want.shape), want.dtype)
     assert linear_shape(linear, (torch.empty(5, 7, device="meta"),), {}) is None
+
+
+class HiddenBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.bn.register_buffer("extra", torch.ones(4), persistent=False)
+        self.lin = nn.Conv2d(4, 4, 1)
+        self.lin.mask = torch.ones(1, 4, 1, 1)  # a plain tensor attribute
+
+    def forward(self, x):
+        return self.lin(self.bn(x) + self.bn.extra.view(1, 4, 1, 1)) * self.lin.mask
+
+
+def test_the_graph_module_leaves_the_users_modules_as_they_were():
+    model = HiddenBuffer().eval()
+    keys = set(model.state_dict())
+    x = torch.randn(1, 4, 3, 3)
+    cap = capture(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(cap.graph_module(x), model(x))
+    assert set(model.state_dict()) == keys  # the non-persistent buffer stays non-persistent
+
+
+def test_declared_shapes_follow_the_weight_not_the_attributes():
+    from structprune.rules.layers import conv_shape, linear_shape
+
+    linear = nn.Linear(3, 4, bias=False)
+    linear.weight = nn.Parameter(torch.randn(2, 3))
+    assert linear_shape(linear, (torch.empty(5, 3, device="meta"),), {})[0] == (5, 2)
+    conv = nn.Conv2d(3, 4, 1, bias=False)
+    conv.weight = nn.Parameter(torch.randn(6, 3, 1, 1))
+    assert conv_shape(conv, (torch.empty(1, 3, 5, 5, device="meta"),), {})[0] == (1, 6, 5, 5)
+
+
+def test_adaptive_pool_inputs_torch_refuses_are_left_to_the_kernel():
+    from structprune.rules.reduce import adaptive_pool_shape
+
+    x = torch.empty(1, 4, 5, 5, device="meta")
+    assert adaptive_pool_shape(nn.AdaptiveAvgPool1d((None,)), (x[0],), {}) is None
+    assert adaptive_pool_shape(nn.AdaptiveAvgPool2d(None), (x,), {}) is None
+    assert adaptive_pool_shape(nn.AdaptiveAvgPool2d(2), (x[..., :0],), {}) is None
+    assert adaptive_pool_shape(nn.AdaptiveAvgPool2d(2), (x.long(),), {}) is None
+
+
+def test_a_lazy_module_is_refused_in_one_line_and_left_uninitialised():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(CaptureError, match="lazy module"):
+        capture(model, (torch.randn(1, 3, 2, 2),))
+    assert isinstance(model[2].weight, nn.parameter.UninitializedParameter)

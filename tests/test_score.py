@@ -77,3 +77,23 @@ def test_a_group_scores_the_same_alone_and_among_all(criterion):
     for group in groups[::-1]:
         np.testing.assert_array_equal(alone(analysis, group), together[group.index])
     assert len(groups) > 50
+
+
+def test_a_subclass_that_measures_its_own_way_is_used():
+    """score() batches only the built-in criteria: a Magnitude subclass overriding measure()
+    gets its own scores."""
+    import torchvision
+
+    from structprune import analyse, capture, score
+    from structprune.score import Magnitude
+
+    class Doubled(Magnitude):
+        def measure(self, group):
+            return 2 * super().measure(group) + np.arange(group.size)
+
+    analysis = analyse(capture(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),)))
+    groups = [g for g in analysis.groups if (~g.blocked).any()]
+    plain = Magnitude(analysis, 2).scores(groups)
+    got = score(analysis, Doubled(analysis, 2), groups, normalize="none")
+    for group in groups:
+        np.testing.assert_array_equal(got[group.index], 2 * plain[group.index] + np.arange(group.size))

@@ -167,8 +167,10 @@ def conv_shape(module: nn.Module, args: tuple, kwargs: dict,
     convolution's meta kernel costs about 120 us a call: 10% of capturing DenseNet-201."""
     x = args[0] if len(args) == 1 and not kwargs else None
     n = len(module.kernel_size)
+    weight = module.weight
     if not isinstance(x, torch.Tensor) or x.ndim not in (n + 1, n + 2) \
-            or x.shape[-n - 1] != module.in_channels or x.dtype != module.weight.dtype:
+            or weight.ndim != n + 2 or x.shape[-n - 1] != weight.shape[1] * module.groups \
+            or x.dtype != weight.dtype:
         return None
     spatial = x.shape[-n:]
     if module.padding == "same":
@@ -179,7 +181,7 @@ def conv_shape(module: nn.Module, args: tuple, kwargs: dict,
             spatial, padding, module.dilation, module.kernel_size, module.stride, strict=True))
     if min(out, default=1) < 1:
         return None
-    return (*x.shape[:-n - 1], module.out_channels, *out), x.dtype
+    return (*x.shape[:-n - 1], weight.shape[0], *out), x.dtype
 
 
 R.op(*_CONVS, rule=conv_module, macs=_conv_module_macs, resize=_resize_conv, shape=conv_shape)
@@ -216,10 +218,11 @@ def linear_shape(module: nn.Module, args: tuple, kwargs: dict,
     """A linear module's output: the input's last axis becomes ``out_features``; None for
     anything else. Declared because the meta kernel costs about 1 ms a call."""
     x = args[0] if len(args) == 1 and not kwargs else None
-    if not isinstance(x, torch.Tensor) or x.ndim == 0 or module.in_features == 0 \
-            or x.shape[-1] != module.in_features or x.dtype != module.weight.dtype:
+    weight = module.weight
+    if not isinstance(x, torch.Tensor) or x.ndim == 0 or weight.ndim != 2 \
+            or x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
         return None
-    return (*x.shape[:-1], module.out_features), x.dtype
+    return (*x.shape[:-1], weight.shape[0]), x.dtype
 
 
 @R.rule(nn.Linear, nn.LazyLinear, macs=_linear_module_macs, resize=_resize_linear,

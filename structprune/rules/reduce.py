@@ -155,11 +155,13 @@ def adaptive_pool_shape(module: nn.Module, args: tuple, kwargs: dict,
     x = args[0] if len(args) == 1 and not kwargs else None
     n = _ADAPTIVE_POOLS[type(module)]
     if not isinstance(x, torch.Tensor) or x.ndim not in (n + 1, n + 2) \
+            or not x.is_floating_point() or 0 in x.shape[-n:] \
             or getattr(module, "return_indices", False):
         return None
     size = module.output_size
-    sizes = (size,) * n if isinstance(size, int) or size is None else tuple(size)
-    if len(sizes) != n:
+    sizes = (size,) * n if isinstance(size, int) else tuple(size) if size is not None else ()
+    if len(sizes) != n or (n == 1 and None in sizes) or not all(
+            s is None or (isinstance(s, int) and s > 0) for s in sizes):
         return None
     spatial = tuple(x.shape[-n + i] if s is None else s for i, s in enumerate(sizes))
     return (*x.shape[:-n], *spatial), x.dtype
