@@ -26,7 +26,7 @@ import io
 import logging
 import traceback
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,17 +129,15 @@ class ShapePropagation(fx.Interpreter):
     ``get_attr`` gives a meta tensor, so the model's weights are never read or changed."""
 
     def __init__(self, module: nn.Module, meta: bool, registry: RuleRegistry,
-                 graph: fx.Graph | None = None, constants: dict[str, Any] | None = None):
+                 graph: fx.Graph | None = None,
+                 resolve: Callable[[str], Any] | None = None):
         super().__init__(module, graph=graph)
         self.meta = meta
         self.registry = registry
-        self.constants = constants or {}
+        self.resolve = resolve  # how targets resolve, when not as attributes of ``module``
 
     def fetch_attr(self, target: str) -> Any:
-        if target in self.constants:
-            return self.constants[target]
-        module = self.submodules.get(target)  # fx's own table of the module's submodules
-        return module if module is not None else super().fetch_attr(target)
+        return self.resolve(target) if self.resolve else super().fetch_attr(target)
 
     def run_node(self, n: fx.Node) -> Any:
         result = self._declared(n) if self.meta else None
@@ -207,7 +205,7 @@ def propagate(cap: Capture, registry: RuleRegistry = DEFAULT_REGISTRY) -> None:
     user's model changes."""
     with torch.no_grad():
         try:
-            ShapePropagation(cap.root, True, registry, cap.graph, cap.constants) \
+            ShapePropagation(cap.root, True, registry, cap.graph, cap.resolve) \
                 .run(*cap.example_inputs)
         except Exception:  # noqa: BLE001 - retried on real tensors, then reported
             _propagate_for_real(cap, registry)

@@ -6,8 +6,9 @@ model (see :func:`probe_ms`), at the widths the width search asks for, and the r
 kept in a table keyed by op, input shape, channels in and out, kernel, stride, padding,
 dilation, groups, dtype, batch, runtime and threads. The table is cached on disk, one file
 per runtime and machine (``$STRUCTPRUNE_CACHE`` or ``~/.cache/structprune``); a file
-written under another machine or runtime fingerprint is ignored and rebuilt. A model's latency is predicted as the sum over its layers, which
-:mod:`structprune.speed` checks against a measurement of the whole exported model.
+written under another machine or runtime fingerprint is ignored and rebuilt. A model's
+latency is predicted as the sum over its layers, which :mod:`structprune.speed` checks
+against a measurement of the whole exported model.
 
 Which layers a probe exists for is declared once, in :data:`PROBES` (``register_probe`` adds
 one for a layer type of your own).
