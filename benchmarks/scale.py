@@ -4,7 +4,10 @@ Each run is a fresh subprocess (so peak RSS is its own, and the pass is cold, as
 first call is): build with random weights, then one ``structprune.prune(..., check=False)``
 at ratio 0.5. Records graph nodes, pass seconds per stage, and the process's peak resident
 memory. With ``--repeats N`` every model runs N times and the median pass is reported with
-its spread. A least-squares fit of pass time against node count over the models checks
+its spread. The cyclic garbage collector's time inside the pass is recorded too (through
+``gc.callbacks``): a full collection falls inside a large model's pass whenever the process
+has allocated enough since the last one, and code that pauses the collector moves that
+collection into the user's next steps instead (``benchmarks/collector.py`` measures that). A least-squares fit of pass time against node count over the models checks
 growth is no worse than linear.
 
 ``--baseline DIR`` also runs another checkout of structprune (a ``git worktree`` of an
@@ -32,7 +35,7 @@ MODELS = ["resnet18", "resnet50", "resnet152", "densenet121", "densenet201",
           "efficientnet_b0", "efficientnet_v2_l", "convnext_large", "regnet_y_128gf"]
 
 CHILD = r"""
-import json, resource, sys, time, torch, torchvision
+import gc, json, resource, sys, time, torch, torchvision
 import structprune as sp
 name, size = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
@@ -40,9 +43,17 @@ t = time.perf_counter()
 model = torchvision.models.get_model(name, weights=None).eval()
 build = time.perf_counter() - t
 x = (torch.randn(1, 3, size, size),)
+collections = []  # (generation, seconds) of each collection inside the pass
+def timed(phase, info, start=[0.0]):
+    if phase == "start":
+        start[0] = time.perf_counter()
+    else:
+        collections.append((info["generation"], time.perf_counter() - start[0]))
+gc.callbacks.append(timed)
 t = time.perf_counter()
 result = sp.prune(model, x, 0.5, check=False)
 call = time.perf_counter() - t
+gc.callbacks.remove(timed)
 cap = sp.capture(model, x)
 print(json.dumps({"model": name, "structprune": sp.__file__, "input": size, "nodes": len(cap.graph.nodes),
                   "params": sum(p.numel() for p in model.parameters()),
@@ -50,6 +61,8 @@ print(json.dumps({"model": name, "structprune": sp.__file__, "input": size, "nod
                   "pass_s": sum(result.figures["seconds"].values()),
                   "stages_s": result.figures["seconds"],
                   "macs_ratio": result.figures["macs_ratio"],
+                  "collector_s": sum(s for _, s in collections),
+                  "full_collections": sum(g == 2 for g, _ in collections),
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
@@ -75,6 +88,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r["pass_s"])
     row = dict(ordered[(len(ordered) - 1) // 2])
     row["pass_runs_s"] = [r["pass_s"] for r in runs]
+    row["collector_runs_s"] = [r["collector_s"] for r in runs]
+    # the pass's own work: each run's pass less the collector's time inside it (for an even
+    # count, the lower middle, as for the pass)
+    work = sorted(r["pass_s"] - r["collector_s"] for r in runs)
+    row["work_s"] = work[(len(work) - 1) // 2]
     row["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
     return row
 
@@ -102,13 +120,17 @@ def main() -> int:
         row = summarise(runs)
         line = (f"{name:18s} nodes {row['nodes']:5d} params {row['params'] / 1e6:7.1f}M "
                 f"pass {row['pass_s']:6.2f}s ({min(row['pass_runs_s']):.2f}-"
-                f"{max(row['pass_runs_s']):.2f}) peak {row['peak_rss_gib']:5.2f} GiB")
+                f"{max(row['pass_runs_s']):.2f}) collector {np.median(row['collector_runs_s']):.2f}s"
+                f" peak {row['peak_rss_gib']:5.2f} GiB")
         if baseline_runs:
             base = summarise(baseline_runs)
             row["baseline"] = {k: base[k] for k in ("pass_s", "pass_runs_s", "stages_s",
-                                                    "peak_rss_gib")}
+                                                    "peak_rss_gib", "collector_runs_s",
+                                                    "work_s")}
             row["ratio_to_baseline"] = row["pass_s"] / base["pass_s"]
-            line += f" | baseline {base['pass_s']:6.2f}s ratio {row['ratio_to_baseline']:.2f}"
+            row["work_ratio_to_baseline"] = row["work_s"] / base["work_s"]
+            line += (f" | baseline {base['pass_s']:6.2f}s ratio {row['ratio_to_baseline']:.2f}"
+                     f" (without the collector {row['work_ratio_to_baseline']:.2f})")
         rows.append(row)
         print(line, flush=True)
     nodes = np.array([r["nodes"] for r in rows], float)

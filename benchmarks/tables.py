@@ -139,21 +139,34 @@ def scale() -> str:
     runs = "one run each" if repeats == 1 else f"median of {repeats} runs each"
     baseline = data.get("baseline")
     lines = [f"### Scale (2-core CPU, 224x224, ratio 0.5, {runs} in a fresh process)", ""]
-    head = "| model | graph nodes | parameters | pass (spread) | peak memory |"
-    rule = "|---|---:|---:|---:|---:|"
+    collector = all("collector_runs_s" in r for r in data["rows"])
+    head = "| model | graph nodes | parameters | pass (spread) |"
+    rule = "|---|---:|---:|---:|"
+    if collector:
+        head += " of it the collector |"
+        rule += "---:|"
+    head += " peak memory |"
+    rule += "---:|"
     if baseline:
         head += f" {baseline} pass (spread) | ratio |"
         rule += "---:|---:|"
+        if collector:
+            head += " ratio without the collector |"
+            rule += "---:|"
     lines += [head, rule]
     for r in data["rows"]:
         passes = r.get("pass_runs_s", [r["pass_s"]])
         line = (f"| {r['model']} | {r['nodes']} | {r['params'] / 1e6:.1f}M | "
-                f"{r['pass_s']:.2f} s ({min(passes):.2f}-{max(passes):.2f}) | "
-                f"{r['peak_rss_gib']:.2f} GiB |")
+                f"{r['pass_s']:.2f} s ({min(passes):.2f}-{max(passes):.2f}) |")
+        if collector:
+            line += f" {np.median(r['collector_runs_s']):.2f} s |"
+        line += f" {r['peak_rss_gib']:.2f} GiB |"
         if baseline and "baseline" in r:
             base = r["baseline"]
             line += (f" {base['pass_s']:.2f} s ({min(base['pass_runs_s']):.2f}-"
                      f"{max(base['pass_runs_s']):.2f}) | {r['ratio_to_baseline']:.2f}x |")
+            if collector:
+                line += f" {r['work_ratio_to_baseline']:.2f}x |"
         lines.append(line)
     if baseline:
         lines += ["", f"The {baseline} columns are that commit's code, run alternately with this "
@@ -161,9 +174,45 @@ def scale() -> str:
                       f"Run: `git worktree add /tmp/base {baseline}`, then `python "
                       f"benchmarks/scale.py --repeats {repeats} --baseline /tmp/base "
                       f"--baseline-label {baseline}`."]
+    if collector:
+        lines += ["", "The collector is Python's cyclic garbage collector, timed inside the pass "
+                      "through `gc.callbacks`; a full collection falls inside a large model's "
+                      "pass when the process has allocated enough since the last one. "
+                      + (f"{baseline} paused the collector for the whole pass; "
+                         "ratio without the collector compares the median pass less the "
+                         "collector's time in it. " if baseline else "")
+                      + "Pausing it does not save the time, it moves it: see the collector "
+                        "table below."]
     if data.get("time_vs_nodes_loglog_slope") is not None:
         lines += ["", f"Slope of log(pass time) against log(graph nodes): "
                       f"{data['time_vs_nodes_loglog_slope']:.2f} (1.0 is linear)."]
+    return "\n".join(lines)
+
+
+def collector() -> str:
+    data = load("collector_cpu.json")
+    if not data:
+        return ""
+    lines = ["### Pausing the garbage collector moves its time, it does not save it", "",
+             "A user's task, each run in a fresh process: three prunes (ratios 0.25, 0.5, "
+             "0.75, results kept, as `structprune sweep` does) with 50,000 of the user's own "
+             "objects made after each, the collector left alone (as structprune does) or "
+             f"paused inside each `prune` (as 6dc2a35 did); median of {data['repeats']} runs "
+             "each, alternating (`benchmarks/collector.py`).", "",
+             "| model | first prune, left alone | paused | task, left alone | paused | "
+             "collector over the task, left alone | paused |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        alone, paused = r["left alone"], r["paused"]
+        lines.append(
+            f"| {r['model']} | {alone['first_call_s']:.2f} s | {paused['first_call_s']:.2f} s "
+            f"({r['first_call_saved']:+.0%}) | {alone['task_s']:.2f} s | {paused['task_s']:.2f} s "
+            f"({r['task_saved']:+.0%}) | {alone['collector_s']:.2f} s "
+            f"({alone['full_collections']:.0f} full) | {paused['collector_s']:.2f} s "
+            f"({paused['full_collections']:.0f} full) |")
+    lines += ["", "A positive percentage is time the pause saves. The collections a paused "
+                  "pass skips fall in the user's next steps instead, so the task takes about "
+                  "as long either way; structprune leaves the collector alone."]
     return "\n".join(lines)
 
 
@@ -612,6 +661,7 @@ def render() -> str:
                                    cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
     parts = [pass_time(), capture_paths(), coverage(), coverage_external(), gpu,
              cpu + ("\n\n" + cpu_note if cpu else ""), speed, yolo_latency(), scale(),
+             collector(),
              criteria_table(), budget(), demo(), recovery()]
     return "\n\n".join(p for p in parts if p) + "\n"
 
