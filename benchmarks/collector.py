@@ -26,24 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scale import COLLECTOR_TIMER  # benchmarks/ is on the path of a script run from it
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ["resnet50", "densenet201", "efficientnet_v2_l"]
 MODES = ["left alone", "paused"]
 
-CHILD = r"""
-import gc, json, sys, time, torch, torchvision
+CHILD = COLLECTOR_TIMER + r"""
+import json, sys, torch, torchvision
 import structprune as sp
 name, paused = sys.argv[1], sys.argv[2] == "paused"
 torch.manual_seed(0)
 model = torchvision.models.get_model(name, weights=None).eval()
 x = (torch.randn(1, 3, 224, 224),)
-collections = []
-def timed(phase, info, start=[0.0]):
-    if phase == "start":
-        start[0] = time.perf_counter()
-    else:
-        collections.append((info["generation"], time.perf_counter() - start[0]))
 gc.callbacks.append(timed)
 calls, results, kept = [], [], []
 task = time.perf_counter()

@@ -34,8 +34,19 @@ ROOT = Path(__file__).resolve().parent
 MODELS = ["resnet18", "resnet50", "resnet152", "densenet121", "densenet201",
           "efficientnet_b0", "efficientnet_v2_l", "convnext_large", "regnet_y_128gf"]
 
-CHILD = r"""
-import gc, json, resource, sys, time, torch, torchvision
+# child code: ``gc.callbacks.append(timed)`` records (generation, seconds) of each collection
+COLLECTOR_TIMER = r"""
+import gc, time
+collections = []
+def timed(phase, info, start=[0.0]):
+    if phase == "start":
+        start[0] = time.perf_counter()
+    else:
+        collections.append((info["generation"], time.perf_counter() - start[0]))
+"""
+
+CHILD = COLLECTOR_TIMER + r"""
+import json, resource, sys, torch, torchvision
 import structprune as sp
 name, size = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
@@ -43,12 +54,6 @@ t = time.perf_counter()
 model = torchvision.models.get_model(name, weights=None).eval()
 build = time.perf_counter() - t
 x = (torch.randn(1, 3, size, size),)
-collections = []  # (generation, seconds) of each collection inside the pass
-def timed(phase, info, start=[0.0]):
-    if phase == "start":
-        start[0] = time.perf_counter()
-    else:
-        collections.append((info["generation"], time.perf_counter() - start[0]))
 gc.callbacks.append(timed)
 t = time.perf_counter()
 result = sp.prune(model, x, 0.5, check=False)
