@@ -7,8 +7,9 @@ memory. With ``--repeats N`` every model runs N times and the median pass is rep
 its spread. The cyclic garbage collector's time inside the pass is recorded too (through
 ``gc.callbacks``): a full collection falls inside a large model's pass whenever the process
 has allocated enough since the last one, and code that pauses the collector moves that
-collection into the user's next steps instead (``benchmarks/collector.py`` measures that). A least-squares fit of pass time against node count over the models checks
-growth is no worse than linear.
+collection into the user's next steps instead (``benchmarks/collector.py`` measures that).
+A least-squares fit of pass time against node count over the models checks growth is no
+worse than linear.
 
 ``--baseline DIR`` also runs another checkout of structprune (a ``git worktree`` of an
 earlier commit), alternating with this one run by run, so that both see the same machine;
@@ -125,8 +126,8 @@ def main() -> int:
         row = summarise(runs)
         line = (f"{name:18s} nodes {row['nodes']:5d} params {row['params'] / 1e6:7.1f}M "
                 f"pass {row['pass_s']:6.2f}s ({min(row['pass_runs_s']):.2f}-"
-                f"{max(row['pass_runs_s']):.2f}) collector {np.median(row['collector_runs_s']):.2f}s"
-                f" peak {row['peak_rss_gib']:5.2f} GiB")
+                f"{max(row['pass_runs_s']):.2f}) collector "
+                f"{np.median(row['collector_runs_s']):.2f}s peak {row['peak_rss_gib']:5.2f} GiB")
         if baseline_runs:
             base = summarise(baseline_runs)
             row["baseline"] = {k: base[k] for k in ("pass_s", "pass_runs_s", "stages_s",
