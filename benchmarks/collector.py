@@ -1,10 +1,11 @@
 """Collector: does pausing Python's garbage collector during the pass save the user time?
 
-Code before #13's rewrite (6dc2a35) paused the cyclic collector for the whole of ``prune``. A full
-collection then never fell inside the pass, and large models' passes read 0.2-0.3 s faster.
-This measures whether that time is saved or only moved: a user's task, in a fresh process
-per run, is a sweep of three prunes (ratios 0.25, 0.5, 0.75, results kept, as ``structprune
-sweep`` does) with some of the user's own allocation between them, run twice, alternately:
+Code before #13's rewrite (6dc2a35) paused the cyclic collector for the whole of ``prune``.
+A full collection then never fell inside the pass, and large models' passes read 0.2-0.3 s
+faster. This measures whether that time is saved or only moved: a user's task, in a fresh
+process per run, is a sweep of three prunes (ratios 0.25, 0.5, 0.75, results kept, as
+``structprune sweep`` does) with some of the user's own allocation between them, in two
+modes, alternating run by run:
 
 - ``left alone``: the collector runs as Python schedules it (what structprune does);
 - ``paused``: the collector is disabled inside each ``prune`` call and enabled after it.
