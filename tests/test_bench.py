@@ -27,16 +27,17 @@ def test_a_spinning_runner_settles_untimed_before_another_runs():
     the pause is in no one's time; the same runner twice in a row (a round's turn) waits not."""
     import time
 
+    settle = 0.2  # long beside a stall of a loaded machine between two empty calls
     starts = []
-    dense = bench.SessionRunner(lambda: starts.append(("d", time.perf_counter())), 0.03)
+    dense = bench.SessionRunner(lambda: starts.append(("d", time.perf_counter())), settle)
     pruned = bench.SessionRunner(lambda: starts.append(("p", time.perf_counter())))
     d_ms, p_ms = bench.interleaved(dense, pruned, warmup=0, repeats=4)
     # order d p | p d | d p | p d
     gaps = [(a[0], b[0], b[1] - a[1]) for a, b in itertools.pairwise(starts)]
     assert [g for g in gaps if g[:2] == ("d", "p")] and \
-        all(gap >= 0.03 for a, b, gap in gaps if (a, b) == ("d", "p"))
-    assert all(gap < 0.03 for a, b, gap in gaps if a == b or (a, b) == ("p", "d"))
-    assert max(d_ms + p_ms) < 30
+        all(gap >= settle for a, b, gap in gaps if (a, b) == ("d", "p"))
+    assert all(gap < settle for a, b, gap in gaps if a == b or (a, b) == ("p", "d"))
+    assert max(d_ms + p_ms) < settle * 1000 / 2
 
 
 def test_onnx_runtime_on_several_threads_settles():
