@@ -140,6 +140,9 @@ def scale() -> str:
     baseline = data.get("baseline")
     lines = [f"### Scale (2-core CPU, 224x224, ratio 0.5, {runs} in a fresh process)", ""]
     collector = all("collector_runs_s" in r for r in data["rows"])
+    # the table as recorded the day #13 was filed, kept beside the runs
+    recorded = load(f"scale_cpu_{baseline}.json") if baseline else None
+    recorded_pass = {r["model"]: r["pass_s"] for r in recorded["rows"]} if recorded else {}
     head = "| model | graph nodes | parameters | pass (spread) |"
     rule = "|---|---:|---:|---:|"
     if collector:
@@ -152,6 +155,9 @@ def scale() -> str:
         rule += "---:|---:|"
         if collector:
             head += " ratio without the collector |"
+            rule += "---:|"
+        if recorded_pass:
+            head += f" against {baseline}'s recorded table |"
             rule += "---:|"
     lines += [head, rule]
     for r in data["rows"]:
@@ -167,6 +173,9 @@ def scale() -> str:
                      f"{max(base['pass_runs_s']):.2f}) | {r['ratio_to_baseline']:.2f}x |")
             if collector:
                 line += f" {r['work_ratio_to_baseline']:.2f}x |"
+            if recorded_pass:
+                line += (f" {r['pass_s'] / recorded_pass[r['model']]:.2f}x |"
+                         if r["model"] in recorded_pass else " - |")
         lines.append(line)
     if baseline:
         lines += ["", f"The {baseline} columns are that commit's code, run alternately with this "
@@ -174,6 +183,10 @@ def scale() -> str:
                       f"Run: `git worktree add /tmp/base {baseline}`, then `python "
                       f"benchmarks/scale.py --repeats {repeats} --baseline /tmp/base "
                       f"--baseline-label {baseline}`."]
+    if recorded:
+        lines += ["", f"{baseline}'s recorded table is the one that commit wrote on "
+                      f"{recorded['date']} (kept as `benchmarks/results/scale_cpu_{baseline}"
+                      ".json`); the column is this pass over that day's pass."]
     if collector:
         lines += ["", "The collector is Python's cyclic garbage collector, timed inside the pass "
                       "through `gc.callbacks`; a full collection falls inside a large model's "
