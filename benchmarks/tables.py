@@ -183,6 +183,13 @@ def scale() -> str:
                       f"Run: `git worktree add /tmp/base {baseline}`, then `python "
                       f"benchmarks/scale.py --repeats {repeats} --baseline /tmp/base "
                       f"--baseline-label {baseline}`."]
+    recheck = load("scale_cpu_recheck.json")
+    if recheck and recheck.get("baseline") == baseline:
+        cells = [f"{r['model']} {r['ratio_to_baseline']:.2f}x ({r['work_ratio_to_baseline']:.2f}x "
+                 "without the collector)" for r in recheck["rows"]]
+        lines += ["", f"The same comparison with {recheck['repeats']} runs each, run again "
+                      f"(`scale_cpu_recheck.json`): {'; '.join(cells)}. On this shared machine "
+                      "the ratio of identical code swings by about 0.3 from one run to the next."]
     if recorded:
         lines += ["", f"{baseline}'s recorded table is the one that commit wrote on "
                       f"{recorded['date']} (kept as `benchmarks/results/scale_cpu_{baseline}"
