@@ -160,7 +160,7 @@ def test_kernel_times_count_the_layers_work_only(runtime):
     wall = latency.time_runner(target.onnx_runner(one_conv, shapes), min_runs=30)
     assert one < wall, (one, wall)
     with pytest.raises(ValueError, match="wall clock"):
-        Target("ort-cuda").onnx_kernel_ms(_conv_chain_onnx(1), shapes, 1)
+        Target("ort-cuda").onnx_kernel_ms(one_conv, shapes, 1)
 
 
 # the latency model: layer shapes at a removal are the pruned modules' shapes

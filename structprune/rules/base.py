@@ -194,6 +194,13 @@ def size_query(ctx: RuleContext, node: fx.Node) -> tuple[TensorInfo, int] | None
 # Output shapes, for capture (see RuleRegistry.op)
 
 
+def only_tensor_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The call's one positional tensor, or None when it has other arguments: the shape
+    declarations of single-input layers compute nothing else."""
+    x = args[0] if len(args) == 1 and not kwargs else None
+    return x if isinstance(x, torch.Tensor) else None
+
+
 def same_shape(module: Any, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any] | None:
     """The first input's shape and dtype: activations, norms, dropout."""
     x = args[0] if args else None

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from ..registry import DEFAULT_REGISTRY as R
 from ..types import ChannelMap, RuleContext, TensorInfo
-from .base import block_except, filled, merge_elementwise, passthrough, project, same_shape
+from .base import (
+    block_except,
+    filled,
+    merge_elementwise,
+    only_tensor_input,
+    passthrough,
+    project,
+    same_shape,
+)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -165,10 +173,10 @@ def conv_shape(module: nn.Module, args: tuple, kwargs: dict,
     """A conv module's output shape by the formula in ``nn.Conv2d``'s docs; None for anything
     else (the op then runs on meta tensors and raises its own error). Declared because
     convolution's meta kernel costs about 120 us a call: 10% of capturing DenseNet-201."""
-    x = args[0] if len(args) == 1 and not kwargs else None
+    x = only_tensor_input(args, kwargs)
     n = len(module.kernel_size)
     weight = module.weight
-    if not isinstance(x, torch.Tensor) or x.ndim not in (n + 1, n + 2) \
+    if x is None or x.ndim not in (n + 1, n + 2) \
             or weight.ndim != n + 2 or x.shape[-n - 1] != weight.shape[1] * module.groups \
             or x.dtype != weight.dtype:
         return None
@@ -217,9 +225,9 @@ def linear_shape(module: nn.Module, args: tuple, kwargs: dict,
                  ) -> tuple[tuple[int, ...], Any] | None:
     """A linear module's output: the input's last axis becomes ``out_features``; None for
     anything else. Declared because the meta kernel costs about 1 ms a call."""
-    x = args[0] if len(args) == 1 and not kwargs else None
+    x = only_tensor_input(args, kwargs)
     weight = module.weight
-    if not isinstance(x, torch.Tensor) or x.ndim == 0 or weight.ndim != 2 \
+    if x is None or x.ndim == 0 or weight.ndim != 2 \
             or x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
         return None
     return (*x.shape[:-1], weight.shape[0]), x.dtype

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..registry import DEFAULT_REGISTRY as R
 from ..types import ChannelMap, RuleContext, TensorInfo
-from .base import channel_passthrough, elementwise, passthrough
+from .base import channel_passthrough, elementwise, only_tensor_input, passthrough
 
 
 def reduce(ctx: RuleContext, x: TensorInfo, dim: Any, keepdim: bool, exact: bool,
@@ -152,9 +152,9 @@ def adaptive_pool_shape(module: nn.Module, args: tuple, kwargs: dict,
     ``output_size`` (None keeps an axis); None with indices or an unexpected input. Declared
     because the meta kernel of adaptive average pooling costs about 1 ms a call: EfficientNet-B0
     pools in each of its 16 squeeze-excitation blocks."""
-    x = args[0] if len(args) == 1 and not kwargs else None
+    x = only_tensor_input(args, kwargs)
     n = _ADAPTIVE_POOLS[type(module)]
-    if not isinstance(x, torch.Tensor) or x.ndim not in (n + 1, n + 2) \
+    if x is None or x.ndim not in (n + 1, n + 2) \
             or not x.is_floating_point() or 0 in x.shape[-n:] \
             or getattr(module, "return_indices", False):
         return None
