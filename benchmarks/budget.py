@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 import structprune as sp
-from structprune import bench
+from structprune.deploy import bench
 
 ROOT = Path(__file__).resolve().parent
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import structprune as sp
-from structprune import bench
-from structprune.models import build_model
+from structprune.deploy import bench
+from structprune.front.models import build_model
 
 ROOT = Path(__file__).resolve().parent
 CASES = [("torchvision:resnet50", "fx"), ("torchvision:resnet50", "export"),

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torchvision
 
 import structprune as sp
-from structprune.verify import flatten_outputs
+from structprune.core.verify import flatten_outputs
 
 ROOT = Path(__file__).resolve().parent
 NOT_CNN = ("vit_", "swin_", "maxvit")

@@ -2,7 +2,7 @@
 torchvision's detection pieces and RAFT, pruned end to end at ratio 0.5, exact-only.
 
 Every model (random weights, nothing downloaded; listed in ``tests/external_models.py``) goes
-through ``structprune.workflow.prune_to_dir``: prune, verify against the masked dense model,
+through ``structprune.front.workflow.prune_to_dir``: prune, verify against the masked dense model,
 export dense and pruned ONNX, check ONNX Runtime against torch. Each row records the status
 (pruned, refused with its one-line reason, or crashed), the capture path, MACs kept, groups
 pruned and blocked, the verification and ONNX errors and the seconds taken.
@@ -67,7 +67,7 @@ def main() -> int:
         print(f"{case.name:44s} {row['status']:8s} {row['seconds']:6.1f}s  {detail}",
               flush=True)
     try:
-        from structprune.bench import machine
+        from structprune.deploy.bench import machine
 
         info = machine()
     except ImportError:

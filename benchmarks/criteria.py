@@ -2,12 +2,12 @@
 Torch-Pruning, side by side in one process.
 
 The model is ``structprune:digits_cnn`` (a VGG-style CNN, conv 64-64-128-128-256-256 with BN
-and a 256-unit MLP head, see structprune/models.py), trained with ``structprune.train.fit``
-on the training split of ``structprune.data.digits()`` (scikit-learn's digits upsampled to
+and a 256-unit MLP head, see structprune/models.py), trained with ``structprune.accuracy.train.fit``
+on the training split of ``structprune.accuracy.data.digits()`` (scikit-learn's digits upsampled to
 32x32, stratified 70/30, seed 0). Its dense test accuracy is recorded, then for every ratio
 in 0.3, 0.5, 0.7:
 
-* structprune, for each criterion of ``structprune.score`` (l1, l2, taylor, gradient, bn,
+* structprune, for each criterion of ``structprune.core.score`` (l1, l2, taylor, gradient, bn,
   fpgm, lamp, activation, random), through the stage API: ``capture`` -> ``analyse`` ->
   ``score(analysis, criterion, prunable groups, data=calibration)`` -> ``make_plan`` with
   ``PlanSettings(ratio=ratio)`` -> ``apply_plan``. Nothing needs ignoring for the final
@@ -56,13 +56,13 @@ import torch_pruning as tp
 from torch.utils.data import DataLoader
 
 import structprune as sp
-from structprune.bench import machine
-from structprune.data import digits
-from structprune.evaluate import evaluate
-from structprune.models import build_model
-from structprune.report import count_macs, count_params
-from structprune.score import IMPORTANCE
-from structprune.train import fit
+from structprune.accuracy.data import digits
+from structprune.accuracy.evaluate import evaluate
+from structprune.accuracy.train import fit
+from structprune.core.counts import count_macs, count_params
+from structprune.core.score import IMPORTANCE
+from structprune.deploy.bench import machine
+from structprune.front.models import build_model
 
 SEED = 0
 RATIOS = (0.3, 0.5, 0.7)

@@ -12,8 +12,8 @@ import datetime
 import json
 from pathlib import Path
 
-from structprune import bench
-from structprune.workflow import demo
+from structprune.deploy import bench
+from structprune.front.workflow import demo
 
 ROOT = Path(__file__).resolve().parent
 

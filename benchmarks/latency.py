@@ -31,9 +31,9 @@ import torch.nn as nn
 import torchvision
 
 import structprune as sp
-from structprune import bench, tune
-from structprune.export import export_onnx
-from structprune.report import count_macs
+from structprune.core.counts import count_macs
+from structprune.deploy import bench, tune
+from structprune.deploy.export import export_onnx
 
 ROOT = Path(__file__).resolve().parent
 

@@ -19,15 +19,15 @@ import torch
 import torch_pruning as tp
 
 import structprune as sp
-from structprune import bench
-from structprune.data import digits
-from structprune.evaluate import evaluate
-from structprune.models import digits_cnn
-from structprune.recover import recover
-from structprune.report import count_macs
-from structprune.score import calibration
-from structprune.sparsity import GroupLasso
-from structprune.train import fit
+from structprune.accuracy.data import digits
+from structprune.accuracy.evaluate import evaluate
+from structprune.accuracy.recover import recover
+from structprune.accuracy.sparsity import GroupLasso
+from structprune.accuracy.train import fit
+from structprune.core.counts import count_macs
+from structprune.core.score import calibration
+from structprune.deploy import bench
+from structprune.front.models import digits_cnn
 
 ROOT = Path(__file__).resolve().parent
 RECOVERY = [["none"], ["bn"], ["bias"], ["bias", "bn"], ["lsq"], ["lsq", "bn"]]

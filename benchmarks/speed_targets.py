@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 import structprune as sp
-from structprune import bench
-from structprune.export import export_onnx
-from structprune.runtimes import Target
-from structprune.speed import SlowerError, TargetError, prune_for_target
-from structprune.tune import fastest_rounding
+from structprune.deploy import bench
+from structprune.deploy.export import export_onnx
+from structprune.deploy.runtimes import Target
+from structprune.deploy.speed import SlowerError, TargetError, prune_for_target
+from structprune.deploy.tune import fastest_rounding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import build, macs, tp_prune  # noqa: E402

@@ -43,7 +43,7 @@ def main() -> int:
              "--no-openvino", "--repeats", "20"]]
         for command in commands:
             subprocess.run([sys.executable, "-c",
-                            "import sys; from structprune.cli import main; sys.exit(main())",
+                            "import sys; from structprune.front.cli import main; sys.exit(main())",
                             *command], check=True)
         report = json.loads((out / "report.json").read_text())
         bench = json.loads((out / "bench.json").read_text())

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 import structprune as sp
-from structprune import bench
-from structprune.models import build_model
-from structprune.runtimes import Target
-from structprune.speed import prune_for_target
+from structprune.deploy import bench
+from structprune.deploy.runtimes import Target
+from structprune.deploy.speed import prune_for_target
+from structprune.front.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_targets import interleaved  # noqa: E402

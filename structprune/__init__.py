@@ -4,16 +4,16 @@ Stages, one module each: capture -> analyse -> score -> plan -> apply -> verify 
 bench. ``prune`` runs the first six in one call.
 """
 
-from .analyse import Analysis, Group, analyse
-from .api import PruneResult, prune
-from .apply import apply_plan
-from .capture import Capture, capture
-from .errors import CaptureError, PlanError, StructPruneError, VerificationError
-from .io import load, save
-from .plan import Plan, PlanSettings, make_plan
-from .rules import DEFAULT_REGISTRY, register_op, register_rule
-from .score import score
-from .verify import masked_model, verify
+from structprune.core.analyse import Analysis, Group, analyse
+from structprune.core.api import PruneResult, prune
+from structprune.core.apply import apply_plan
+from structprune.core.capture import Capture, capture
+from structprune.core.plan import Plan, PlanSettings, make_plan
+from structprune.core.rules import DEFAULT_REGISTRY, register_op, register_rule
+from structprune.core.score import score
+from structprune.core.verify import masked_model, verify
+from structprune.errors import CaptureError, PlanError, StructPruneError, VerificationError
+from structprune.front.io import load, save
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,7 @@ A leaf module: it imports nothing of structprune, so every stage and every rule 
 
 - :class:`TensorSpec`: shape and dtype of a tensor a node produced in capture.
 - :class:`ChannelMap` and :class:`TensorInfo`: which channel *atom* each index of a tensor's
-  channel axes belongs to (see :mod:`structprune.analyse`).
+  channel axes belongs to (see :mod:`structprune.core.analyse`).
 - :class:`RuleContext`: what a rule may ask of the analysis engine.
 """
 
@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 # ``node.meta`` key of a node whose literals do not follow channel counts (the reason): the
-# analysis keeps whole every channel axis such a node reads (see structprune.literals)
+# analysis keeps whole every channel axis such a node reads (see structprune.core.literals)
 PINNED = "structprune_pinned"
 
 

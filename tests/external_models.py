@@ -3,7 +3,7 @@ and torchvision's detection pieces and RAFT, built with random weights (nothing 
 
 Shared by ``tests/test_zoo_external.py`` and ``benchmarks/coverage_external.py``: ``CASES``
 lists every model with its family and input shapes, ``build`` makes it, ``run`` prunes it
-end to end with ``structprune.workflow.prune_to_dir`` and returns one row for the record.
+end to end with ``structprune.front.workflow.prune_to_dir`` and returns one row for the record.
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ def frozen_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _ultralytics(spec: str) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
-        from structprune.models import build_model
+        from structprune.front.models import build_model
 
         return build_model(spec)
     return make
 
 
 def _yolo_cases() -> list[Case]:
-    from structprune.models import default_input_shape
+    from structprune.front.models import default_input_shape
 
     cases = []
     for version in ("yolov8", "yolo11"):
@@ -235,7 +235,7 @@ def prune_case(case: Case, out: str | Path, ratio: float = 0.5, exporter: str = 
     """Build ``case`` and prune it end to end into ``out`` (exact-only, both ONNX files and
     the ONNX Runtime check): ``(dense model, inputs, result, figures)``. Raises whatever
     structprune raises."""
-    from structprune.workflow import prune_to_dir
+    from structprune.front.workflow import prune_to_dir
 
     model, inputs = build(case)
     result, figures = prune_to_dir(model, inputs, out, ratio=ratio, exact_only=True,

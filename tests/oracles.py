@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import structprune as sp
-from structprune.verify import compare, evaluation, flatten_outputs
+from structprune.core.verify import compare, evaluation, flatten_outputs
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -72,7 +72,7 @@ def check_pruned(model: nn.Module, inputs, ratio=0.5, weight_oracle=True, **sett
 def export_and_check(model: nn.Module, inputs, path) -> float:
     """Export with the faster TorchScript exporter, or dynamo where TorchScript cannot
     (e.g. adaptive pooling to a size that does not divide the input); returns the parity."""
-    from structprune.export import ExportError, export_onnx, onnx_parity
+    from structprune.deploy.export import ExportError, export_onnx, onnx_parity
 
     try:
         export_onnx(model, inputs, path, exporter="torchscript")
@@ -89,7 +89,7 @@ def digits_factory(directory, train_batches: int, val_batches: int, batch_size: 
     path = Path(directory) / "small_digits.py"
     path.write_text(
         "import itertools\n"
-        "from structprune.data import digits\n\n\n"
+        "from structprune.accuracy.data import digits\n\n\n"
         "def make():\n"
         f"    splits = digits(batch_size={batch_size})\n"
         f"    return (list(itertools.islice(splits.train, {train_batches})),\n"

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.capture import capture
+from structprune.core.capture import capture
 
 from .oracles import check_pruned, randomize
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from structprune import bench
-from structprune.cli import main
+from structprune.deploy import bench
+from structprune.front.cli import main
 
 from .test_cli import TINY
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 import torchvision
 
 import structprune as sp
-from structprune.capture import capture
-from structprune.plan import PruneCost
-from structprune.report import count_macs, node_macs
-from structprune.report import count_macs as recount
+from structprune.core.capture import capture
+from structprune.core.counts import count_macs, node_macs
+from structprune.core.counts import count_macs as recount
+from structprune.core.plan import PruneCost
 
 from .oracles import randomize
 from .test_plan import small_vgg

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from structprune.capture import capture
+from structprune.core.capture import capture
 from structprune.errors import CaptureError
 from structprune.types import TensorSpec
 
@@ -103,7 +103,7 @@ def test_importing_structprune_leaves_timm_unimported_until_the_user_imports_it(
 
     pytest.importorskip("timm")
     code = ("import sys, structprune\n"
-            "from structprune.rules import DEFAULT_REGISTRY as R\n"
+            "from structprune.core.rules import DEFAULT_REGISTRY as R\n"
             "assert 'timm' not in sys.modules and 'timm' in R.pending\n"
             "from timm.layers.mixed_conv2d import MixedConv2d\n"
             "conv = MixedConv2d(8, 8, [3, 5])\n"
@@ -237,7 +237,7 @@ CONVS = [
 def test_declared_conv_shapes_equal_the_meta_kernel(conv, batched):
     """Capture skips the conv's meta kernel where the registry declares its shape: the
     declaration must give what the kernel gives, batched and unbatched, every padding."""
-    from structprune.rules.layers import conv_shape
+    from structprune.core.rules.layers import conv_shape
 
     spatial = (9, 11, 7)[:len(conv.kernel_size)]
     x = torch.empty((2, 4, *spatial) if batched else (4, *spatial), device="meta")
@@ -247,7 +247,7 @@ def test_declared_conv_shapes_equal_the_meta_kernel(conv, batched):
 
 
 def test_a_conv_shape_the_formula_cannot_give_is_left_to_the_kernel():
-    from structprune.rules.layers import conv_shape
+    from structprune.core.rules.layers import conv_shape
 
     conv = nn.Conv2d(4, 6, 5)
     assert conv_shape(conv, (torch.empty(1, 3, 9, 9, device="meta"),), {}) is None  # channels
@@ -260,7 +260,7 @@ def test_a_conv_shape_the_formula_cannot_give_is_left_to_the_kernel():
     ([(2, 3, 4), (2, 5, 4)], 1), ([(2, 3, 4), (2, 3, 1), (2, 3, 2)], -1), ([(6,), (2,)], 0),
     ([(1, 2, 3)], 2)])
 def test_declared_cat_shapes_equal_the_meta_kernel(shapes, dim):
-    from structprune.rules.shape import cat_shape
+    from structprune.core.rules.shape import cat_shape
 
     tensors = [torch.empty(s, device="meta") for s in shapes]
     want = torch.cat(tensors, dim)
@@ -269,7 +269,7 @@ def test_declared_cat_shapes_equal_the_meta_kernel(shapes, dim):
 
 
 def test_a_cat_the_formula_cannot_give_is_left_to_the_kernel():
-    from structprune.rules.shape import cat_shape
+    from structprune.core.rules.shape import cat_shape
 
     a, b = torch.empty(2, 3, device="meta"), torch.empty(2, 4, device="meta")
     assert cat_shape(None, ([a, b], 0), {}) is None  # mismatched: torch raises
@@ -308,7 +308,7 @@ POOLS = [nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((3, None)), nn.AdaptiveMa
 @pytest.mark.parametrize("pool", POOLS, ids=lambda m: repr(m))
 @pytest.mark.parametrize("batched", [True, False])
 def test_declared_adaptive_pool_shapes_equal_the_meta_kernel(pool, batched):
-    from structprune.rules.reduce import adaptive_pool_shape
+    from structprune.core.rules.reduce import adaptive_pool_shape
 
     n = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool3d: 3}.get(type(pool), 2)
     spatial = (9, 11, 7)[:n]
@@ -320,7 +320,7 @@ def test_declared_adaptive_pool_shapes_equal_the_meta_kernel(pool, batched):
 
 @pytest.mark.parametrize("shape", [(5, 8), (8,), (2, 3, 8)])
 def test_declared_linear_shapes_equal_the_meta_kernel(shape):
-    from structprune.rules.layers import linear_shape
+    from structprune.core.rules.layers import linear_shape
 
     linear = nn.Linear(8, 6)
     x = torch.empty(shape, device="meta")
@@ -353,7 +353,7 @@ def test_the_graph_module_leaves_the_users_modules_as_they_were():
 
 
 def test_declared_shapes_follow_the_weight_not_the_attributes():
-    from structprune.rules.layers import conv_shape, linear_shape
+    from structprune.core.rules.layers import conv_shape, linear_shape
 
     linear = nn.Linear(3, 4, bias=False)
     linear.weight = nn.Parameter(torch.randn(2, 3))
@@ -364,7 +364,7 @@ def test_declared_shapes_follow_the_weight_not_the_attributes():
 
 
 def test_adaptive_pool_inputs_torch_refuses_are_left_to_the_kernel():
-    from structprune.rules.reduce import adaptive_pool_shape
+    from structprune.core.rules.reduce import adaptive_pool_shape
 
     x = torch.empty(1, 4, 5, 5, device="meta")
     assert adaptive_pool_shape(nn.AdaptiveAvgPool1d((None,)), (x[0],), {}) is None

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import structprune as sp
-from structprune.cli import main
+from structprune.front.cli import main
 
 DATA = Path(__file__).parent / "data" / "tiny_models.py"
 TINY = f"{DATA}:tiny_vgg"
@@ -31,7 +31,7 @@ def test_prune_writes_plan_weights_and_onnx(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"plan.json", "pruned.safetensors", "dense.onnx",
                                                "pruned.onnx", "report.json", "widths.png"}
     plan = sp.Plan.load(out / "plan.json")
-    model = sp.io.load(out, TINY)
+    model = sp.load(out, TINY)
     assert model[0].out_channels == 8
     x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
     session = ort.InferenceSession(str(out / "pruned.onnx"), providers=["CPUExecutionProvider"])
@@ -118,7 +118,7 @@ def test_unwritable_out_as_file(tmp_path, capsys):
 
 
 def test_console_script_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "structprune.cli", "prune", "torchvision:nope",
+    proc = subprocess.run([sys.executable, "-m", "structprune", "prune", "torchvision:nope",
                            "--ratio", "0.5", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("structprune: error:")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import structprune as sp
-from structprune.cli import main
-from structprune.data import from_factory
-from structprune.evaluate import evaluate
-from structprune.models import build_model
-from structprune.sensitivity import plan_of, removal
+from structprune.accuracy.data import from_factory
+from structprune.accuracy.evaluate import evaluate
+from structprune.accuracy.sensitivity import plan_of, removal
+from structprune.front.cli import main
+from structprune.front.models import build_model
 
 from .oracles import digits_factory
 

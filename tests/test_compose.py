@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 import structprune as sp
-from structprune.cli import main
-from structprune.plan import compose
+from structprune.core.plan import compose
+from structprune.front.cli import main
 
 from .oracles import digits_factory, outputs, randomize
 

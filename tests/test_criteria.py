@@ -1,4 +1,4 @@
-"""The importance criteria of structprune.score, each against an independent computation:
+"""The importance criteria of structprune.core.score, each against an independent computation:
 autograd by hand for the gradient criteria, numpy formulas for FPGM and LAMP, forward hooks
 for activations, the BN scales themselves for network slimming."""
 
@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from structprune import analyse, capture
+from structprune.core import analyse, capture
+from structprune.core.score import IMPORTANCE, NEEDS_DATA, make_criterion, score
 from structprune.errors import PlanError
-from structprune.score import IMPORTANCE, NEEDS_DATA, make_criterion, score
 from tests.oracles import randomize
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from structprune.data import (
+from structprune.accuracy.data import (
     DataSplits,
     calibration_batches,
     digits,

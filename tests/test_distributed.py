@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from structprune.data import from_factory
-from structprune.evaluate import evaluate
-from structprune.models import build_model, load_weights
+from structprune.accuracy.data import from_factory
+from structprune.accuracy.evaluate import evaluate
+from structprune.front.models import build_model, load_weights
 
 from .oracles import digits_factory
 
@@ -20,7 +20,7 @@ def test_train_under_torchrun_keeps_the_ranks_in_step_and_writes_once(tmp_path):
     data = digits_factory(tmp_path, 6, 3)
     out = tmp_path / "out"
     done = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "structprune.cli", "train",
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "structprune", "train",
          "structprune:digits_cnn", "--data", data, "--epochs", "1", "--sparsity",
          "group", "--out", str(out)], capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -41,14 +41,14 @@ def test_train_under_torchrun_keeps_the_ranks_in_step_and_writes_once(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_finetune_under_torchrun_reports_what_the_saved_model_scores(tmp_path):
     import structprune as sp
-    from structprune.cli import main
+    from structprune.front.cli import main
 
     data = digits_factory(tmp_path, 4, 3)
     out = tmp_path / "out"
     assert main(["prune", "structprune:digits_cnn", "--data", data, "--ratio", "0.5",
                  "--out", str(out), "--no-onnx"]) == 0
     done = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "structprune.cli",
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "structprune",
          "finetune", str(out), "--data", data, "--epochs", "1", "--distill"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

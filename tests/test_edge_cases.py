@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.api import exact_subplan
-from structprune.verify import compare
+from structprune.core.api import exact_subplan
+from structprune.core.verify import Verification, compare
 
 from .oracles import randomize
 
@@ -137,8 +137,8 @@ def test_global_ranking_with_ratio_overrides_is_refused():
 def test_failed_in_place_prune_leaves_the_model_intact(monkeypatch):
     model = randomize(Misc())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    import structprune.api as api
-    monkeypatch.setattr(api, "verify", lambda *a, **k: sp.verify.Verification(1.0, 1.0, 1e-4))
+    import structprune.core.api as api
+    monkeypatch.setattr(api, "verify", lambda *a, **k: Verification(1.0, 1.0, 1e-4))
     with pytest.raises(sp.VerificationError):
         sp.prune(model, X, 0.5, inplace=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

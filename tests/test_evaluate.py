@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from structprune.accuracy.evaluate import Metrics, evaluate, metrics, plot_confusion, predict
 from structprune.errors import StructPruneError
-from structprune.evaluate import Metrics, evaluate, metrics, plot_confusion, predict
 
 
 def _numpy_metrics(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> dict:

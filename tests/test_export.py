@@ -7,7 +7,7 @@ import torch.nn as nn
 import torchvision
 
 import structprune as sp
-from structprune.export import ExportError, export_onnx, onnx_parity, run_onnx
+from structprune.deploy.export import ExportError, export_onnx, onnx_parity, run_onnx
 
 from .oracles import randomize
 

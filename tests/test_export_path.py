@@ -15,14 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.analyse import RULE_FAILED
-from structprune.capture import capture
-from structprune.cli import main
+from structprune.core.analyse import RULE_FAILED
+from structprune.core.capture import capture
+from structprune.core.registry import RuleRegistry
+from structprune.core.rules import DEFAULT_REGISTRY
+from structprune.core.verify import flatten_outputs
+from structprune.deploy.export import ExportError, export_onnx, onnx_parity, run_onnx
 from structprune.errors import CaptureError, VerificationError
-from structprune.export import ExportError, export_onnx, onnx_parity, run_onnx
-from structprune.registry import RuleRegistry
-from structprune.rules import DEFAULT_REGISTRY
-from structprune.verify import flatten_outputs
+from structprune.front.cli import main
 
 from .data.tiny_models import LongError
 from .oracles import outputs, randomize, weight_masked

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 import structprune as sp
-from structprune.cli import main
-from structprune.data import from_factory
-from structprune.evaluate import evaluate
-from structprune.export import run_onnx
-from structprune.models import build_model, load_weights
+from structprune.accuracy.data import from_factory
+from structprune.accuracy.evaluate import evaluate
+from structprune.deploy.export import run_onnx
+from structprune.front.cli import main
+from structprune.front.models import build_model, load_weights
 from structprune.tree import random_inputs
 
 from .oracles import digits_factory
@@ -86,7 +86,7 @@ def test_train_with_group_sparsity_writes_weights_that_prune_loads(pruned_dir, t
 
 
 def test_demo_reports_every_step_and_recovery_beats_raw_pruning(tmp_path):
-    from structprune.workflow import demo
+    from structprune.front.workflow import demo
 
     report = demo(tmp_path / "demo", epochs=1, finetune_epochs=1, say=lambda text: None)
     dense, pruned, steps = report["dense"], report["pruned"], report["steps"]

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import structprune as sp
-from structprune.analyse import RULE_FAILED
-from structprune.export import export_onnx, onnx_parity
-from structprune.verify import flatten_outputs
+from structprune.core.analyse import RULE_FAILED
+from structprune.core.verify import flatten_outputs
+from structprune.deploy.export import export_onnx, onnx_parity
 
 from .fuzz_models import build, net_spec
 from .oracles import outputs, randomize, weight_masked

@@ -1,5 +1,6 @@
-"""The import graph follows the pipeline: leaf modules first, then the op declarations, then
-the stages in order, then what is built on them. Function-local imports count too."""
+"""The import graph follows the pipeline: leaf modules first, then the pass (``core``) stage
+by stage, then ``accuracy`` and ``deploy`` side by side (neither imports the other), then the
+``front``. Function-local imports count too."""
 
 import ast
 import subprocess
@@ -13,16 +14,24 @@ PACKAGE = Path(structprune.__file__).parent
 # each module may import only modules of its own rank or lower; leaves import nothing of
 # structprune
 ORDER = [
-    ["errors", "types", "registry", "tree", "distributed"],
-    ["rules", "rules.base", "rules.aten", "rules.elementwise", "rules.layers", "rules.reduce",
-     "rules.shape", "rules.zoo"],
-    ["capture"], ["analyse"], ["score"], ["plan"], ["apply"], ["literals"], ["verify"], ["report", "plots"],
-    ["export"], ["bench"], ["runtimes"], ["latency"], ["widths"],
-    ["data", "evaluate", "models", "train", "sparsity"],
-    ["api", "io", "sensitivity", "recover"], ["tune"], ["speed"], ["workflow"], ["cli"],
+    ["errors", "types", "tree"],
+    ["core", "core.registry"],
+    ["core.rules", "core.rules.base", "core.rules.aten", "core.rules.elementwise",
+     "core.rules.layers", "core.rules.reduce", "core.rules.shape", "core.rules.zoo"],
+    ["core.capture"], ["core.analyse"], ["core.score"], ["core.plan"], ["core.apply"],
+    ["core.literals"], ["core.verify"], ["core.counts"], ["core.api"],
+    ["accuracy", "accuracy.distributed", "deploy"],
+    ["accuracy.data", "accuracy.evaluate", "accuracy.train", "accuracy.sparsity",
+     "deploy.export", "deploy.bench"],
+    ["accuracy.recover", "accuracy.sensitivity", "deploy.runtimes"],
+    ["deploy.latency"], ["deploy.widths"], ["deploy.tune"], ["deploy.speed"],
+    ["front", "front.models", "front.plots"], ["front.io"], ["front.workflow"], ["front.cli"],
+    ["__main__"],
 ]
 RANK = {name: rank for rank, names in enumerate(ORDER) for name in names}
 LEAVES = set(ORDER[0])
+# packages that never import each other, in either direction
+APART = [("accuracy", "deploy")]
 
 
 def _modules() -> dict[str, Path]:
@@ -34,6 +43,10 @@ def _modules() -> dict[str, Path]:
         if parts:
             found[".".join(parts)] = path
     return found
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
 
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
@@ -71,9 +84,13 @@ def test_imports_follow_the_pipeline_without_cycles():
         if name in LEAVES:
             assert not imported, f"{name} is a leaf but imports {imported}"
         for other in imported:
-            if name == "rules" or (name.startswith("rules.") and other.startswith("rules")):
+            if name.startswith("core.rules") and other.startswith("core.rules"):
                 continue  # the declarations package and its parts
             assert RANK[other] <= RANK[name], f"{name} imports the later stage {other}"
+            for a, b in APART:
+                for x, y in ((a, b), (b, a)):
+                    assert not (_within(name, x) and _within(other, y)), \
+                        f"{name} ({x}) imports {other} ({y})"
     state: dict[str, int] = {}
 
     def visit(name: str, path: list[str]) -> None:
@@ -82,7 +99,7 @@ def test_imports_follow_the_pipeline_without_cycles():
         assert state.get(name) != 1, f"import cycle: {' -> '.join(path + [name])}"
         state[name] = 1
         for other in sorted(graph[name]):
-            if not (name == "rules" and other.startswith("rules.")):
+            if not (name == "core.rules" and other.startswith("core.rules.")):
                 visit(other, path + [name])
         state[name] = 2
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torchvision
 
 import structprune as sp
-from structprune.capture import capture
+from structprune.core.capture import capture
 
 from .oracles import check_pruned, randomize
 

@@ -2,7 +2,7 @@ import torch
 import torchvision
 
 import structprune as sp
-from structprune.plots import layer_widths, plot_widths
+from structprune.front.plots import layer_widths, plot_widths
 
 
 def test_layer_widths_are_the_pruned_models_own_widths(tmp_path):

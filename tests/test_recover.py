@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.data import calibration_batches, digits
+from structprune.accuracy.data import calibration_batches, digits
+from structprune.accuracy.recover import output_mse, recover
 from structprune.errors import StructPruneError
-from structprune.recover import output_mse, recover
 
 from .oracles import randomize
 

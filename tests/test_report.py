@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.report import count_macs
+from structprune.core.counts import count_macs
 
 
 class Mixed(nn.Module):

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from structprune import analyse, capture
+from structprune.accuracy.sparsity import BNL1, GroupLasso
+from structprune.core import analyse, capture
 from structprune.errors import StructPruneError
-from structprune.sparsity import BNL1, GroupLasso
 
 NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 
@@ -334,7 +334,7 @@ def test_residual_stream_is_regularised_as_one_unit():
 
 
 def test_fit_adds_the_regulariser():
-    from structprune.train import fit
+    from structprune.accuracy.train import fit
 
     torch.manual_seed(0)
     batches = [(torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))) for _ in range(4)]

@@ -14,12 +14,13 @@ import torch.nn as nn
 import torchvision
 
 import structprune as sp
-from structprune import bench, latency, runtimes, speed
-from structprune.cli import main
-from structprune.export import export_onnx
-from structprune.latency import LatencyModel, LatencyTable, LayerShape
-from structprune.runtimes import Target
-from structprune.widths import Choice, WidthPath, fast_keeps, grid, search, snap
+from structprune.core.counts import count_macs
+from structprune.deploy import bench, latency, runtimes, speed
+from structprune.deploy.export import export_onnx
+from structprune.deploy.latency import LatencyModel, LatencyTable, LayerShape
+from structprune.deploy.runtimes import Target
+from structprune.deploy.widths import Choice, WidthPath, fast_keeps, grid, search, snap
+from structprune.front.cli import main
 
 from .test_cli import TINY
 from .test_plan import small_vgg
@@ -270,11 +271,11 @@ def _macs_timer(base_ms=10.0, slower=False, odd_penalty=False):
     calls = []
 
     def timer(dense, pruned):
-        dense_macs = sp.report.count_macs(sp.capture(dense, (torch.randn(1, 3, 16, 16),)))
+        dense_macs = count_macs(sp.capture(dense, (torch.randn(1, 3, 16, 16),)))
         d = [base_ms] * 9
         if pruned is None:
             return d, d
-        macs = sp.report.count_macs(sp.capture(pruned, (torch.randn(1, 3, 16, 16),)))
+        macs = count_macs(sp.capture(pruned, (torch.randn(1, 3, 16, 16),)))
         calls.append(macs / dense_macs)
         ms = base_ms * 1.05 if slower else base_ms * macs / dense_macs
         return d, [ms] * 9
@@ -336,8 +337,8 @@ def test_never_slower_fixes_by_width_choice(tmp_path):
             return [10.0] * 5, [10.0] * 5
         convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
         odd = sum(c.out_channels % 16 != 0 for c in convs)
-        ms = 10.0 * sp.report.count_macs(sp.capture(pruned, x)) / \
-            sp.report.count_macs(sp.capture(dense, x)) + 10.0 * odd
+        ms = 10.0 * count_macs(sp.capture(pruned, x)) / \
+            count_macs(sp.capture(dense, x)) + 10.0 * odd
         calls.append(ms)
         return [10.0] * 5, [ms] * 5
 
@@ -417,8 +418,8 @@ def test_cli_target_writes_the_measurements(tmp_path, capsys, monkeypatch):
         def __call__(self, dense, pruned):
             if pruned is None:
                 return [8.0] * 5, [8.0] * 5
-            share = sp.report.count_macs(sp.capture(pruned, x)) / \
-                sp.report.count_macs(sp.capture(dense, x))
+            share = count_macs(sp.capture(pruned, x)) / \
+                count_macs(sp.capture(dense, x))
             return [8.0] * 5, [8.0 * share] * 5
 
     monkeypatch.setattr(speed, "Measurer", ByMacs)

@@ -10,10 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from structprune.data import digits
+from structprune.accuracy.data import digits
+from structprune.accuracy.train import cosine_lr, distillation_loss, fit
 from structprune.errors import StructPruneError
-from structprune.models import digits_cnn
-from structprune.train import cosine_lr, distillation_loss, fit
+from structprune.front.models import digits_cnn
 
 
 def _tiny(seed: int = 0) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import structprune as sp
-from structprune import bench, tune
+from structprune.deploy import bench, tune
 
 from .test_plan import small_vgg
 

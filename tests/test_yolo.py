@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from structprune.export import run_onnx
-from structprune.models import build_model
+from structprune.deploy.export import run_onnx
+from structprune.front.models import build_model
+from structprune.front.workflow import prune_to_dir
 from structprune.tree import random_inputs
-from structprune.workflow import prune_to_dir
 
 from .oracles import randomize, weight_masked
 

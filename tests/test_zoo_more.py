@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import structprune as sp
-from structprune.models import build_model
-from structprune.verify import flatten_outputs
+from structprune.core.verify import flatten_outputs
+from structprune.front.models import build_model
 
 from .oracles import check_pruned, export_and_check, outputs, randomize
 
