@@ -1,19 +1,48 @@
 """Rules for the ATen ops of torch.export graphs, mapped onto the functional rules.
 
 A torch.export graph (the fallback capture) calls ``torch.ops.aten.*`` overloads instead of
-``torch.nn.functional``; most take the same arguments as their functional twins.
+``torch.nn.functional``; most take the same arguments as their functional twins. The
+elementwise families are not listed here: :func:`twins` derives their ATen overloads from the
+fx spellings that :mod:`structprune.core.rules.elementwise` declares, so both capture paths
+know the same ops.
 """
 
 from __future__ import annotations
 
+import inspect
+import operator
+from collections.abc import Iterable
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from structprune.core.registry import DEFAULT_REGISTRY as R
+from structprune.core.rules import elementwise as fx_elementwise
 from structprune.core.rules import layers, reduce, shape
 from structprune.core.rules.base import elementwise, metadata, passthrough
 from structprune.types import RuleContext
 
 aten = torch.ops.aten
+
+# fx spellings whose ATen ops have other names; every other spelling calls the ATen op of its
+# own name (a method's name, a function's ``__name__``)
+ATEN_NAMES: dict[Any, tuple[str, ...]] = {
+    operator.truediv: ("div",), operator.floordiv: ("floor_divide",),
+    operator.mod: ("remainder",), operator.pos: ("positive",), operator.invert: ("bitwise_not",),
+    operator.and_: ("__and__",), operator.or_: ("__or__",), operator.xor: ("__xor__",),
+    operator.iadd: ("add_",), operator.isub: ("sub_",), operator.imul: ("mul_",),
+    operator.itruediv: ("div_",),
+    operator.sub: ("sub", "rsub"),  # ``1 - x`` is rsub
+    "__add__": ("add",), "__radd__": ("add",), "__sub__": ("sub",), "__mul__": ("mul",),
+    "__rmul__": ("mul",), "__truediv__": ("div",),
+    F.threshold: ("threshold",),  # defined as ``_threshold``
+    F.dropout1d: ("feature_dropout",), F.dropout2d: ("feature_dropout",),
+    F.dropout3d: ("feature_dropout",),
+    "to": ("to", "_to_copy"),
+    "size": ("size", "sym_size"),
+    getattr: (), len: (),  # Python's own, evaluated while exporting
+}
 
 
 def _overloads(*names: str) -> list:
@@ -26,6 +55,46 @@ def _overloads(*names: str) -> list:
         for overload in packet.overloads():
             found.append(getattr(packet, overload))
     return found
+
+
+def _takes_inplace(fn: Any) -> bool:
+    """A function with an ``inplace`` flag, which calls the op's in-place form (``relu_``)."""
+    try:
+        return "inplace" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature, or a method name
+        return False
+
+
+def twins(spellings: Iterable[Any]) -> list:
+    """The ATen overloads that the fx spellings of ops (functions, method names) become in a
+    torch.export graph."""
+    names: list[str] = []
+    for spelling in spellings:
+        own = ATEN_NAMES.get(spelling, (spelling if isinstance(spelling, str)
+                                        else spelling.__name__,))
+        names += own
+        if _takes_inplace(spelling):
+            names += [f"{name}_" for name in own]
+    return _overloads(*dict.fromkeys(names))
+
+
+for _rule, _spellings in fx_elementwise.FAMILIES:
+    R.rule(*twins(_spellings))(_rule)
+
+
+# What the exporter writes on its own, with no fx spelling
+
+
+@R.rule(*_overloads("alias", "lift_fresh_copy"))
+def _exporter_copy(ctx: RuleContext, input, *rest, **kwargs):
+    """A view (``x[...]``) or a lifted constant: the same values."""
+    return passthrough(ctx, input)
+
+
+@R.rule(*_overloads("_assert_tensor_metadata", "_assert_scalar"))
+def _exporter_check(ctx: RuleContext, *args, **kwargs):
+    """The exporter's checks of a dtype (beside each ``.to``) or a size read no data."""
+    return metadata(ctx)
 
 
 # Multiply-accumulates
@@ -50,26 +119,6 @@ def _matmul_macs(capture, node, module):
 
 def _addmm_macs(capture, node, module):
     return layers.matmul_macs(capture, node, node.args[1])
-
-
-
-R.rule(*_overloads(
-    "relu", "relu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "gelu", "gelu_",
-    "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_", "elu",
-    "elu_", "leaky_relu", "leaky_relu_", "mish", "mish_", "softplus", "exp", "log", "abs", "neg",
-    "sqrt", "rsqrt", "clamp", "clamp_", "clamp_min", "clamp_max", "clone", "contiguous", "alias",
-    "detach", "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout",
-    "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_", "_to_copy", "to", "add", "add_",
-    "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum", "where",
-    "masked_fill", "rsub", "erf", "reciprocal", "lift_fresh_copy", "zeros_like", "ones_like",
-    "empty_like", "full_like", "copy", "copy_", "sign", "square",
-))(elementwise)
-
-
-@R.rule(*_overloads("type_as"))
-def _type_as(ctx: RuleContext, input, other):
-    """The second tensor only lends its dtype (as in the fx rule for ``Tensor.type_as``)."""
-    return passthrough(ctx, input)
 
 
 @R.rule(*_overloads("conv1d", "conv2d", "conv3d"), macs=_conv_macs)
@@ -219,8 +268,3 @@ def _pixel_shuffle(ctx: RuleContext, input, upscale_factor):
 @R.rule(*_overloads("expand"))
 def _expand(ctx: RuleContext, input, size, *rest):
     return shape.expand(ctx, input, size)
-
-
-@R.rule(*_overloads("sym_size", "size", "dim", "numel"))
-def _metadata(ctx: RuleContext, *args, **kwargs):
-    return metadata(ctx)

@@ -1,4 +1,9 @@
-"""Elementwise ops: channels pass through unchanged and are unified across operands."""
+"""Elementwise ops: channels pass through unchanged and are unified across operands.
+
+The fx spellings of each op are declared here once; :data:`FAMILIES` hands the same lists to
+:mod:`structprune.core.rules.aten`, which derives their torch.export (ATen) twins from them, so
+the two capture paths know the same ops.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from structprune.core.registry import DEFAULT_REGISTRY as R
+from structprune.core.registry import Rule
 from structprune.core.rules.base import (
     broadcast_shape,
     elementwise,
@@ -36,9 +42,8 @@ _UNARY_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "neg", "sqrt",
     "rsqrt", "square", "sign", "clamp", "clamp_", "clip", "clamp_min", "clamp_max", "erf",
     "reciprocal", "floor", "ceil", "round", "detach", "clone", "contiguous", "float", "half",
-    "double", "bfloat16", "cpu", "cuda", "requires_grad_", "hardtanh_",
-    "exp_", "nan_to_num", "sin", "cos", "pow_", "zero_", "fill_", "bool", "int", "long",
-    "sigmoid", "abs_", "neg_", "clamp_min_", "new_zeros_like",
+    "double", "bfloat16", "cpu", "cuda", "requires_grad_", "exp_", "nan_to_num", "sin", "cos",
+    "pow_", "zero_", "fill_", "bool", "int", "long", "abs_", "neg_", "clamp_min_",
 ]
 _UNARY_MODULES = [
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -62,7 +67,7 @@ _BINARY_METHODS = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum",
     "eq", "ne", "lt", "le", "gt", "ge", "masked_fill", "masked_fill_", "where", "lerp",
     "addcmul", "addcmul_", "addcdiv", "copy_", "__add__", "__mul__", "__radd__",
-    "__rmul__", "__sub__", "__truediv__", "rsub", "fmod", "remainder",
+    "__rmul__", "__sub__", "__truediv__", "fmod", "remainder",
 ]
 
 # outputs capture computes from the inputs instead of running the op on meta tensors
@@ -70,14 +75,21 @@ _KEEP_SHAPE = {
     torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.silu, F.gelu, F.hardswish,
     F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.mish, F.dropout, F.hardtanh,
     F.softplus, "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone",
-    "detach", "mul_", "add_", "clamp", "clamp_", "hardtanh_",
+    "detach", "mul_", "add_", "clamp", "clamp_",
 }
 _BROADCAST = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
     operator.isub, torch.add, torch.mul, torch.sub, "add", "mul", "sub", "div",
 }
-for _target in dict.fromkeys([*_UNARY_FUNCTIONS, *_BINARY_FUNCTIONS, *_UNARY_METHODS,
-                              *_BINARY_METHODS]):
+ELEMENTWISE = list(dict.fromkeys([*_UNARY_FUNCTIONS, *_BINARY_FUNCTIONS, *_UNARY_METHODS,
+                                  *_BINARY_METHODS]))
+CONVERSIONS = ["to", "type_as", "type"]
+PRELU = [F.prelu, torch.prelu]
+METADATA = ["size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous",
+            "element_size", "is_floating_point", getattr, len, torch.numel, torch.is_tensor,
+            torch.is_floating_point]
+
+for _target in ELEMENTWISE:
     R.op(_target, rule=elementwise, shape=same_shape if _target in _KEEP_SHAPE else
          broadcast_shape if _target in _BROADCAST else None)
 
@@ -87,7 +99,7 @@ def _expand_as(ctx: RuleContext, x: TensorInfo, other: TensorInfo) -> TensorInfo
     return ctx.result(merge_elementwise(ctx, [x, other], ctx.out_shape))
 
 
-@R.rule("to", "type_as", "type")
+@R.rule(*CONVERSIONS)
 def _convert(ctx: RuleContext, x: TensorInfo, *args, **kwargs) -> TensorInfo:
     """Dtype/device conversion: another tensor argument only lends its dtype."""
     return passthrough(ctx, x)
@@ -108,7 +120,7 @@ def _prelu(ctx: RuleContext, module: nn.PReLU, x: TensorInfo) -> TensorInfo:
     return _prelu_channels(ctx, x, weight)
 
 
-@R.rule(F.prelu, torch.prelu)
+@R.rule(*PRELU)
 def _prelu_fn(ctx: RuleContext, x: TensorInfo, weight: TensorInfo) -> TensorInfo:
     return _prelu_channels(ctx, x, weight)
 
@@ -124,10 +136,10 @@ def _prelu_channels(ctx: RuleContext, x: TensorInfo, weight: TensorInfo | None) 
     return passthrough(ctx, x)
 
 
-@R.rule("size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous",
-          "element_size", "is_floating_point")
-def _metadata_method(ctx: RuleContext, *args, **kwargs):
-    return metadata(ctx)
+R.rule(*METADATA)(metadata)
 
-
-R.rule(getattr, len, torch.numel, torch.is_tensor, torch.is_floating_point)(metadata)
+# (rule, fx spellings) of every function and method declared above, for rules/aten.py
+FAMILIES: list[tuple[Rule, list]] = [
+    (elementwise, ELEMENTWISE), (_convert, CONVERSIONS), (_expand_as, ["expand_as"]),
+    (_prelu_fn, PRELU), (metadata, METADATA),
+]
