@@ -1,13 +1,18 @@
-"""Render the README's result tables from the JSON files in benchmarks/results/.
+"""Render the result tables of the docs site from the JSON files in benchmarks/results/.
 
-    python benchmarks/tables.py            # print the tables
-    python benchmarks/tables.py --readme   # rewrite the block between the markers in README.md
+    python benchmarks/tables.py               # print every table
+    python benchmarks/tables.py --plots       # redraw the plots in benchmarks/results/
+    python benchmarks/tables.py --docs DIR    # write the result pages into DIR
+
+The docs build (docs/gen_pages.py) calls :func:`pages` and :func:`images` itself, so the
+site's results always match the JSON; nothing generated is kept in the tree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +20,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-START, END = "<!-- tables:start -->", "<!-- tables:end -->"
 VARIANTS = [("structprune", "structprune"), ("structprune_r8", "structprune, round_to 8"),
             ("structprune_auto", "structprune, round_to auto"),
             ("torch_pruning", "Torch-Pruning"), ("torch_pruning_r8", "Torch-Pruning, round_to 8")]
@@ -30,7 +34,7 @@ def pass_time() -> str:
     data = load("pass_time_cpu.json")
     if not data:
         return ""
-    lines = [f"### Pass time against Torch-Pruning ({data['machine'].get('cpu', '?')}, "
+    lines = [f"## Pass time against Torch-Pruning ({data['machine'].get('cpu', '?')}, "
              f"{data['machine'].get('cores', '?')} cores, ratio 0.5, 224x224, median of "
              f"{data.get('repeats', 3)} warm runs)", "",
              "| model | structprune pass (copy) | in place | Torch-Pruning (in place) "
@@ -63,7 +67,7 @@ def capture_paths() -> str:
     if not data:
         return ""
     machine = data.get("machine", {})
-    lines = [f"### Pass time by capture path ({machine.get('cpu', '?')}, "
+    lines = [f"## Pass time by capture path ({machine.get('cpu', '?')}, "
              f"{machine.get('cores', '?')} cores, 224x224)", "",
              "| model | capture | pass | of which capture | MACs kept |", "|---|---|---:|---:|---:|"]
     for r in data["rows"]:
@@ -77,7 +81,7 @@ def gpu_latency() -> str:
     if not data:
         return ""
     m = data["machine"]
-    lines = [f"### GPU latency: speed-up over dense on {m.get('gpu')} (torch {m.get('torch')}, "
+    lines = [f"## GPU latency: speed-up over dense on {m.get('gpu')} (torch {m.get('torch')}, "
              "fp16, channels_last, CUDA graphs, batch 64)", "",
              "| model | ratio | " + " | ".join(label for _, label in VARIANTS) + " |",
              "|---|---:|" + "---:|" * len(VARIANTS)]
@@ -115,7 +119,7 @@ def cpu_latency(name: str, tuned_here: bool) -> str:
     m = data["machine"]
     # round_to auto is shown only where it was tuned on this runtime (not on the GPU host)
     variants = [v for v in VARIANTS if tuned_here or v[0] != "structprune_auto"]
-    lines = [f"### ONNX Runtime CPU latency at ratio 0.5 ({m.get('cpu')}, {m.get('cores')} cores, "
+    lines = [f"## ONNX Runtime CPU latency at ratio 0.5 ({m.get('cpu')}, {m.get('cores')} cores, "
              f"onnxruntime {m.get('onnxruntime')}, batch 1)", "",
              "| model | threads | dense | " + " | ".join(label for _, label in variants) +
              " | ideal (MACs) |", "|---|---:|---:|" + "---:|" * (len(variants) + 1)]
@@ -138,7 +142,7 @@ def scale() -> str:
     repeats = data.get("repeats", 1)
     runs = "one run each" if repeats == 1 else f"median of {repeats} runs each"
     baseline = data.get("baseline")
-    lines = [f"### Scale (2-core CPU, 224x224, ratio 0.5, {runs} in a fresh process)", ""]
+    lines = [f"## Scale (2-core CPU, 224x224, ratio 0.5, {runs} in a fresh process)", ""]
     collector = all("collector_runs_s" in r for r in data["rows"])
     # the table as recorded the day #13 was filed, kept beside the runs
     recorded = load(f"scale_cpu_{baseline}.json") if baseline else None
@@ -213,7 +217,7 @@ def collector() -> str:
     data = load("collector_cpu.json")
     if not data:
         return ""
-    lines = ["### Pausing the garbage collector mostly moves its time", "",
+    lines = ["## Pausing the garbage collector mostly moves its time", "",
              "A user's task, each run in a fresh process: three prunes (ratios 0.25, 0.5, "
              "0.75, results kept, as `structprune sweep` does) with 50,000 of the user's own "
              "objects made after each, the collector left alone (as structprune does) or "
@@ -320,7 +324,7 @@ def coverage() -> str:
     if not data:
         return ""
     rows = data["rows"]
-    lines = [f"### Coverage of the torchvision CNN zoo ({data['models']} models, ratio 0.5)", "",
+    lines = [f"## Coverage of the torchvision CNN zoo ({data['models']} models, ratio 0.5)", "",
              f"structprune (exact-only, equal to the masked dense model): "
              f"{data['ok']['structprune']} of {data['models']}. Torch-Pruning (runs and keeps "
              f"output shapes): {data['ok']['torch_pruning']} of {data['models']}."]
@@ -345,7 +349,7 @@ def coverage_external() -> str:
         return ""
     rows, m = data["rows"], data.get("machine") or {}
     where = f"{m['cpu']}, {m['cores']} cores" if m.get("cpu") else "CPU"
-    lines = [f"### Outside model zoos: YOLO, segmentation, detection ({data['models']} models, "
+    lines = [f"## Outside model zoos: YOLO, segmentation, detection ({data['models']} models, "
              f"ratio 0.5, exact-only; {where})", "",
              "Every model has random weights (nothing downloaded) and goes through "
              "`prune_to_dir` end to end: prune, verify against the masked dense model, export "
@@ -400,7 +404,7 @@ def criteria_table() -> str:
     cell = {(r["tool"], r["criterion"], r["ratio"]): r for r in rows}
     dense, training = data["dense"], data["training"]
     mid = 0.5 if 0.5 in ratios else ratios[len(ratios) // 2]
-    lines = [f"### Accuracy right after pruning, by criterion (digits CNN, dense "
+    lines = [f"## Accuracy right after pruning, by criterion (digits CNN, dense "
              f"{100 * dense['accuracy']:.1f}% after {training['epochs']} epochs, "
              "no fine-tuning)", "",
              "| criterion | " + " | ".join(f"structprune {r} | Torch-Pruning {r}" for r in ratios)
@@ -439,7 +443,7 @@ def budget() -> str:
     data = load("budget_cpu.json")
     if not data:
         return ""
-    lines = [f"### MACs budgets ({data['machine'].get('cpu', '?')}, 224x224, random weights, "
+    lines = [f"## MACs budgets ({data['machine'].get('cpu', '?')}, 224x224, random weights, "
              "L2 magnitude)", "",
              "| model | --macs-budget | MACs kept (recounted) | predicted from the dense graph "
              "| parameters kept |", "|---|---:|---:|---:|---:|"]
@@ -456,7 +460,7 @@ def demo() -> str:
         return ""
     first = data["runs"][0]
     recipe = first["recipe"]
-    lines = [f"### The demo: accuracy kept on the digits CNN ({data['machine'].get('cpu', '?')}, "
+    lines = [f"## The demo: accuracy kept on the digits CNN ({data['machine'].get('cpu', '?')}, "
              f"{first['data']})", "",
              "| ratio | MACs kept | params kept | dense | right after pruning | after "
              f"recovery ({' + '.join(recipe['recover'])}) | after {recipe['finetune_epochs']} "
@@ -497,7 +501,7 @@ def recovery() -> str:
                 ("Torch-Pruning L2", ("torch_pruning", "dense", "none", "right after pruning")),
                 (f"Torch-Pruning + {ft} ep.", ("torch_pruning", "dense", "none",
                                                "one-shot, fine-tuned"))]
-    lines = [f"### Keeping the accuracy (digits CNN, dense {100 * data['dense_accuracy']:.1f}%, "
+    lines = [f"## Keeping the accuracy (digits CNN, dense {100 * data['dense_accuracy']:.1f}%, "
              f"sparsity-trained twin {100 * data['sparsity_trained_accuracy']:.1f}%; "
              f"{data['machine'].get('cpu', '?')})", "",
              "| ratio (MACs kept) | " + " | ".join(name for name, _ in columns) + " |",
@@ -557,7 +561,7 @@ def speed_targets() -> str:
         return ""
     m = data["machine"]
     sizes = sorted({r["size"] for r in data["rows"]})
-    lines = [f"### Pruning to a speed on ONNX Runtime CPU ({m['cpu']}, {m['cores']} cores, "
+    lines = [f"## Pruning to a speed on ONNX Runtime CPU ({m['cpu']}, {m['cores']} cores, "
              f"onnxruntime {m['onnxruntime']}, batch 1, inputs "
              f"{' and '.join(f'{s}x{s}' for s in sizes)})", "",
              "Speed-up over dense, median of the per-round ratios of interleaved rounds; in "
@@ -646,7 +650,7 @@ def yolo_latency() -> str:
     if not data:
         return ""
     m = data["machine"]
-    lines = [f"### YOLO on ONNX Runtime CPU ({m.get('cpu', 'CPU')}, {m.get('cores', '?')} cores, "
+    lines = [f"## YOLO on ONNX Runtime CPU ({m.get('cpu', 'CPU')}, {m.get('cores', '?')} cores, "
              f"{data['size']}x{data['size']}, batch 1, {data['repeats']} interleaved rounds)", "",
              "ultralytics' yaml models with random weights, head in export form. *plain*: "
              "`prune --ratio R`; *--target ort-cpu*: the same ratio with widths snapped to ones "
@@ -665,44 +669,101 @@ def yolo_latency() -> str:
     return "\n".join(lines)
 
 
+def gpu_section() -> str:
+    text = gpu_latency()
+    if text and (RESULTS / "latency_h100.png").exists():
+        text += "\n\n![speed-up against ratio on the H100](latency_h100.png)"
+    return text
+
+
+CPU_NOTE = ("At ratio 0.5, VGG16 and ResNet-50 keep the same power-of-two widths under every "
+            "tool, so differences between their columns are run-to-run noise; the 16-thread "
+            "cells were noisy on the GPU host (dense ResNet-50 ran slower on 16 threads than "
+            "on 1), which is why `structprune bench` reports p10-p90 beside each median.")
+
+
+def cpu_16_section() -> str:
+    text = cpu_latency("latency_ort_cpu16_h100host.json", False)
+    return f"{text}\n\n{CPU_NOTE}" if text else ""
+
+
+def speed_section() -> str:
+    text = speed_targets()
+    if text and (RESULTS / "speed_targets_cpu2.png").exists():
+        text += ("\n\n![speed-up against MACs kept on ONNX Runtime CPU]"
+                 "(speed_targets_cpu2.png)")
+    return text
+
+
+# the result pages of the docs site: file, title, and its sections (a stable anchor each, so
+# that other pages can link to a table whatever machine its heading names)
+PAGES = [
+    ("pass-time.md", "Pass time and scale", [
+        ("pass-time", pass_time), ("capture-paths", capture_paths), ("scale", scale),
+        ("collector", collector)]),
+    ("coverage.md", "Coverage", [
+        ("torchvision-zoo", coverage), ("outside-model-zoos", coverage_external)]),
+    ("latency.md", "Latency", [
+        ("gpu-latency", gpu_section),
+        ("cpu-latency", lambda: cpu_latency("latency_ort_cpu2.json", True)),
+        ("cpu-latency-16-cores", cpu_16_section),
+        ("speed-targets", speed_section), ("yolo-latency", yolo_latency)]),
+    ("accuracy.md", "Accuracy", [
+        ("criteria", criteria_table), ("macs-budgets", budget), ("demo", demo),
+        ("recovery", recovery)]),
+]
+IMAGES = ["latency_h100.png", "speed_targets_cpu2.png"]
+
+
+def anchored(text: str, anchor: str) -> str:
+    """``text`` with an explicit id on its first (heading) line."""
+    heading, _, rest = text.partition("\n")
+    return f"{heading} {{#{anchor}}}\n{rest}"
+
+
+def pages() -> dict[str, str]:
+    """The result pages as markdown, by file name; the images they show are :data:`IMAGES`."""
+    out = {}
+    for name, title, sections in PAGES:
+        parts = [anchored(text, anchor) for anchor, make in sections if (text := make())]
+        body = "\n\n".join(parts) if parts else "No results are recorded for this page yet."
+        out[name] = (f"# {title}\n\nGenerated by `benchmarks/tables.py` from "
+                     "`benchmarks/results/*.json`, which the scripts in `benchmarks/` write.\n\n"
+                     f"{body}\n")
+    return out
+
+
+def images() -> dict[str, Path]:
+    """The plots the result pages show, by file name (those that exist)."""
+    return {name: RESULTS / name for name in IMAGES if (RESULTS / name).exists()}
+
+
 def render() -> str:
-    gpu = gpu_latency()
-    if gpu and (RESULTS / "latency_h100.png").exists():
-        gpu += "\n\n![speed-up against ratio on the H100](benchmarks/results/latency_h100.png)"
-    cpu_note = ("At ratio 0.5, VGG16 and ResNet-50 keep the same power-of-two widths under "
-                "every tool, so differences between their columns are run-to-run noise; the "
-                "16-thread cells were noisy on the GPU host (dense ResNet-50 ran slower on 16 "
-                "threads than on 1), which is why `structprune bench` reports p10-p90 beside "
-                "each median.")
-    speed = speed_targets()
-    if speed and (RESULTS / "speed_targets_cpu2.png").exists():
-        speed += ("\n\n![speed-up against MACs kept on ONNX Runtime CPU]"
-                  "(benchmarks/results/speed_targets_cpu2.png)")
-    cpu = "\n\n".join(t for t in (cpu_latency("latency_ort_cpu2.json", True),
-                                   cpu_latency("latency_ort_cpu16_h100host.json", False)) if t)
-    parts = [pass_time(), capture_paths(), coverage(), coverage_external(), gpu,
-             cpu + ("\n\n" + cpu_note if cpu else ""), speed, yolo_latency(), scale(),
-             collector(),
-             criteria_table(), budget(), demo(), recovery()]
-    return "\n\n".join(p for p in parts if p) + "\n"
+    """Every result section, one after another, as markdown."""
+    return "\n\n".join(make() for _, _, sections in PAGES for _, make in sections
+                        if make()) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--plots", action="store_true",
+                        help="redraw the plots in benchmarks/results/ from their JSON")
+    parser.add_argument("--docs", metavar="DIR", type=Path,
+                        help="write the docs site's result pages and their plots into DIR "
+                             "(the docs build makes them itself; this is for a look)")
     args = parser.parse_args()
-    if args.readme:
+    if args.plots:
         plot_gpu_latency(RESULTS / "latency_h100.png")
         plot_speed_targets(RESULTS / "speed_targets_cpu2.png")
-    text = render()
-    if not args.readme:
-        print(text)
+    if args.docs is None:
+        print(render(), end="")
         return 0
-    readme = ROOT.parent / "README.md"
-    content = readme.read_text()
-    head, _, rest = content.partition(START)
-    _, _, tail = rest.partition(END)
-    readme.write_text(f"{head}{START}\n{text}{END}{tail}")
+    args.docs.mkdir(parents=True, exist_ok=True)
+    for name, text in pages().items():
+        (args.docs / name).write_text(text)
+    for name, path in images().items():
+        shutil.copyfile(path, args.docs / name)
+    print(f"wrote {len(PAGES)} pages and {len(images())} plots into {args.docs}")
     return 0
 
 
