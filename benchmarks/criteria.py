@@ -10,12 +10,12 @@ in 0.3, 0.5, 0.7:
 * structprune, for each criterion of ``structprune.core.score`` (l1, l2, taylor, gradient, bn,
   fpgm, lamp, activation, random), through the stage API: ``capture`` -> ``analyse`` ->
   ``score(analysis, criterion, prunable groups, data=calibration)`` -> ``make_plan`` with
-  ``PlanSettings(ratio=ratio)`` -> ``apply_plan``. Nothing needs ignoring for the final
+  ``PruneConfig(ratio=ratio)`` -> ``apply_plan``. Nothing needs ignoring for the final
   Linear to keep its 10 outputs: structprune never changes the shape of a model output.
   This is what Torch-Pruning's ``ignored_layers=[final]`` does (the layer's outputs stay,
   its inputs, the hidden Linear's 256 units, are pruned). structprune's ``ignore`` is
   stricter, it leaves every tensor of the module untouched, so
-  ``PlanSettings(ignore=["classifier.4"])`` also keeps the hidden Linear's 256 units
+  ``PruneConfig(ignore=["classifier.4"])`` also keeps the hidden Linear's 256 units
   whole; those rows are recorded too, as tool ``structprune_ignore_final``;
 * Torch-Pruning on a deepcopy of the same trained weights: ``tp.pruner.MetaPruner`` with
   ``pruning_ratio=ratio``, ``ignored_layers=[classifier.4]``, ``global_pruning=False`` and the
@@ -68,7 +68,7 @@ SEED = 0
 RATIOS = (0.3, 0.5, 0.7)
 CRITERIA = ("l1", "l2", "taylor", "gradient", "bn", "fpgm", "lamp", "activation", "random")
 FINAL = "classifier.4"  # the classifier's last Linear: its outputs are kept by both tools
-# structprune variants: tool name -> PlanSettings.ignore
+# structprune variants: tool name -> PruneConfig.ignore
 SP_VARIANTS = {"structprune": [], "structprune_ignore_final": [FINAL]}
 CALIBRATION_BATCHES, CALIBRATION_SIZE = 8, 64
 RANDOM_SEEDS = 10  # seeds of structprune's random criterion for the noise floor
@@ -108,13 +108,13 @@ def run_structprune(model: nn.Module, x: torch.Tensor, criterion: str, calibrati
     t0 = time.perf_counter()
     cap = sp.capture(model, (x,))
     analysis = sp.analyse(cap)
-    groups = [g for g in analysis.groups if (~g.blocked).any()]
+    groups = analysis.prunable_groups()
     scores = sp.score(analysis, criterion, groups, data=calibration)
     score_s = time.perf_counter() - t0
     rows = []
     for (tool, ignore), ratio in itertools.product(SP_VARIANTS.items(), RATIOS):
         t1 = time.perf_counter()
-        plan = sp.make_plan(analysis, scores, sp.PlanSettings(ratio=ratio, ignore=ignore))
+        plan = sp.make_plan(analysis, scores, sp.PruneConfig(ratio=ratio, ignore=ignore))
         pruned = sp.apply_plan(model, plan)
         seconds = score_s + time.perf_counter() - t1
         rows.append({
@@ -131,12 +131,12 @@ def random_spread(model: nn.Module, x: torch.Tensor, val, seeds: range) -> dict[
     """structprune's ``random`` criterion over several seeds: how far accuracy right after
     pruning moves with the choice of channels alone, the noise floor of the comparison."""
     analysis = sp.analyse(sp.capture(model, (x,)))
-    groups = [g for g in analysis.groups if (~g.blocked).any()]
+    groups = analysis.prunable_groups()
     accuracy: dict[float, list[float]] = {ratio: [] for ratio in RATIOS}
     for seed in seeds:
         scores = sp.score(analysis, "random", groups, seed=seed)
         for ratio in RATIOS:
-            plan = sp.make_plan(analysis, scores, sp.PlanSettings(ratio=ratio))
+            plan = sp.make_plan(analysis, scores, sp.PruneConfig(ratio=ratio))
             accuracy[ratio].append(evaluate(sp.apply_plan(model, plan), val).accuracy)
     return {"seeds": list(seeds), "by_ratio": [
         {"ratio": ratio, "accuracy": values, "min": min(values),

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from structprune.deploy import bench
-from structprune.front.workflow import demo
+from structprune.front.demo import demo
 
 ROOT = Path(__file__).resolve().parent
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import structprune as sp
+from structprune.config import TargetConfig
 from structprune.deploy import bench
 from structprune.deploy.export import export_onnx
 from structprune.deploy.runtimes import Target
@@ -121,7 +122,8 @@ def main() -> int:
                     row = {"model": name, "size": args.size, "ratio": ratio, "threads": n,
                            "round_to_auto": auto.figures["rounding"]["chosen"]}
                     try:
-                        targeted = prune_for_target(dense, (x,), target, ratio=ratio,
+                        targeted = prune_for_target(dense, (x,), TargetConfig(
+                                                    "ort-cpu", n, 1), ratio=ratio,
                                                     exporter="torchscript", **timing)
                         variants["structprune_target"] = targeted.model
                         t = targeted.figures["target"]
@@ -145,10 +147,10 @@ def main() -> int:
             for goal in goals:
                 for n in threads:
                     t0 = time.perf_counter()
-                    target = Target("ort-cpu", n, 1)
+                    target = TargetConfig("ort-cpu", n, 1, speedup=goal)
                     entry = {"model": name, "size": args.size, "goal": goal, "threads": n}
                     try:
-                        result = prune_for_target(dense, (x,), target, speedup=goal,
+                        result = prune_for_target(dense, (x,), target,
                                                   exporter="torchscript", attempts=4, **timing)
                         t = result.figures["target"]
                         entry.update({"met": t["met"], "measured": t["measured"],

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import structprune as sp
+from structprune.config import TargetConfig
 from structprune.deploy import bench
-from structprune.deploy.runtimes import Target
 from structprune.deploy.speed import prune_for_target
 from structprune.front.models import build_model
 
@@ -62,7 +62,8 @@ def main() -> int:
                 start = time.perf_counter()
                 plain = sp.prune(dense, (x,), ratio)
                 # widths for speed on the runtime it will run on (2 threads, as measured below)
-                fast = prune_for_target(dense, (x,), Target("ort-cpu", threads=max(threads)),
+                fast = prune_for_target(dense, (x,),
+                                        TargetConfig("ort-cpu", threads=max(threads)),
                                         ratio=ratio)
                 seconds = time.perf_counter() - start
                 models = {"dense": dense, "structprune": plain.model,

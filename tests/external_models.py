@@ -235,11 +235,12 @@ def prune_case(case: Case, out: str | Path, ratio: float = 0.5, exporter: str = 
     """Build ``case`` and prune it end to end into ``out`` (exact-only, both ONNX files and
     the ONNX Runtime check): ``(dense model, inputs, result, figures)``. Raises whatever
     structprune raises."""
+    from structprune.config import PruneConfig, RunConfig
     from structprune.front.workflow import prune_to_dir
 
     model, inputs = build(case)
-    result, figures = prune_to_dir(model, inputs, out, ratio=ratio, exact_only=True,
-                                   exporter=exporter)
+    result, figures = prune_to_dir(model, inputs, out, PruneConfig(ratio=ratio, exact_only=True),
+                                   run=RunConfig(exporter=exporter))
     return model, inputs, result, figures
 
 

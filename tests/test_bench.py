@@ -1,4 +1,4 @@
-"""The benchmark's bookkeeping (not its timings)."""
+"""The benchmark's bookkeeping (its timings only in the ``timing`` group, run by hand)."""
 
 import itertools
 import json
@@ -9,7 +9,7 @@ import pytest
 from structprune.deploy import bench
 from structprune.front.cli import main
 
-from .test_cli import TINY
+from .fixtures import TINY
 
 
 def test_interleaving_alternates_and_times_each_call():
@@ -22,6 +22,7 @@ def test_interleaving_alternates_and_times_each_call():
     assert d_ms == pytest.approx([1.0] * 4) and p_ms == pytest.approx([1.0] * 4)
 
 
+@pytest.mark.timing  # wall-clock gaps between calls
 def test_a_spinning_runner_settles_untimed_before_another_runs():
     """After a runner with ``settle_s``, the next *other* runner starts that much later, and
     the pause is in no one's time; the same runner twice in a row (a round's turn) waits not."""

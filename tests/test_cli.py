@@ -2,9 +2,9 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -14,8 +14,7 @@ import torch
 import structprune as sp
 from structprune.front.cli import main
 
-DATA = Path(__file__).parent / "data" / "tiny_models.py"
-TINY = f"{DATA}:tiny_vgg"
+from .fixtures import DATA, TINY
 
 
 def run(*args):
@@ -48,8 +47,16 @@ def test_two_inputs_and_analyze(tmp_path, capsys):
     spec = f"{DATA}:two_inputs"
     assert run("prune", spec, "--ratio", "0.5", "--out", tmp_path / "o", "--no-onnx",
                "--input-shape", "1,3,8,8", "--input-shape", "1,1,8,8") == 0
+    capsys.readouterr()
     assert run("analyze", spec, "--input-shape", "1,3,8,8", "--input-shape", "1,1,8,8") == 0
-    assert "exact" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    # a + b share their 8 output channels (exact); a's 3 input channels come from a model
+    # input and out's 2 channels are a model output, so both are blocked
+    assert lines[:2] == [f"structprune: {spec} (captured with fx)",
+                         "3 groups: 1 exact, 0 approximate, 2 blocked"]
+    groups = [re.match(r"  \[ *(\d+)\] (\S+) +(\d+) units  ", line).groups()
+              for line in lines if line.startswith("  [")]
+    assert groups == [("0", "exact", "8"), ("1", "blocked", "3"), ("2", "blocked", "2")]
 
 
 def _bad_weights(tmp_path):
@@ -135,7 +142,7 @@ def test_analyze_reports_capture_path_groups_and_reasons(capsys):
     assert run("analyze", f"{DATA}:hard_coded_view", "--input-shape", "1,3,4,4") == 0
     out = capsys.readouterr().out
     assert "captured with fx" in out
-    assert "unpruned" in out and "hard-coded" in out and "reaches a model output" in out
+    assert re.search(r"\] blocked +\d+ units", out) and "hard-coded" in out and "reaches a model output" in out
     assert run("analyze", f"{DATA}:shape_branch", "--input-shape", "1,3,8,8") == 0
     assert "captured with export" in capsys.readouterr().out
     assert run("analyze", f"{DATA}:shape_branch", "--input-shape", "1,3,8,8", "--json") == 0

@@ -10,7 +10,7 @@ import torch
 import structprune as sp
 from structprune.accuracy.data import from_factory
 from structprune.accuracy.evaluate import evaluate
-from structprune.accuracy.sensitivity import plan_of, removal
+from structprune.core.plan import sized_attributes, sliced_params
 from structprune.front.cli import main
 from structprune.front.models import build_model
 
@@ -69,8 +69,13 @@ def test_auto_meets_the_budget_from_measured_sensitivity(factory, tmp_path):
     scores = sp.score(analysis, "l2", [g for g in analysis.groups if (~g.blocked).any()])
     row = sensitivity["groups"][1]
     at = sensitivity["ratios"].index(0.5)
-    alone = sp.apply_plan(model, plan_of(analysis, removal(analysis, scores,
-                                                           {row["group"]: 0.5})))
+    group = next(g for g in analysis.groups if g.index == row["group"])
+    units = np.flatnonzero(~group.blocked)  # half of them, least important first
+    gone = units[np.argsort(scores[group.index][units], kind="stable")][:len(units) // 2]
+    removed = np.zeros(analysis.n_components, bool)
+    removed[group.units[gone]] = True
+    alone = sp.apply_plan(model, sp.Plan(sliced_params(analysis, removed),
+                                         attributes=sized_attributes(analysis, removed)))
     assert evaluate(alone, from_factory(factory).val).accuracy == \
         pytest.approx(row["accuracy"][at])
     assert np.isclose(report["macs_ratio"], sensitivity["macs_ratio_predicted"])

@@ -1,4 +1,4 @@
-"""The importance criteria of structprune.core.score, each against an independent computation:
+"""The importance criteria of structprune.core.criteria, each against an independent computation:
 autograd by hand for the gradient criteria, numpy formulas for FPGM and LAMP, forward hooks
 for activations, the BN scales themselves for network slimming."""
 
@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from structprune.core import analyse, capture
+from structprune.core.analyse import analyse
+from structprune.core.capture import capture
 from structprune.core.score import IMPORTANCE, NEEDS_DATA, make_criterion, score
 from structprune.errors import PlanError
 from tests.oracles import randomize

@@ -12,12 +12,12 @@ from sklearn.model_selection import train_test_split
 
 from structprune.accuracy.data import (
     DataSplits,
-    calibration_batches,
     digits,
     from_factory,
     image_folder,
     load_data,
 )
+from structprune.batches import take
 from structprune.errors import StructPruneError
 
 # ---------------------------------------------------------------------------------- helpers
@@ -318,12 +318,17 @@ def test_load_data_dispatch_and_source_errors(tmp_path):
 
 def test_calibration_batches_are_the_first_batches():
     data = digits(input_shape=(1, 1, 8, 8), batch_size=100)
-    batches = calibration_batches(data.val, 2)
+    batches = take(data.val, 2)
     expected = list(data.val)[:2]
     assert len(batches) == 2
     for (x, y), (x_ref, y_ref) in zip(batches, expected, strict=True):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
-    assert len(calibration_batches(data.val, 1000)) == 6  # 540 samples in batches of 100
-    assert "1 or more" in _one_line_error(calibration_batches, data.val, 0)
-    assert "no batches" in _one_line_error(calibration_batches, [], 3)
-    assert "pair" in _one_line_error(calibration_batches, [torch.zeros(2)], 1)
+    assert len(take(data.val, 1000)) == 6  # 540 samples in batches of 100
+    assert len(take(data.val)) == 6  # a loader: 8 batches at most by default
+    assert "1 or more" in _one_line_error(take, data.val, 0)
+    assert "no batches" in _one_line_error(take, [], 3)
+    # inputs alone are a batch now (structprune.batches); what is none is refused in one line
+    bare = torch.zeros(2)
+    assert len(take([bare], 1)) == 1 and take([bare], 1)[0] is bare
+    assert "(inputs, targets)" in _one_line_error(take, ["images"], 1)
+    assert "not batches" in _one_line_error(take, torch.zeros(2, 3), 1)

@@ -7,8 +7,6 @@ that fixes the batch, an error of thousands of characters, NF-Nets' weight-stand
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
@@ -25,10 +23,10 @@ from structprune.errors import CaptureError, VerificationError
 from structprune.front.cli import main
 
 from .data.tiny_models import LongError
+from .fixtures import DATA
 from .oracles import outputs, randomize, weight_masked
 
 X = (torch.randn(1, 3, 8, 8),)
-DATA = Path(__file__).parent / "data" / "tiny_models.py"
 
 
 def reasons(result: sp.PruneResult) -> list[str]:

@@ -86,7 +86,7 @@ def test_train_with_group_sparsity_writes_weights_that_prune_loads(pruned_dir, t
 
 
 def test_demo_reports_every_step_and_recovery_beats_raw_pruning(tmp_path):
-    from structprune.front.workflow import demo
+    from structprune.front.demo import demo
 
     report = demo(tmp_path / "demo", epochs=1, finetune_epochs=1, say=lambda text: None)
     dense, pruned, steps = report["dense"], report["pruned"], report["steps"]

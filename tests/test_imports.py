@@ -14,18 +14,25 @@ PACKAGE = Path(structprune.__file__).parent
 # each module may import only modules of its own rank or lower; leaves import nothing of
 # structprune
 ORDER = [
-    ["errors", "types", "tree"],
+    ["errors", "types", "tree", "files"],
+    ["batches", "config"],  # leaves but for the errors they raise
     ["core", "core.registry"],
     ["core.rules", "core.rules.base", "core.rules.aten", "core.rules.elementwise",
      "core.rules.layers", "core.rules.reduce", "core.rules.shape", "core.rules.zoo"],
-    ["core.capture"], ["core.analyse"], ["core.score"], ["core.plan"], ["core.apply"],
-    ["core.literals"], ["core.verify"], ["core.counts"], ["core.api"],
+    ["core.capture"], ["core.analyse"], ["core.criteria"], ["core.score"], ["core.plan"],
+    ["core.cost"], ["core.selection"], ["core.apply"], ["core.literals"], ["core.prepare"],
+    ["core.verify"], ["core.counts"], ["core.api"],
     ["accuracy", "accuracy.distributed", "deploy"],
     ["accuracy.data", "accuracy.evaluate", "accuracy.train", "accuracy.sparsity",
      "deploy.export", "deploy.bench"],
     ["accuracy.recover", "accuracy.sensitivity", "deploy.runtimes"],
     ["deploy.latency"], ["deploy.widths"], ["deploy.tune"], ["deploy.speed"],
-    ["front", "front.models", "front.plots"], ["front.io"], ["front.workflow"], ["front.cli"],
+    ["front", "front.models", "front.plots"], ["front.io"], ["front.runs"],
+    ["front.workflow", "front.demo"],
+    ["front.cli.arguments", "front.cli.output"],
+    ["front.cli.prune", "front.cli.analyze", "front.cli.bench", "front.cli.eval",
+     "front.cli.demo", "front.cli.train", "front.cli.finetune"],
+    ["front.cli.sweep"], ["front.cli"],
     ["__main__"],
 ]
 RANK = {name: rank for rank, names in enumerate(ORDER) for name in names}

@@ -8,20 +8,8 @@ import torchvision
 import structprune as sp
 from structprune.core.capture import capture
 
+from .fixtures import small_vgg
 from .oracles import check_pruned, randomize
-
-
-def small_vgg():
-    layers, c = [], 3
-    for width in (16, 24, "M", 40, 40, "M"):
-        if width == "M":
-            layers.append(nn.MaxPool2d(2))
-        else:
-            layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-            c = width
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(40 * 4 * 4, 30), nn.ReLU(),
-                         nn.Linear(30, 10))
-
 
 X = (torch.randn(2, 3, 16, 16),)
 
@@ -64,11 +52,33 @@ def test_same_inputs_give_byte_identical_plans():
     assert sp.prune(model, X, 0.4).plan.dumps() == sp.prune(model, X, 0.4).plan.dumps()
 
 
+ODD_WIDTHS = (12, 20, 37)  # multiples of neither 4 nor 8
+
+
+def odd_widths_cnn():
+    """Three convolutions whose widths are not multiples of 4 or 8, then a classifier."""
+    layers, c = [], 3
+    for width in ODD_WIDTHS:
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        c = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
 @pytest.mark.parametrize("round_to", [4, 8])
 def test_round_to_gives_multiples(round_to):
-    result = check_pruned(randomize(small_vgg()), X, 0.3, round_to=round_to)
-    for name in ("0.weight", "3.weight", "7.weight", "10.weight"):
-        assert kept(result, name) % round_to == 0
+    """Each layer keeps the multiple of ``round_to`` nearest to what the ratio alone keeps
+    (at least one multiple, at most the layer): 12, 20, 37 channels at ratio 0.45 keep
+    7, 11, 21 before rounding, none a multiple of 4 or 8 nor halfway between two, so a plan
+    that rounds nothing or prunes nothing fails."""
+    ratio = 0.45
+    result = check_pruned(randomize(odd_widths_cnn()), X, ratio, round_to=round_to)
+    for name, width in zip(("0.weight", "3.weight", "6.weight"), ODD_WIDTHS, strict=True):
+        unrounded = width - int(width * ratio)
+        assert unrounded % round_to and (unrounded / round_to) % 1 != 0.5
+        want = min(width, max(round_to, round(unrounded / round_to) * round_to))
+        got = kept(result, name)
+        assert got == want < width, (name, got, want)
+        assert got % round_to == 0
 
 
 def test_min_width_ignore_and_per_module_ratio():
@@ -132,7 +142,7 @@ def test_exact_only_skips_approximate_groups():
     analysis = sp.analyse(capture(model, (torch.randn(1, 3, 32, 32),)))
     approx = [g for g in analysis.groups if g.approximate.any()]
     assert approx
-    plan = sp.make_plan(analysis, sp.score(analysis), sp.PlanSettings(0.5, exact_only=True))
+    plan = sp.make_plan(analysis, sp.score(analysis), sp.PruneConfig(ratio=0.5, exact_only=True))
     removed = analysis.removed_components(plan.params)
     assert not any(removed[g.units].any() for g in approx)
     assert plan.params

@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.accuracy.data import calibration_batches, digits
+from structprune.accuracy.data import digits
 from structprune.accuracy.recover import output_mse, recover
+from structprune.batches import take
 from structprune.errors import StructPruneError
 
 from .oracles import randomize
@@ -60,7 +61,7 @@ def setup():
     by half; digits' training batches calibrate, its validation batches are held out."""
     torch.manual_seed(0)
     data = digits((1, 1, 8, 8), batch_size=64)
-    fit, held_out = calibration_batches(data.train, 6), calibration_batches(data.val, 4)
+    fit, held_out = take(data.train, 6), take(data.val, 4)
     dense = randomize(Net(), seed=1)
     with torch.no_grad():
         dense.eval()

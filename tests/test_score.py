@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from structprune.core.score import slice_norms
+from structprune.core.criteria import slice_norms
 
 
 def reference_norms(tensor: torch.Tensor, dim: int, p: int) -> np.ndarray:
@@ -37,7 +37,9 @@ def test_scores_equal_a_direct_mean_of_memberslice_norms():
     slices it owns, divided by the group's mean: recomputed here member by member."""
     import torchvision
 
-    from structprune.core import analyse, capture, score
+    from structprune.core.analyse import analyse
+    from structprune.core.capture import capture
+    from structprune.core.score import score
 
     model = torchvision.models.resnext50_32x4d().eval()  # grouped convs: several slots a unit
     analysis = analyse(capture(model, (torch.randn(1, 3, 32, 32),)))
@@ -66,7 +68,8 @@ def test_a_group_scores_the_same_alone_and_among_all(criterion):
     consumer's input axis spans many groups)."""
     import torchvision
 
-    from structprune.core import analyse, capture
+    from structprune.core.analyse import analyse
+    from structprune.core.capture import capture
     from structprune.core.score import make_criterion
 
     model = torchvision.models.densenet121().eval()
@@ -84,8 +87,10 @@ def test_a_subclass_that_measures_its_own_way_is_used():
     gets its own scores."""
     import torchvision
 
-    from structprune.core import analyse, capture, score
-    from structprune.core.score import Magnitude
+    from structprune.core.analyse import analyse
+    from structprune.core.capture import capture
+    from structprune.core.criteria import Magnitude
+    from structprune.core.score import score
 
     class Doubled(Magnitude):
         def measure(self, group):

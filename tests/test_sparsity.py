@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from structprune.accuracy.sparsity import BNL1, GroupLasso
-from structprune.core import analyse, capture
+from structprune.core.analyse import analyse
+from structprune.core.capture import capture
 from structprune.errors import StructPruneError
 
 NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)

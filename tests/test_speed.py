@@ -1,7 +1,7 @@
 """Pruning to a speed (#17): the latency table's cache, the width search against a brute-force
 optimum, the latency model's layer shapes against the pruned modules, the never-slower
 guarantee and speed goals with fake timers, the command line's errors, OpenVINO in bench.
-No real timing is asserted."""
+No real timing is asserted outside the ``timing`` group (run by hand)."""
 
 import itertools
 import json
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torchvision
 
 import structprune as sp
+from structprune.config import TargetConfig
 from structprune.core.counts import count_macs
 from structprune.deploy import bench, latency, runtimes, speed
 from structprune.deploy.export import export_onnx
@@ -22,8 +23,7 @@ from structprune.deploy.runtimes import Target
 from structprune.deploy.widths import Choice, WidthPath, fast_keeps, grid, search, snap
 from structprune.front.cli import main
 
-from .test_cli import TINY
-from .test_plan import small_vgg
+from .fixtures import TINY, small_vgg
 
 ORT1 = Target("ort-cpu", threads=1)
 CONV = LayerShape("conv2d", (16, 8, 8), 16, 24, (3, 3), (1, 1), (1, 1), (1, 1), 1)
@@ -137,6 +137,7 @@ def _conv_chain_onnx(n: int) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.timing  # a ratio of measured kernel times
 @pytest.mark.parametrize("runtime", ["ort-cpu", "openvino-cpu"])
 def test_kernel_times_count_the_layers_work_only(runtime):
     """The profiler's kernel time of a chain of four convolutions is about four times that of
@@ -287,10 +288,15 @@ def _table(tmp_path):
     return LatencyTable(ORT1, tmp_path, measure=FakeMeasure(), progress=False)
 
 
+def _ort1(**goal):
+    """ORT1 as a speed target, with ``goal`` (speedup, latency_ms, if_slower)."""
+    return TargetConfig(ORT1.runtime, ORT1.threads, ORT1.batch, **goal)
+
+
 def test_speed_goal_is_met_and_recorded(tmp_path):
     timer = _macs_timer()
-    result = speed.prune_for_target(small_vgg().eval(), (torch.randn(1, 3, 16, 16),), ORT1,
-                                    speedup=2.0, timer=timer, table=_table(tmp_path))
+    result = speed.prune_for_target(small_vgg().eval(), (torch.randn(1, 3, 16, 16),),
+                                    _ort1(speedup=2.0), timer=timer, table=_table(tmp_path))
     t = result.figures["target"]
     assert t["met"] and t["mode"] == "speedup" and t["measured"]["speedup"] >= 2.0 * 0.95
     # of the attempts that met the goal, the one losing least importance (the widest) won
@@ -308,21 +314,21 @@ def test_speed_goal_is_met_and_recorded(tmp_path):
 
 def test_unreachable_goal_says_so(tmp_path):
     with pytest.raises(speed.TargetError, match="cannot be reached"):
-        speed.prune_for_target(small_vgg().eval(), (torch.randn(1, 3, 16, 16),), ORT1,
-                               speedup=500.0, timer=_macs_timer(), table=_table(tmp_path),
-                               attempts=2)
+        speed.prune_for_target(small_vgg().eval(), (torch.randn(1, 3, 16, 16),),
+                               _ort1(speedup=500.0), timer=_macs_timer(),
+                               table=_table(tmp_path), attempts=2)
 
 
 def test_never_slower_refuses_a_slower_model(tmp_path):
     model, x = small_vgg().eval(), (torch.randn(1, 3, 16, 16),)
     with pytest.raises(speed.SlowerError, match="not faster than dense"):
-        speed.prune_for_target(model, x, ORT1, ratio=0.3, if_slower="fail",
+        speed.prune_for_target(model, x, _ort1(if_slower="fail"), ratio=0.3,
                                timer=_macs_timer(slower=True), table=_table(tmp_path))
     # fix cannot help when every width measures slower: refused too, after trying
     timer = _macs_timer(slower=True)
     with pytest.raises(speed.SlowerError, match="even at narrower"):
-        speed.prune_for_target(model, x, ORT1, ratio=0.3, timer=timer, table=_table(tmp_path),
-                               attempts=2)
+        speed.prune_for_target(model, x, _ort1(), ratio=0.3, timer=timer,
+                               table=_table(tmp_path), attempts=2)
     assert len(timer.calls) == 3  # the ratio's model, then two narrower ones
 
 
@@ -342,7 +348,7 @@ def test_never_slower_fixes_by_width_choice(tmp_path):
         calls.append(ms)
         return [10.0] * 5, [ms] * 5
 
-    result = speed.prune_for_target(model, x, ORT1, ratio=0.2, timer=timer,
+    result = speed.prune_for_target(model, x, _ort1(), ratio=0.2, timer=timer,
                                     table=_table(tmp_path), round_to=16)
     t = result.figures["target"]
     assert calls[0] >= 10.0 and t["measured"]["pruned_ms"] < 10.0 and t["faster"]

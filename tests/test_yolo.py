@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from structprune.config import PruneConfig
 from structprune.deploy.export import run_onnx
 from structprune.front.models import build_model
 from structprune.front.workflow import prune_to_dir
@@ -45,7 +46,7 @@ def yolov8n(tmp_path_factory):
     model = randomize(build_model("ultralytics:yolov8n.yaml"))  # non-trivial BN statistics
     inputs = random_inputs([(1, 3, 640, 640)])
     out = tmp_path_factory.mktemp("yolov8n")
-    result, figures = prune_to_dir(model, inputs, out, ratio=0.5, exact_only=True)
+    result, figures = prune_to_dir(model, inputs, out, PruneConfig(ratio=0.5, exact_only=True))
     return model, result, figures, out
 
 

@@ -1,16 +1,19 @@
 """Data: calibration, training and validation batches.
 
 Three sources give the same thing, a :class:`DataSplits` with a training and a validation
-loader of ``(inputs, targets)`` batches:
+loader of batches:
 
 - ``"digits"``: scikit-learn's 8x8 handwritten digits (shipped inside scikit-learn, nothing is
   downloaded), upsampled to the model's input size; small enough to train on a CPU in seconds.
 - a directory in torchvision's ``ImageFolder`` layout (one sub-folder per class), either with
   ``train/`` and ``val/`` sub-folders or split here, stratified by class.
-- ``"file.py:FACTORY"``: a function of the user's that returns ``(train_loader, val_loader)``.
+- ``"file.py:FACTORY"``: a function of the user's that returns ``(train_loader, val_loader)``,
+  of batches in any form of :mod:`structprune.batches`.
 
-The loaders made here are plain ``torch.utils.data.DataLoader``s with ``num_workers=0``; the
-rest of structprune accepts any iterable of ``(inputs, targets)`` batches.
+The loaders made here are plain ``torch.utils.data.DataLoader``s of ``(inputs, targets)``
+batches with ``num_workers=0``; the rest of structprune accepts any iterable of batches in
+the forms :mod:`structprune.batches` lists (:func:`~structprune.batches.take` takes the first
+few as calibration batches).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,8 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from torchvision import datasets, transforms
 
+from structprune.batches import Batch, labelled
 from structprune.errors import StructPruneError
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -307,24 +308,11 @@ def _is_iterable(thing: object) -> bool:
     return not isinstance(thing, (str, bytes)) and hasattr(thing, "__iter__")
 
 
-def _split_batch(batch: object, where: str) -> Batch:
-    """``(inputs, targets)`` from one batch, or a StructPruneError saying what came instead."""
-    if isinstance(batch, dict) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        kind = f"{type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) \
-            else type(batch).__name__
-        raise StructPruneError(
-            f"{where} gave a batch that is a {kind}, not an (inputs, targets) pair: yield "
-            "(inputs, targets)"
-        )
-    return batch[0], batch[1]
-
-
 def _class_count_from_batches(batches: Iterable, where: str) -> int:
     """1 + the largest integer target in ``batches``."""
     largest = -1
     for batch in batches:
-        _, targets = _split_batch(batch, where)
-        targets = torch.as_tensor(targets)
+        _, targets = labelled(batch, f"counting the classes of {where}")
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
             raise StructPruneError(
                 f"{where} gave targets of dtype {targets.dtype}: targets must be integer class "
@@ -340,8 +328,8 @@ def _class_count_from_batches(batches: Iterable, where: str) -> int:
 def from_factory(spec: str) -> DataSplits:
     """The ``(train_loader, val_loader)`` returned by ``FACTORY()`` in ``file.py:FACTORY``.
 
-    The loaders may be any iterables of ``(inputs, targets)`` batches; they are kept as they
-    are, except that a one-shot iterator (a generator) is read into a list so it can be
+    The loaders may be any iterables of batches (:mod:`structprune.batches`); they are kept as
+    they are, except that a one-shot iterator (a generator) is read into a list so it can be
     iterated more than once. The class count is the ``num_classes`` attribute of a loader's
     dataset (validation first, then training) if there is one; otherwise it is one more than
     the largest target in the *validation* batches, so a class that never occurs there and has
@@ -424,14 +412,3 @@ def load_data(
     raise StructPruneError(
         f"unknown data source {text!r}: pass 'digits', a folder of images, or file.py:FACTORY"
     )
-
-
-def calibration_batches(loader: Iterable, n_batches: int) -> list[Batch]:
-    """The first ``n_batches`` ``(inputs, targets)`` batches of ``loader`` (fewer if it is
-    shorter), e.g. to score channels or recalibrate BatchNorm statistics on."""
-    if int(n_batches) < 1:
-        raise StructPruneError(f"number of calibration batches {n_batches} must be 1 or more")
-    batches = [_split_batch(batch, "the data") for batch in islice(loader, int(n_batches))]
-    if not batches:
-        raise StructPruneError("the data gave no batches: check the data source is not empty")
-    return batches

@@ -1,6 +1,6 @@
 """Evaluate: accuracy, per-class recall, macro F1 and a confusion matrix, dense against pruned.
 
-:func:`predict` runs a classifier over ``(inputs, targets)`` batches, :func:`metrics` scores the
+:func:`predict` runs a classifier over batches with targets, :func:`metrics` scores the
 predictions with scikit-learn, :func:`evaluate` does both, and :func:`plot_confusion` draws the
 confusion matrices of several models side by side (e.g. "dense" and "pruned").
 """
@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
+from structprune.batches import first_tensor, labelled
 from structprune.errors import StructPruneError
 
 
@@ -56,28 +57,12 @@ class Metrics:
 
 
 def _logits(output: Any) -> torch.Tensor:
-    """The class-score tensor of a model output: the tensor itself, the first tensor of a
-    tuple or list, or the first value of a dict."""
-    if isinstance(output, Mapping):
-        output = next(iter(output.values()), None)
-    elif isinstance(output, (tuple, list)):
-        output = next((o for o in output if isinstance(o, torch.Tensor)), None)
-    if not isinstance(output, torch.Tensor) or output.dim() < 2:
-        shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise StructPruneError(
-            f"the model output ({shape}) is not class scores of shape N,K: evaluate a classifier"
-        )
-    return output
-
-
-def _call(model: torch.nn.Module, inputs: Any, device: str | torch.device) -> Any:
-    """Run the model on one batch's inputs: a tensor, a tuple/list of positional inputs or a
-    dict of keyword inputs, moved to ``device``."""
-    if isinstance(inputs, Mapping):
-        return model(**{k: torch.as_tensor(v).to(device) for k, v in inputs.items()})
-    if isinstance(inputs, (tuple, list)):
-        return model(*(torch.as_tensor(v).to(device) for v in inputs))
-    return model(torch.as_tensor(inputs).to(device))
+    """The class-score tensor of a model output: its first tensor, of shape N,K."""
+    logits = first_tensor(output)
+    if logits.dim() < 2:
+        raise StructPruneError(f"the model output ({list(logits.shape)}) is not class scores "
+                               "of shape N,K: evaluate a classifier")
+    return logits
 
 
 def _predict(
@@ -97,14 +82,9 @@ def _predict(
     try:
         with torch.no_grad():
             for batch in batches:
-                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                    raise StructPruneError(
-                        f"a batch is a {type(batch).__name__}, not an (inputs, targets) pair: "
-                        "give batches of (inputs, targets)"
-                    )
-                inputs, targets = batch
-                logits = _logits(_call(model, inputs, device))
-                targets = torch.as_tensor(targets).detach().cpu()
+                inputs, targets = labelled(batch, "evaluation")
+                logits = _logits(inputs.to(device).call(model))
+                targets = targets.detach().cpu()
                 if targets.is_floating_point() or targets.is_complex():
                     raise StructPruneError(
                         f"targets of dtype {targets.dtype}: targets must be integer class indices"
@@ -149,14 +129,15 @@ def predict(
     device: str | torch.device = "cpu",
     num_classes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """True and predicted class of every sample in ``batches`` of ``(inputs, targets)``.
+    """True and predicted class of every sample in ``batches`` with targets (any form of
+    :mod:`structprune.batches` that has them).
 
     The model runs in eval mode without gradients (every submodule's training flag is put back
-    afterwards) and must already be on ``device``; the inputs are moved there. Inputs may be a
-    tensor, a tuple of positional inputs or a dict of keyword inputs. The prediction is the
-    argmax over dim 1 of the output (of its first tensor for a tuple or list, of its first value
-    for a dict). Raises StructPruneError when the output has fewer classes than the targets
-    need, or not exactly ``num_classes`` when that is given.
+    afterwards) and must already be on ``device``; the inputs are moved there. The prediction
+    is the argmax over dim 1 of the output's first tensor (as
+    :func:`structprune.batches.first_tensor` takes it). Raises StructPruneError when the
+    output has fewer classes than the targets need, or not exactly ``num_classes`` when that
+    is given.
     """
     y_true, y_pred, _ = _predict(model, batches, device, num_classes)
     return y_true, y_pred

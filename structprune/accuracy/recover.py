@@ -67,9 +67,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from structprune.batches import Batch, Inputs, call, flatten_outputs, split
 from structprune.core.analyse import Analysis
 from structprune.core.plan import Plan
-from structprune.core.verify import flatten_outputs
 from structprune.errors import StructPruneError
 from structprune.tree import evaluation, resolve_target, tensor_index, training_mode
 
@@ -98,14 +98,14 @@ class _Consumer:
 
 
 def recover(pruned: nn.Module, dense: nn.Module, plan: Plan, analysis: Analysis,
-            batches: Sequence[Any], method: str | Sequence[str] = "bn", *,
+            batches: Sequence[Batch], method: str | Sequence[str] = "bn", *,
             max_rows: int = 20_000, ridge: float = 1e-4, seed: int = 0) -> dict[str, Any]:
     """Bring ``pruned`` (changed in place) closer to ``dense`` on ``batches``; see the module
     docstring for the methods and the report returned.
 
     ``pruned`` is ``apply_plan(dense, plan)`` (e.g. ``prune(...).model``), ``analysis`` the
-    analysis the plan was made from, ``batches`` a list of ``(inputs, targets)`` pairs (inputs
-    a tensor or a tuple of a forward's arguments; targets are not used). ``method`` is one of
+    analysis the plan was made from, ``batches`` a list of batches in any form of
+    :mod:`structprune.batches` (targets, if any, are not used). ``method`` is one of
     ``"none"``, ``"bn"``, ``"bias"``, ``"lsq"`` or a list of them applied in order.
     ``max_rows``, ``ridge`` and ``seed`` tune ``lsq``. ``dense`` is never changed.
     """
@@ -114,7 +114,8 @@ def recover(pruned: nn.Module, dense: nn.Module, plan: Plan, analysis: Analysis,
     if unknown:
         raise StructPruneError(f"unknown recovery method {unknown[0]!r}: use one of "
                                f"{', '.join(METHODS)} or a list of them, e.g. ['bias', 'bn']")
-    batches = list(batches)
+    # each batch's inputs, taken out (and checked) once
+    batches = [split(batch)[0] for batch in batches]
     if not batches:
         raise StructPruneError("recovery needs at least one calibration batch")
     if pruned is dense:
@@ -146,26 +147,8 @@ def recover(pruned: nn.Module, dense: nn.Module, plan: Plan, analysis: Analysis,
 # ------------------------------------------------------------------------- running models
 
 
-def _device(model: nn.Module) -> torch.device | None:
-    for tensor in [*model.parameters(), *model.buffers()]:
-        return tensor.device
-    return None
-
-
-def _args(batch: Any, device: torch.device | None) -> tuple[Any, ...]:
-    """A batch's inputs as forward arguments, moved to ``device``."""
-    inputs = batch if isinstance(batch, torch.Tensor) else batch[0]
-    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    if device is None:
-        return args
-    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-
-
-def _run(model: nn.Module, batch: Any) -> Any:
-    return model(*_args(batch, _device(model)))
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+def _module_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input of a layer's call (its first argument), when it is a tensor."""
     value = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
     return value if isinstance(value, torch.Tensor) else None
 
@@ -178,7 +161,7 @@ class _Hooks:
 
     def pre(self, module: nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = _first_tensor(args, kwargs)
+            x = _module_input(args, kwargs)
             if x is not None:
                 fn(x.detach())
         self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -197,13 +180,13 @@ class _Hooks:
             handle.remove()
 
 
-def output_mse(pruned: nn.Module, dense: nn.Module, batches: Iterable[Any]) -> float:
+def output_mse(pruned: nn.Module, dense: nn.Module, batches: Iterable[Batch]) -> float:
     """Mean squared error of ``pruned``'s floating outputs against ``dense``'s (eval mode),
     over all their elements and ``batches``; NaN when no output pair has equal shapes."""
     total, count = 0.0, 0
     with torch.no_grad(), evaluation(pruned, dense):
         for batch in batches:
-            want, got = flatten_outputs(_run(dense, batch)), flatten_outputs(_run(pruned, batch))
+            want, got = flatten_outputs(call(dense, batch)), flatten_outputs(call(pruned, batch))
             for w, g in zip(want, got, strict=False):
                 if w.shape == g.shape and w.is_floating_point() and g.is_floating_point():
                     total += float((g.double() - w.to(g.device).double()).square().sum())
@@ -211,7 +194,7 @@ def output_mse(pruned: nn.Module, dense: nn.Module, batches: Iterable[Any]) -> f
     return total / count if count else math.nan
 
 
-def _site_mse(pruned: nn.Module, dense: nn.Module, batches: Sequence[Any],
+def _site_mse(pruned: nn.Module, dense: nn.Module, batches: Sequence[Inputs],
               sites: dict[str, tuple[int, torch.Tensor | None]]) -> dict[str, float]:
     """Per module name: the mean squared error of the pruned module's output against the
     dense one's (along ``dim``, only the channels ``keep``), eval mode, over ``batches``."""
@@ -241,8 +224,8 @@ def _site_mse(pruned: nn.Module, dense: nn.Module, batches: Sequence[Any],
             hooks.post(dense_modules[name], store(name))
             hooks.post(pruned_modules[name], measure(name))
         for batch in batches:
-            _run(dense, batch)
-            _run(pruned, batch)
+            call(dense, batch)
+            call(pruned, batch)
             for stored in wanted.values():
                 stored.clear()
     return {name: (s / n if n else math.nan) for name, (s, n) in errors.items()}
@@ -368,7 +351,7 @@ class _Moments:
         self.count = total
 
 
-def _recalibrate(pruned: nn.Module, dense: nn.Module, plan: Plan, batches: Sequence[Any],
+def _recalibrate(pruned: nn.Module, dense: nn.Module, plan: Plan, batches: Sequence[Inputs],
                  ) -> list[dict[str, Any]]:
     norms = {name: m for name, m in pruned.named_modules()
              if isinstance(m, BATCH_NORMS) and m.track_running_stats
@@ -394,7 +377,7 @@ def _recalibrate(pruned: nn.Module, dense: nn.Module, plan: Plan, batches: Seque
                 m.momentum = None  # cumulative average, overwritten by the pooled moments
                 hooks.pre(m, moments[name].add)
             for batch in batches:
-                _run(pruned, batch)
+                call(pruned, batch)
     finally:
         for name, m in norms.items():
             m.momentum = momenta[name]
@@ -414,7 +397,7 @@ def _recalibrate(pruned: nn.Module, dense: nn.Module, plan: Plan, batches: Seque
 
 
 def _compensate(pruned: nn.Module, dense: nn.Module, plan: Plan, graph: _Graph,
-                consumers: list[_Consumer], batches: Sequence[Any]) -> list[dict[str, Any]]:
+                consumers: list[_Consumer], batches: Sequence[Inputs]) -> list[dict[str, Any]]:
     entries = _plan_entries(plan)
     canonical = tensor_index(dense).canonical
     dense_modules, pruned_modules = dict(dense.named_modules()), dict(pruned.named_modules())
@@ -454,7 +437,7 @@ def _compensate(pruned: nn.Module, dense: nn.Module, plan: Plan, graph: _Graph,
         for c, *_ in todo:
             hooks.pre(c.dense, accumulate(c))
         for batch in batches:
-            _run(dense, batch)
+            call(dense, batch)
     sites = {site: (dim, keep) for _, site, _, dim, keep in todo}
     before = _site_mse(pruned, dense, batches, sites)
     for c, site, target, _, _ in todo:
@@ -563,7 +546,7 @@ def _mse(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
 
 
 def _reconstruct(pruned: nn.Module, dense: nn.Module, graph: _Graph,
-                 consumers: list[_Consumer], batches: Sequence[Any], max_rows: int,
+                 consumers: list[_Consumer], batches: Sequence[Inputs], max_rows: int,
                  ridge: float, seed: int) -> list[dict[str, Any]]:
     layers = []
     order = sorted(consumers, key=lambda c: graph.order.get(c.name, len(graph.order)))
@@ -581,8 +564,8 @@ def _reconstruct(pruned: nn.Module, dense: nn.Module, graph: _Graph,
             hooks.pre(c.pruned, inputs.append)
             hooks.post(c.dense, outputs.append)
             for batch in batches:
-                _run(dense, batch)
-                _run(pruned, batch)
+                call(dense, batch)
+                call(pruned, batch)
                 for x, y in zip(inputs, outputs, strict=False):
                     if c.keep_out is not None:
                         y = y.index_select(c.channel_dim, c.keep_out.to(y.device))

@@ -10,7 +10,6 @@ model's MACs, counted exactly from the graph, fall within the budget.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -20,58 +19,61 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from structprune.accuracy.evaluate import evaluate
-from structprune.core.analyse import Analysis, Group
+from structprune.config import PruneConfig, make_config
+from structprune.core.analyse import Analysis
 from structprune.core.apply import apply_plan
-from structprune.core.literals import analyse_model
-from structprune.core.plan import Plan, PlanSettings, PruneCost, sized_attributes, sliced_params
+from structprune.core.cost import PruneCost
+from structprune.core.plan import Plan
+from structprune.core.prepare import prepare
 from structprune.core.registry import RuleRegistry
-from structprune.core.score import Importance, score
+from structprune.core.selection import (
+    group_keep,
+    plan_from_keep,
+    prunable_units,
+    removal_order,
+    removed_units,
+)
 from structprune.errors import PlanError
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def prunable_units(group: Group, exact_only: bool = False) -> np.ndarray:
-    """Positions of the group's units that may go."""
-    allowed = ~group.blocked & (~group.approximate if exact_only else True)
-    return np.flatnonzero(allowed)
+class GroupRatios:
+    """Plans removing a ratio of chosen groups' prunable units, least important first, by
+    the plan's selection (:mod:`structprune.core.selection`): the units that may go under
+    ``config`` (``exact_only``, ``ignore``), kept counts within its ``min_width`` (and
+    ``round_to``). A ratio applies to a group's prunable units; at least one unit stays."""
+
+    def __init__(self, analysis: Analysis, scores: Mapping[int, np.ndarray],
+                 config: PruneConfig):
+        self.analysis = analysis
+        self.config = config
+        self.candidates, _ = prunable_units(analysis, scores, config)
+        self.ranked = removal_order(scores, self.candidates)
+        self._groups = {g.index: g for g in analysis.groups}
+
+    def keep(self, ratios: Mapping[int, float]) -> dict[int, int]:
+        """Units each group of ``ratios`` keeps when it loses that ratio of its prunable
+        units."""
+        return {g: group_keep(self._groups[g], self.candidates[g],
+                              int(int(self.candidates[g].sum()) * ratio), self.config)
+                for g, ratio in ratios.items()}
+
+    def removed(self, ratios: Mapping[int, float]) -> np.ndarray:
+        """The components removed (a bool each) by :meth:`plan`."""
+        return removed_units(self.analysis, self.keep(ratios), self.ranked)
+
+    def plan(self, ratios: Mapping[int, float]) -> Plan:
+        """The plan removing ``ratios[g]`` of each group ``g``'s prunable units."""
+        return plan_from_keep(self.analysis, self.keep(ratios), self.ranked, self.config)
 
 
-def removal(analysis: Analysis, scores: Mapping[int, np.ndarray],
-            ratios: Mapping[int, float], exact_only: bool = False) -> np.ndarray:
-    """The components removed when each group ``g`` loses ``ratios[g]`` of its prunable
-    units, least important first; at least one unit of each group stays."""
-    removed = np.zeros(int(analysis.component.max()) + 1, bool)
-    by_index = {g.index: g for g in analysis.groups}
-    for index, ratio in ratios.items():
-        group = by_index[index]
-        units = prunable_units(group, exact_only)
-        count = min(int(len(units) * ratio), group.size - 1)
-        if count > 0:
-            ranked = units[np.argsort(scores[index][units], kind="stable")]
-            removed[group.units[ranked[:count]]] = True
-    return removed
-
-
-def plan_of(analysis: Analysis, removed: np.ndarray) -> Plan:
-    """The plan removing the components flagged in ``removed``, with its group decisions."""
-    decisions = [{"index": g.index, "units": int(g.size), "width": g.width,
-                  "members": [f"{n}:{d}" for n, d in g.members],
-                  "status": "blocked" if g.blocked.all() else
-                            "approximate" if g.approximate.any() else "exact",
-                  "kept": int(g.size - removed[g.units].sum())} for g in analysis.groups]
-    return Plan(sliced_params(analysis, removed), decisions,
-                attributes=sized_attributes(analysis, removed))
-
-
-def measure(model: nn.Module, analysis: Analysis, scores: Mapping[int, np.ndarray],
-            batches: Iterable[Any], ratios: Sequence[float] = RATIOS,
-            exact_only: bool = False, progress: bool = True) -> dict[str, Any]:
+def measure(model: nn.Module, selection: GroupRatios, batches: Iterable[Any],
+            ratios: Sequence[float] = RATIOS, progress: bool = True) -> dict[str, Any]:
     """Accuracy on ``batches`` with each prunable group alone pruned at each ratio."""
     batches = list(batches)
     dense = evaluate(model, batches).accuracy
-    groups = [g for g in analysis.groups if g.index in scores
-              and len(prunable_units(g, exact_only)) > 0]
+    groups = [g for g in selection.analysis.groups if g.index in selection.candidates]
     rows = []
     steps = tqdm(total=len(groups) * len(ratios), desc="sensitivity", unit="trial",
                  disable=not progress)
@@ -79,8 +81,7 @@ def measure(model: nn.Module, analysis: Analysis, scores: Mapping[int, np.ndarra
         for group in groups:
             accuracy = []
             for ratio in ratios:
-                removed = removal(analysis, scores, {group.index: ratio}, exact_only)
-                pruned = apply_plan(model, plan_of(analysis, removed))
+                pruned = apply_plan(model, selection.plan({group.index: ratio}))
                 accuracy.append(evaluate(pruned, batches).accuracy)
                 steps.update()
             rows.append({"group": group.index, "units": int(group.size),
@@ -89,30 +90,30 @@ def measure(model: nn.Module, analysis: Analysis, scores: Mapping[int, np.ndarra
     return {"dense_accuracy": dense, "ratios": list(ratios), "groups": rows}
 
 
-def allocate(sensitivity: Mapping[str, Any], analysis: Analysis,
-             scores: Mapping[int, np.ndarray], macs_after: Callable[[np.ndarray], float],
-             budget: float, exact_only: bool = False, step: float = 0.05,
+def allocate(sensitivity: Mapping[str, Any], selection: GroupRatios,
+             macs_after: Callable[[np.ndarray], float], budget: float, step: float = 0.05,
              ) -> dict[int, float]:
     """Per-group ratios whose model keeps at most ``budget`` of the dense MACs, chosen by
-    the least predicted accuracy loss per MAC saved; raises PlanError if none can."""
+    the least predicted accuracy loss per MAC saved, each at most the largest ratio measured
+    and ``max_group_ratio``; raises PlanError if none can."""
     ratios = [0.0, *sensitivity["ratios"]]
     curves = {row["group"]: [sensitivity["dense_accuracy"], *row["accuracy"]]
               for row in sensitivity["groups"]}
-    ceiling = max(ratios)
+    ceiling = min(max(ratios), selection.config.max_group_ratio)
 
     def loss(group: int, ratio: float) -> float:
         return sensitivity["dense_accuracy"] - float(np.interp(ratio, ratios, curves[group]))
 
-    dense_macs = macs_after(np.zeros(int(analysis.component.max()) + 1, bool))
+    dense_macs = macs_after(np.zeros(selection.analysis.n_components, bool))
     chosen = dict.fromkeys(curves, 0.0)
-    current = macs_after(removal(analysis, scores, chosen, exact_only))
+    current = macs_after(selection.removed(chosen))
     while current > budget * dense_macs:
         best = None
         for group, ratio in chosen.items():
             if ratio + step > ceiling + 1e-9:
                 continue
             trial = {**chosen, group: round(ratio + step, 6)}
-            macs = macs_after(removal(analysis, scores, trial, exact_only))
+            macs = macs_after(selection.removed(trial))
             saved = current - macs
             if saved <= 0:
                 continue
@@ -127,35 +128,39 @@ def allocate(sensitivity: Mapping[str, Any], analysis: Analysis,
     return {g: r for g, r in chosen.items() if r > 0}
 
 
-def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iterable[Any], *,
-              macs_budget: float, importance: str | Importance = "l2",
-              data: Iterable | None = None, normalize: str = "mean",
-              calibration_batches: int | None = None, seed: int = 0, exact_only: bool = False,
-              ignore: Sequence[str] = (), registry: RuleRegistry | None = None,
-              leaf_modules: Sequence[type] = (), capture_method: str = "auto",
+def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iterable[Any],
+              config: PruneConfig | None = None, *, data: Iterable | None = None,
+              registry: RuleRegistry | None = None, leaf_modules: Sequence[type] = (),
               ratios: Sequence[float] = RATIOS, progress: bool = True,
-              **unused: Any) -> tuple[Plan, dict[str, Any]]:
+              **settings: Any) -> tuple[Plan, dict[str, Any]]:
     """A plan keeping at most ``macs_budget`` of the dense MACs, its per-group ratios chosen
     from each group's measured sensitivity on ``val_batches``; returns it with the
-    measurements (``sensitivity.json``). Other ``prune`` settings are accepted and unused."""
-    settings = PlanSettings(macs_budget=macs_budget, ignore=list(ignore), exact_only=exact_only)
-    settings.validate()
-    analysis = analyse_model(model, example_inputs, leaf_modules, registry, capture_method)
-    ignored = {g.index for g in analysis.groups if any(
-        fnmatch.fnmatch(name.rpartition(".")[0], pattern) or
-        name.startswith(pattern + ".") for pattern in ignore for name, _ in g.members)}
-    groups = [g for g in analysis.groups if (~g.blocked).any() and g.index not in ignored]
-    scores = score(analysis, importance, groups, data=data, normalize=normalize, seed=seed,
-                   batches=calibration_batches)
-    measured = measure(model, analysis, scores, val_batches, ratios, exact_only, progress)
-    cost = PruneCost(analysis, registry)
-    chosen = allocate(measured, analysis, scores, cost.macs_after, macs_budget, exact_only)
-    removed = removal(analysis, scores, chosen, exact_only)
-    plan = plan_of(analysis, removed)
-    plan.settings = {"auto": True, "macs_budget": macs_budget, "importance": str(importance),
-                     "group_ratios": {str(g): r for g, r in chosen.items()}}
+    measurements (``sensitivity.json``).
+
+    The pass settings are ``config`` with ``settings`` (its field names) replaced, as
+    :func:`structprune.prune` takes them; ``macs_budget`` must be set. Each group's units go
+    least important first (``criterion``, on ``data`` for the data-driven ones), within
+    ``exact_only``, ``ignore``, ``min_width`` and ``max_group_ratio``; ``round_to`` is
+    refused. The plan's check is :func:`structprune.prune`'s when it is applied."""
+    config = make_config(config, **settings)
+    if config.macs_budget is None:
+        raise PlanError("auto_plan meets a MACs budget: set macs_budget (--macs-budget)")
+    if config.round_to != 1:
+        # a ratio step that rounding swallows saves nothing, and the greedy allocation
+        # never takes a step that saves nothing: the group would stay whole
+        raise PlanError(f"--auto chooses each group's ratio unit by unit: it does not combine "
+                        f"with --round-to {config.round_to}")
+    prepared = prepare(model, example_inputs, config, data=data, registry=registry,
+                       leaf_modules=leaf_modules)
+    selection = GroupRatios(prepared.analysis, prepared.scores, config)
+    measured = measure(model, selection, val_batches, ratios, progress)
+    cost = PruneCost(prepared.analysis, registry)
+    chosen = allocate(measured, selection, cost.macs_after, config.macs_budget)
+    plan = selection.plan(chosen)
+    plan.settings.update(auto=True, group_ratios={str(g): r for g, r in chosen.items()})
     measured["group_ratios"] = plan.settings["group_ratios"]
-    measured["macs_ratio_predicted"] = cost.macs_after(removed) / cost.dense_macs
+    measured["macs_ratio_predicted"] = \
+        cost.macs_after(selection.removed(chosen)) / cost.dense_macs
     return plan, measured
 
 

@@ -1,7 +1,7 @@
 """Sparsity training: regularisers that make channels removable before they are removed.
 
-Both regularisers are plain callables, built once from an :class:`~structprune.core.analyse.Analysis`
-and then called on the model every step::
+Both regularisers are plain callables, built once from an
+:class:`~structprune.core.analyse.Analysis` and then called on the model every step::
 
     reg = GroupLasso(analysis, strength=1e-4)
     loss = task_loss + reg(model)              # a loop of one's own, or
@@ -33,8 +33,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from structprune.batches import device_of
 from structprune.core.analyse import Analysis
-from structprune.core.score import is_norm_weight
+from structprune.core.criteria import is_norm_weight
 from structprune.errors import StructPruneError
 
 # (param name, dim, slot indices along dim, unit index of each of those slots)
@@ -151,7 +152,7 @@ class BNL1(_UnitRegularizer):
 
     def reg(self, model: nn.Module) -> torch.Tensor:
         params = self._params(model)
-        device = _device(model, self.entries)
+        device = _penalty_device(model, self.entries)
         total = torch.zeros((), device=device)
         for name, dim, slots, _ in self._entries(device):
             per_slot = self._reduce(params[name], dim, square=False).to(device)
@@ -193,7 +194,7 @@ class GroupLasso(_UnitRegularizer):
     def unit_norms(self, model: nn.Module) -> torch.Tensor:
         """n_u for every regularised unit, in the order of ``unit_group``/``unit_component``."""
         params = self._params(model)
-        device = _device(model, self.entries)
+        device = _penalty_device(model, self.entries)
         entries = self._entries(device)
         dtype = _accumulate_dtype(params[name] for name, *_ in entries)
         squares = torch.zeros(self.num_units, dtype=dtype, device=device)
@@ -217,16 +218,14 @@ class GroupLasso(_UnitRegularizer):
         return (norms * self.weights.to(norms)).sum() * self.strength
 
 
-def _device(model: nn.Module, entries: list[Entry]) -> torch.device:
+def _penalty_device(model: nn.Module, entries: list[Entry]) -> torch.device:
     """Where the penalty is computed: the device of the first parameter it reads."""
     if entries:
         name = entries[0][0]
         for n, p in model.named_parameters(remove_duplicate=False):
             if n == name:
                 return p.device
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    return device_of(model) or torch.device("cpu")
 
 
 def _accumulate_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from structprune.accuracy import distributed
+from structprune.batches import first_tensor, labelled, to_device
 from structprune.errors import StructPruneError
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
@@ -62,13 +63,6 @@ def _check(epochs: int, lr: float, weight_decay: float, temperature: float,
         raise StructPruneError(f"distillation weight {distill_weight} must lie in [0, 1]")
 
 
-def _pair(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, dict) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise StructPruneError(f"a training batch is a {type(batch).__name__}, not an "
-                               "(inputs, targets) pair: give batches of (inputs, targets)")
-    return batch[0], batch[1]
-
-
 def fit(
     model: nn.Module,
     train_batches: Iterable,
@@ -87,17 +81,18 @@ def fit(
     optimizer_state: dict[str, Any] | None = None,
     on_epoch_end: Callable[[int, torch.optim.Optimizer], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` in place on ``(inputs, targets)`` batches; one record per epoch.
+    """Train ``model`` in place on batches with targets (any form of
+    :mod:`structprune.batches` that has them); one record per epoch.
 
-    Each batch: ``loss = CE(model(x), y)``, or with a ``teacher``
-    ``(1 - distill_weight) * CE + distill_weight * distillation_loss(...)`` (the teacher runs
-    in eval mode under ``no_grad``), plus ``regularizer(model)`` when given; then one AdamW
-    step. The learning rate follows :func:`cosine_lr`, set at the start of each epoch.
+    Each batch: ``loss = CE(model(x), y)`` (of the first tensor of the model's output), or
+    with a ``teacher`` ``(1 - distill_weight) * CE + distill_weight * distillation_loss(...)``
+    (the teacher runs in eval mode under ``no_grad``), plus ``regularizer(model)`` when given;
+    then one AdamW step. The learning rate follows :func:`cosine_lr`, set at the start of each epoch.
 
     ``torch.manual_seed(seed)`` is called first, so dropout and any loader drawing from the
     global generator repeat; ``train_batches`` is iterated as given once per epoch (a
-    ``DataLoader`` with its own seeded generator, as :mod:`structprune.accuracy.data` makes, reshuffles
-    reproducibly). A progress bar per epoch is shown when ``progress`` and stderr is a
+    ``DataLoader`` with its own seeded generator, as :mod:`structprune.accuracy.data` makes,
+    reshuffles reproducibly). A progress bar per epoch is shown when ``progress`` and stderr is a
     terminal. The model (and teacher) are moved to ``device``; the model is left in training
     mode, the teacher in eval mode.
 
@@ -146,13 +141,13 @@ def _epoch(forward: nn.Module, model: nn.Module, optimizer: torch.optim.Optimize
     bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                disable=None if progress else True)
     for batch in bar:
-        inputs, targets = _pair(batch)
-        inputs, targets = inputs.to(device), targets.to(device)
-        logits = forward(inputs)
+        inputs, targets = labelled(batch, "training")
+        inputs, targets = inputs.to(device), to_device(targets, device)
+        logits = first_tensor(inputs.call(forward))
         loss = F.cross_entropy(logits, targets)
         if teacher is not None:
             with torch.no_grad():
-                teacher_logits = teacher(inputs)
+                teacher_logits = first_tensor(inputs.call(teacher))
             soft = distillation_loss(logits, teacher_logits, temperature)
             loss = (1.0 - distill_weight) * loss + distill_weight * soft
         if regularizer is not None:

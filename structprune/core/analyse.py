@@ -22,8 +22,10 @@ The engine knows no op by name: everything op-specific is in the rule registry.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -74,9 +76,32 @@ class Group:
     def size(self) -> int:
         return len(self.units)
 
+    @property
+    def status(self) -> str:
+        """``blocked`` (no unit may go), ``approximate`` (removing some units changes the
+        result beyond masking) or ``exact``."""
+        if self.blocked.all():
+            return "blocked"
+        return "approximate" if self.approximate.any() else "exact"
+
+    def prunable(self, exact_only: bool = False) -> np.ndarray:
+        """Per unit: whether it may go (not blocked; not approximate under ``exact_only``)."""
+        return ~self.blocked & ~self.approximate if exact_only else ~self.blocked
+
+    @property
+    def modules(self) -> set[str]:
+        """The names of the modules whose parameters the group slices."""
+        return {module_of(name) for name, _ in self.members}
+
+    def matches(self, patterns: Iterable[str]) -> bool:
+        """Whether one of the group's modules matches one of ``patterns`` (:func:`matches`)."""
+        modules = self.modules
+        return any(matches(pattern, module) for pattern in patterns for module in modules)
+
     def to_json(self) -> dict:
         return {
             "index": self.index,
+            "status": self.status,
             "members": [f"{name}:{dim}" for name, dim in self.members],
             "units": int(self.size),
             "width": self.width,
@@ -99,9 +124,22 @@ class Analysis:
     # "module.attr" -> atom per channel, for sizes no tensor carries (a norm without weights)
     attributes: dict[str, np.ndarray] = field(default_factory=dict)
 
+    @property
+    def n_components(self) -> int:
+        """How many components (units of removal) the atoms form."""
+        return int(self.component.max()) + 1 if self.component.size else 0
+
+    def prunable_groups(self, exact_only: bool = False, ignore: Iterable[str] = (),
+                        ) -> list[Group]:
+        """The groups with a unit that may go, under ``exact_only``, that slice no module
+        of ``ignore`` (names or globs, :func:`matches`)."""
+        ignore = list(ignore)
+        return [g for g in self.groups
+                if g.prunable(exact_only).any() and not (ignore and g.matches(ignore))]
+
     def removed_components(self, params: Iterable[dict]) -> np.ndarray:
         """Components a plan's ``params`` entries remove (a bool per component)."""
-        removed = np.zeros(int(self.component.max()) + 1 if self.component.size else 0, bool)
+        removed = np.zeros(self.n_components, bool)
         for entry in params:
             ids = self.slots.get((entry["name"], entry["dim"]))
             if ids is None:
@@ -112,16 +150,28 @@ class Analysis:
         return removed
 
     def summary(self) -> dict:
-        prunable = sum(1 for g in self.groups if (~g.blocked).any())
+        statuses = [g.status for g in self.groups]
         return {
             "capture": self.capture.method,
             "groups": len(self.groups),
-            "prunable_groups": prunable,
-            "exact_groups": sum(1 for g in self.groups
-                                if (~g.blocked).any() and not g.approximate.any()),
-            "approximate_groups": sum(1 for g in self.groups if g.approximate.any()),
-            "blocked_groups": len(self.groups) - prunable,
+            "prunable_groups": len(self.groups) - statuses.count("blocked"),
+            "exact_groups": statuses.count("exact"),
+            "approximate_groups": statuses.count("approximate"),
+            "blocked_groups": statuses.count("blocked"),
         }
+
+
+def module_of(name: str) -> str:
+    """The module holding the parameter or buffer ``name`` (``""`` for the root's own)."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def matches(pattern: str, module: str) -> bool:
+    """Whether ``pattern`` names ``module``: a glob (``layer1.*``) matches whole names, a
+    plain name matches that module and every module inside it."""
+    if any(c in pattern for c in "*?["):
+        return re.fullmatch(fnmatch.translate(pattern), module) is not None
+    return module == pattern or module.startswith(pattern + ".")
 
 
 class AtomTable:
@@ -520,4 +570,5 @@ def analyse(capture: Capture, registry: RuleRegistry | None = None) -> Analysis:
                     engine.attributes)
 
 
-__all__ = ["Analysis", "AtomTable", "Consumption", "EngineContext", "Group", "analyse"]
+__all__ = ["Analysis", "AtomTable", "Consumption", "EngineContext", "Group", "analyse",
+           "matches", "module_of"]

@@ -10,21 +10,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from structprune.core.analyse import Analysis, analyse
+from structprune.config import PruneConfig, make_config
+from structprune.core.analyse import Analysis
 from structprune.core.apply import apply_plan, check_plan
-from structprune.core.capture import Capture, capture
+from structprune.core.capture import capture
+from structprune.core.cost import PruneCost
 from structprune.core.counts import count_macs, count_params
-from structprune.core.literals import settle_literals
-from structprune.core.plan import (
-    Plan,
-    PlanSettings,
-    PruneCost,
-    make_plan,
-    sized_attributes,
-    sliced_params,
-)
+from structprune.core.plan import Plan, sized_attributes, sliced_params
+from structprune.core.prepare import prepare
 from structprune.core.registry import RuleRegistry
-from structprune.core.score import Importance, score
+from structprune.core.selection import make_plan
 from structprune.core.verify import (
     Verification,
     compare,
@@ -63,82 +58,59 @@ def exact_subplan(analysis: Analysis, plan: Plan) -> Plan:
 def prune(
     model: nn.Module,
     example_inputs: Sequence[Any] | Any,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     *,
-    importance: str | Importance = "l2",
-    data: Iterable | None = None,
-    calibration_batches: int | None = None,
-    normalize: str = "mean",
-    threshold: float | None = None,
-    macs_budget: float | None = None,
-    params_budget: float | None = None,
-    seed: int = 0,
-    global_ranking: bool = False,
-    round_to: int = 1,
-    min_width: int = 1,
-    ignore: Sequence[str] = (),
-    ratios: dict[str, float] | None = None,
-    exact_only: bool = False,
-    inplace: bool = False,
-    check: bool = True,
-    leaf_modules: Sequence[type] = (),
-    registry: RuleRegistry | None = None,
-    tolerance: float = 1e-4,
-    capture_method: str = "auto",
+    config: PruneConfig | None = None,
     plan: Plan | None = None,
+    data: Iterable | None = None,
+    inplace: bool = False,
+    registry: RuleRegistry | None = None,
+    leaf_modules: Sequence[type] = (),
+    **settings: Any,
 ) -> PruneResult:
     """Prune ``model`` and return it (a copy unless ``inplace``) with its plan and figures.
+
+    The settings are ``config`` (a :class:`~structprune.config.PruneConfig`, its defaults when
+    not given) with ``ratio`` and ``settings`` (its field names, such as ``exact_only=True``
+    or ``criterion="taylor"``) replaced; an unknown name is refused. What goes: ``ratio``
+    (per group, or over all groups with ``global_ranking``), or ``threshold``, or
+    ``macs_budget`` / ``params_budget`` (see :class:`~structprune.config.PruneConfig`).
+    ``data`` (``(inputs, targets)`` batches) feeds the data-driven criteria.
 
     With ``check`` (the default) the pruned model is compared with the dense model whose
     removed channels are masked; a mismatch raises :class:`VerificationError`. When
     approximate groups were pruned, the check covers the exact part of the plan.
-    A given ``plan`` (e.g. loaded from plan.json) is applied instead of making one.
-
-    What goes: ``ratio`` (per group, or over all groups with ``global_ranking``), or
-    ``threshold`` (units whose normalised importance is below it), or ``macs_budget`` /
-    ``params_budget`` (the fraction of dense MACs or parameters to keep, cheapest importance
-    per MAC or parameter first). ``importance`` names a criterion of
-    :data:`structprune.core.score.IMPORTANCE` or is a callable; ``taylor``, ``gradient`` and
-    ``activation`` read ``calibration_batches`` batches of ``data`` (``(inputs, targets)``).
+    A given ``plan`` (e.g. loaded from plan.json) is applied instead of making one: the
+    selection and scoring settings then play no part.
     """
+    config = make_config(config, ratio, **settings)
     given_plan = plan is not None
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    settings = PlanSettings(ratio=ratio, global_ranking=global_ranking, round_to=round_to,
-                            min_width=min_width, ignore=list(ignore), exact_only=exact_only,
-                            ratios=dict(ratios or {}), threshold=threshold,
-                            macs_budget=macs_budget, params_budget=params_budget)
-    settings.validate()
-    t0 = time.perf_counter()
-    cap: Capture = capture(model, example_inputs, leaf_modules, registry, capture_method)
-    t1 = time.perf_counter()
-    analysis = settle_literals(model, analyse(cap, registry), registry)
-    t2 = time.perf_counter()
+    prepared = prepare(model, example_inputs, config, data=data, registry=registry,
+                       leaf_modules=leaf_modules, scored=not given_plan)
+    analysis, cap = prepared.analysis, prepared.analysis.capture
+    t3 = time.perf_counter()
     if plan is None:
-        scores = score(analysis, importance, [g for g in analysis.groups if (~g.blocked).any()],
-                       data=data, normalize=normalize, seed=seed, batches=calibration_batches)
-        t3 = time.perf_counter()
-        budget = settings.mode in ("macs_budget", "params_budget")
-        plan = make_plan(analysis, scores, settings,
+        budget = config.mode in ("macs_budget", "params_budget")
+        plan = make_plan(analysis, prepared.scores, config,
                          cost=PruneCost(analysis, registry) if budget else None)
     else:
         check_plan(model, plan)
-        t3 = time.perf_counter()
     t4 = time.perf_counter()
 
     dense_figures = {"params_dense": count_params(model), "macs_dense": count_macs(cap, registry)}
     inputs = random_inputs(example_inputs, seed=1)
     t5 = time.perf_counter()
     # with a check, in place happens last, once the plan has been checked on a copy
-    pruned = apply_plan(model, plan, inplace=inplace and not check, registry=registry)
+    pruned = apply_plan(model, plan, inplace=inplace and not config.check, registry=registry)
     t6 = time.perf_counter()
-    timings = {"capture": t1 - t0, "analyse": t2 - t1, "score": t3 - t2, "plan": t4 - t3,
-               "apply": t6 - t5}
+    timings = {**prepared.seconds, "plan": t4 - t3, "apply": t6 - t5}
     verification = None
-    if check:
-        verification = _check(analysis, plan, model, pruned, inputs, tolerance, registry,
-                              given_plan, exact_only)
-    if inplace and check:
+    if config.check:
+        verification = _check(analysis, plan, model, pruned, inputs, config.tolerance, registry,
+                              given_plan, config.exact_only)
+    if inplace and config.check:
         pruned = apply_plan(model, plan, inplace=True, registry=registry)
     try:
         figures = figures_for(dense_figures, pruned, example_inputs, leaf_modules, registry,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from structprune.core.capture import Capture
-from structprune.core.plan import count_node_macs
+from structprune.core.cost import count_node_macs
 from structprune.core.registry import RuleRegistry
 
 

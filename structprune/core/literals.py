@@ -11,10 +11,11 @@ code, so their nodes have the same names):
 - a graph constant whose value changed: a tensor made from a channel count;
 - a line of the model's code that no longer runs: its nodes read a fixed size.
 
-:func:`analyse_model` captures and analyses a model; on a torch.export graph it then prunes
-a probe copy (half of every group), finds such nodes (:func:`pinned_nodes`), marks them
-(``node.meta[PINNED]``: the analysis keeps whole every channel axis a marked node reads) and
-analyses again, until the probe shows none. The plan is then made once, on that analysis.
+:func:`settle_literals` takes an analysis of a torch.export graph, prunes a probe copy (half
+of every group), finds such nodes (:func:`pinned_nodes`), marks them (``node.meta[PINNED]``:
+the analysis keeps whole every channel axis a marked node reads) and analyses again, until
+the probe shows none. The plan is then made once, on that analysis
+(:func:`structprune.core.prepare.prepare` runs it for every caller).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from structprune.config import PruneConfig
 from structprune.core.analyse import Analysis, analyse
 from structprune.core.apply import apply_plan
 from structprune.core.capture import Capture, capture, innermost_user_frame, is_user_file
-from structprune.core.plan import PlanSettings, make_plan
 from structprune.core.registry import RuleRegistry
 from structprune.core.score import score
+from structprune.core.selection import make_plan
 from structprune.errors import CaptureError
 from structprune.types import PINNED
 
@@ -216,13 +218,6 @@ def mark(cap: Capture, pinned: dict[str, str]) -> int:
     return new
 
 
-def analyse_model(model: nn.Module, example_inputs: Any, leaf_modules: Any = (),
-                  registry: RuleRegistry | None = None, method: str = "auto") -> Analysis:
-    """Capture and analyse ``model``, literals settled (:func:`settle_literals`)."""
-    cap = capture(model, example_inputs, leaf_modules, registry, method)
-    return settle_literals(model, analyse(cap, registry), registry)
-
-
 def settle_literals(model: nn.Module, analysis: Analysis,
                     registry: RuleRegistry | None = None) -> Analysis:
     """``analysis`` itself for an fx capture; for a torch.export capture, analysed again
@@ -232,10 +227,10 @@ def settle_literals(model: nn.Module, analysis: Analysis,
     if cap.method != "export":
         return analysis
     for _ in range(MAX_PROBES):
-        groups = [g for g in analysis.groups if (~g.blocked).any()]
+        groups = analysis.prunable_groups()
         if not groups:
             break
-        probe = make_plan(analysis, score(analysis, "l2", groups), PlanSettings(ratio=0.5))
+        probe = make_plan(analysis, score(analysis, "l2", groups), PruneConfig(ratio=0.5))
         if not mark(cap, pinned_nodes(cap, apply_plan(model, probe, registry=registry),
                                       registry)):
             break
@@ -243,4 +238,4 @@ def settle_literals(model: nn.Module, analysis: Analysis,
     return analysis
 
 
-__all__ = ["analyse_model", "mark", "pinned_nodes", "settle_literals", "user_frame"]
+__all__ = ["mark", "pinned_nodes", "settle_literals", "user_frame"]

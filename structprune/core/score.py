@@ -1,497 +1,44 @@
-"""Stage 3, score: importance of every unit of every group.
+"""Stage 3, score: importance of every unit of every group, on one scale across groups.
 
-A criterion is a callable ``(analysis, group) -> one raw score per unit``. Every built-in one
-scores a unit over *every* member of its group (each conv, norm and linear slice that loses
-the unit, or every place its channel is consumed), not over one layer as per-layer tools do.
-:data:`IMPORTANCE` names them:
+The criteria themselves are in :mod:`structprune.core.criteria`; :data:`IMPORTANCE` names
+them:
 
-- ``l1``, ``l2``: weight magnitude (:class:`Magnitude`), the default; needs no data;
+- ``l1``, ``l2``: weight magnitude (:class:`~structprune.core.criteria.Magnitude`), the
+  default; needs no data;
 - ``taylor``, ``gradient``: first-order Taylor and mean gradient magnitude, from the gradients
-  of the cross-entropy loss on calibration batches (:class:`Taylor`, :class:`Gradient`);
-- ``bn``: the scale (gamma) of the unit's normalisation layers (:class:`NormScale`);
-- ``fpgm``: distance from the other filters, FPGM's geometric median (:class:`FPGM`);
-- ``lamp``: layer-adaptive magnitude (:class:`LAMP`);
-- ``activation``: mean absolute activation where the channel is consumed (:class:`Activation`);
-- ``random``: seeded uniform scores, the control any comparison needs (:class:`Random`).
+  of the cross-entropy loss on calibration batches (``Taylor``, ``Gradient``);
+- ``bn``: the scale (gamma) of the unit's normalisation layers (``NormScale``);
+- ``fpgm``: distance from the other filters, FPGM's geometric median (``FPGM``);
+- ``lamp``: layer-adaptive magnitude (``LAMP``);
+- ``activation``: mean absolute activation where the channel is consumed (``Activation``);
+- ``random``: seeded uniform scores, the control any comparison needs (``Random``).
 
 :func:`score` then divides each group's scores by their mean (or max or sum) so that groups
-compare on one scale when ranked globally. Criteria that need data are in :data:`NEEDS_DATA`.
+compare on one scale when ranked globally. Criteria that need data are in :data:`NEEDS_DATA`;
+their calibration batches take any form of :mod:`structprune.batches` (the gradient criteria
+need targets).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable
-from itertools import islice
-from typing import Any
 
 import numpy as np
-import torch
-import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
-from structprune.core.analyse import Analysis, Consumption, Group
-from structprune.core.capture import Capture, graph_parameters
+from structprune.batches import Batch, take
+from structprune.core.analyse import Analysis, Group
+from structprune.core.criteria import (
+    FPGM,
+    LAMP,
+    Activation,
+    Gradient,
+    Importance,
+    Magnitude,
+    NormScale,
+    Random,
+    Taylor,
+)
 from structprune.errors import PlanError
-from structprune.tree import evaluation
-
-Importance = Callable[[Analysis, Group], np.ndarray]
-Batch = tuple[Any, Any]  # (inputs: a tensor or a tuple of tensors, targets)
-
-
-_BLOCK = 1 << 20  # elements in a block of rows: a few MB, in cache
-
-
-def slice_norms(tensor: torch.Tensor, dim: int, p: int) -> np.ndarray:
-    """The L``p`` norm of every slice ``tensor.select(dim, i)``, in float64.
-
-    For ``dim`` > 0 the powered tensor is summed over its leading rows first (a ``[rows,
-    size * rest]`` view, contiguous, a block of rows at a time), then over ``rest``: torch
-    reduces a strided middle axis slowly (ResNet-50's input-axis norms took 33 ms that way
-    and take 9 ms this way), and powering VGG16's classifier whole took 0.39 s.
-    """
-    t = tensor.detach()
-    size = t.shape[dim]
-    if t.numel() == size:  # one value a slice (a norm's weight): its magnitude
-        return t.abs().double().cpu().numpy().reshape(-1)
-    if dim == 0:
-        return torch.linalg.vector_norm(t.reshape(size, -1).float(), ord=p, dim=1) \
-            .double().cpu().numpy()
-    rows = t.reshape(-1, t[(0,) * dim].numel())
-    columns = torch.zeros(rows.shape[1], device=t.device)
-    for block in rows.split(max(1, _BLOCK // rows.shape[1])):  # never the whole tensor powered
-        block = block.float()
-        columns += (block.square() if p == 2 else block.abs().pow(p)).sum(dim=0)
-    return columns.reshape(size, -1).sum(dim=1).double().pow(1 / p).cpu().numpy()
-
-
-def slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """``tensor``'s slices along ``dim`` as the rows of a ``[size, rest]`` float64 matrix."""
-    t = tensor.detach()
-    return t.movedim(dim, 0).reshape(t.shape[dim], -1).double()
-
-
-Key = tuple[str, int]  # a member: (tensor name, axis)
-
-
-class Criterion:
-    """Base of the built-in criteria: ``criterion(analysis, group)`` is one raw score per unit
-    of ``group`` (in ``group.units`` order), and :meth:`scores` scores many groups at once;
-    subclasses implement :meth:`measure` (and may batch :meth:`scores`).
-
-    ``fallbacks`` lists the indices of the groups a criterion could not score by its own rule
-    and scored by ``l2`` magnitude instead (``bn`` for a group without a norm, ...), filled
-    while scoring, so a caller can report them.
-    """
-
-    def __init__(self, analysis: Analysis):
-        self.analysis = analysis
-        self.params = graph_parameters(analysis.capture)  # parameters count, buffers do not
-        self.fallbacks: list[int] = []
-        self.components = analysis.component.size and int(analysis.component.max()) + 1
-        self._per_slot: dict[Key, np.ndarray] = {}  # a tensor read once
-        self._magnitude: Magnitude | None = None
-
-    def __call__(self, analysis: Analysis, group: Group) -> np.ndarray:
-        return self.measure(group)
-
-    def measure(self, group: Group) -> np.ndarray:
-        raise NotImplementedError
-
-    def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
-        """Raw scores of each group, by group index, in order."""
-        return {group.index: self(self.analysis, group) for group in groups}
-
-    def is_parameter(self, key: Key) -> bool:
-        return key[0] in self.params
-
-    def per_slot(self, key: Key, compute: Callable[[str, int], np.ndarray]) -> np.ndarray:
-        """``compute(name, dim)``, one value per slot of member ``key``, cached: a tensor
-        in several groups is read once."""
-        if key not in self._per_slot:
-            self._per_slot[key] = compute(*key)
-        return self._per_slot[key]
-
-    def member_sums(self, groups: list[Group], include: Callable[[Key], bool],
-                    values: Callable[[Key], np.ndarray]) -> list[tuple[np.ndarray, int]]:
-        """For each group: ``values(key)`` (one value per slot of member ``key``) summed into
-        its units over the members that ``include`` accepts, and how many those are.
-
-        Every slot adds to the unit that owns it, in slot order (the analysis' tensor order,
-        then position), all groups in one bincount: a unit's sum is the same whichever
-        groups are scored with it, and DenseNet-201's 6,000 (group, member) pairs cost one
-        pass over the slots instead of one each."""
-        position = np.full(self.components, -1, np.int64)  # component -> place among units
-        starts = [0]
-        counts, wanted = [], set()
-        for group in groups:
-            position[group.units] = np.arange(starts[-1], starts[-1] + group.size)
-            starts.append(starts[-1] + group.size)
-            keys = [key for key in group.members if include(key)]
-            counts.append(len(keys))
-            wanted.update(keys)
-        keys = [key for key in self.analysis.slots if key in wanted]
-        total = np.zeros(starts[-1])
-        if keys:
-            slots = self.analysis.slots
-            where = position[self.analysis.component[np.concatenate([slots[k] for k in keys])]]
-            inside = where >= 0
-            flat = np.concatenate([values(k) for k in keys])
-            total = np.bincount(where[inside], flat[inside], minlength=starts[-1])
-        return [(total[a:b], n)
-                for (a, b), n in zip(itertools.pairwise(starts), counts, strict=True)]
-
-    def fall_back(self, group: Group) -> np.ndarray:
-        """``l2`` magnitude for a group this criterion cannot score; recorded in fallbacks."""
-        if group.index not in self.fallbacks:
-            self.fallbacks.append(group.index)
-        if self._magnitude is None:
-            self._magnitude = Magnitude(self.analysis, 2)
-        return self._magnitude(self.analysis, group)
-
-
-class Magnitude(Criterion):
-    """Per-unit L1 (``p=1``) or L2 (``p=2``) magnitude, averaged over a group's parameter
-    members (Li et al. 2017, "Pruning Filters for Efficient ConvNets", lifted to groups):
-
-        score(u) = 1/|M| * sum_{m in M} sum_{s in slots_m(u)} ||W_m[s]||_p
-
-    with M the group's parameter members (buffers do not count) and ``W_m[s]`` the slice of
-    member m at slot s. One instance scores many groups: a tensor in several is read once."""
-
-    def __init__(self, analysis: Analysis, p: int):
-        super().__init__(analysis)
-        self.p = p
-
-    def norms(self, key: Key) -> np.ndarray:
-        return self.per_slot(key, lambda name, dim: slice_norms(self.params[name], dim, self.p))
-
-    def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
-        sums = self.member_sums(groups, self.is_parameter, self.norms)
-        return {group.index: total / max(n, 1)
-                for group, (total, n) in zip(groups, sums, strict=True)}
-
-    def measure(self, group: Group) -> np.ndarray:
-        return self.scores([group])[group.index]
-
-
-class NormScale(Criterion):
-    """Network slimming (Liu et al. 2017, "Learning Efficient Convolutional Networks through
-    Network Slimming"): the scale factors of the unit's normalisation layers,
-
-        score(u) = sum_{m in N} sum_{s in slots_m(u)} sum |gamma_m[s]|
-
-    over N, *every* norm weight among the group's members (two BatchNorms joined by a residual
-    add both count). Norms are torch.nn's batch, instance, group, layer and RMS norms and
-    torchvision's FrozenBatchNorm2d. A group with no norm weight falls back to ``l2``
-    magnitude (listed in ``fallbacks``)."""
-
-    def __init__(self, analysis: Analysis):
-        super().__init__(analysis)
-        self.tensors = analysis.capture.model.state_dict(keep_vars=True)  # weights or buffers
-
-    def is_norm_weight(self, key: Key) -> bool:
-        return key[0] in self.tensors and is_norm_weight(self.analysis.capture.model, key[0])
-
-    def gammas(self, key: Key) -> np.ndarray:
-        return self.per_slot(key, lambda name, dim: slices(self.tensors[name], dim).abs()
-                             .sum(dim=1).cpu().numpy())
-
-    def measure(self, group: Group) -> np.ndarray:
-        [(total, found)] = self.member_sums([group], self.is_norm_weight, self.gammas)
-        return total if found else self.fall_back(group)
-
-
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
-
-
-def is_norm_weight(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` (a state_dict name of ``model``) is a normalisation layer's weight."""
-    owner, _, attr = name.rpartition(".")
-    if attr != "weight":
-        return False
-    try:
-        module = model.get_submodule(owner)
-    except AttributeError:
-        return False
-    # FrozenBatchNorm2d by name: its weight is a buffer, and torchvision is not imported here
-    return isinstance(module, NORM_TYPES) or type(module).__name__ == "FrozenBatchNorm2d"
-
-
-def _distance_sums(tensor: torch.Tensor, dim: int) -> np.ndarray:
-    """For each slice v_i along ``dim``: sum_j ||v_i - v_j||_2, in blocks of rows."""
-    v = slices(tensor, dim)
-    step = max(1, (1 << 22) // max(1, v.shape[0]))
-    return torch.cat([torch.cdist(block, v).sum(dim=1) for block in v.split(step)]) \
-        .cpu().numpy()
-
-
-class FPGM(Criterion):
-    """Filter pruning via geometric median (He et al. 2019, CVPR): a filter close to all
-    the others is replaceable. For each filter member m of the group (a weight of two or
-    more axes sliced on axis 0: every conv or linear map producing the unit), with v_i the
-    flattened filter i,
-
-        d_m(i) = sum_j ||v_i - v_j||_2        (over every filter j of m)
-        score(u) = 1/|M_f| * sum_{m in M_f} sum_{i in slots_m(u)} d_m(i)
-
-    the approximation of the distance from the geometric median that the paper's code and
-    Torch-Pruning compute with cdist. Input columns of consumers are not filters (and a
-    flatten into a large linear map would make tens of thousands of them); a group without
-    filters falls back to ``l2`` (listed in ``fallbacks``)."""
-
-    def is_filter(self, key: Key) -> bool:
-        return self.is_parameter(key) and self.params[key[0]].ndim >= 2 and key[1] == 0
-
-    def distances(self, key: Key) -> np.ndarray:
-        return self.per_slot(key, lambda name, dim: _distance_sums(self.params[name], dim))
-
-    def measure(self, group: Group) -> np.ndarray:
-        [(total, counted)] = self.member_sums([group], self.is_filter, self.distances)
-        return total / counted if counted else self.fall_back(group)
-
-
-class LAMP(Criterion):
-    """Layer-adaptive magnitude-based pruning (Lee et al. 2021, ICLR), lifted from weights
-    to units: with m_u the squared ``l2`` magnitude of unit u (as :class:`Magnitude`) and
-    units ranked by m ascending (ties in stable-sort order),
-
-        score(u) = m_u / sum_{v: rank(v) >= rank(u)} m_v
-
-    (0 where that sum is 0)."""
-
-    def __init__(self, analysis: Analysis):
-        super().__init__(analysis)
-        self.magnitude = Magnitude(analysis, 2)
-
-    def measure(self, group: Group) -> np.ndarray:
-        return self.scores([group])[group.index]
-
-    def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
-        return {index: _lamp(np.square(m)) for index, m in self.magnitude.scores(groups).items()}
-
-
-def _lamp(m: np.ndarray) -> np.ndarray:
-    """LAMP's score of squared magnitudes ``m``."""
-    order = np.argsort(m, kind="stable")
-    tail = np.cumsum(m[order][::-1])[::-1]  # sum over this rank and every higher one
-    out = np.zeros(m.size)
-    out[order] = np.divide(m[order], tail, out=np.zeros(m.size), where=tail > 0)
-    return out
-
-
-class Random(Criterion):
-    """Uniform scores in [0, 1) from ``np.random.default_rng(seed)``, one draw per group in
-    scoring order: the control every criterion must beat."""
-
-    def __init__(self, analysis: Analysis, seed: int = 0):
-        super().__init__(analysis)
-        self.rng = np.random.default_rng(seed)
-
-    def measure(self, group: Group) -> np.ndarray:
-        return self.rng.random(group.size)
-
-
-# ----------------------------------------------------------------------- data-driven criteria
-
-
-def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _inputs(batch: Batch, device: torch.device) -> tuple[Any, ...]:
-    inputs = batch[0] if isinstance(batch[0], (tuple, list)) else (batch[0],)
-    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    """The model's output, or the first tensor of a tuple, list or dict of outputs."""
-    if isinstance(output, torch.Tensor):
-        return output
-    values = output.values() if isinstance(output, dict) else \
-        output if isinstance(output, (tuple, list)) else ()
-    for value in values:
-        try:
-            return _first_tensor(value)
-        except PlanError:
-            continue
-    raise PlanError(f"the model's output ({type(output).__name__}) holds no tensor to take a "
-                    "loss of")
-
-
-class _Gradients(Criterion):
-    """Base of the gradient criteria: on first use, the gradients of the summed per-batch
-    cross-entropy losses of the model (in eval mode, so BN statistics stay) with respect to
-    the graph's parameters, accumulated into ``.grad`` as ``backward()`` does. The user's
-    ``.grad`` and ``requires_grad`` are restored afterwards."""
-
-    def __init__(self, analysis: Analysis, batches: list[Batch]):
-        super().__init__(analysis)
-        self.batches = batches
-        self._grads: dict[str, torch.Tensor] | None = None
-
-    @property
-    def grads(self) -> dict[str, torch.Tensor]:
-        if self._grads is None:
-            self._grads = self._accumulate()
-        return self._grads
-
-    def _accumulate(self) -> dict[str, torch.Tensor]:
-        model = self.analysis.capture.model
-        device = _device(model)
-        tensors = {id(t): t for t in [*model.parameters(), *self.params.values()]}.values()
-        saved = [(t, t.grad, t.requires_grad) for t in tensors]
-        try:
-            for t in tensors:
-                t.grad = None
-            for t in self.params.values():
-                t.requires_grad_(True)
-            with evaluation(model), torch.enable_grad():
-                for batch in self.batches:
-                    output = _first_tensor(model(*_inputs(batch, device)))
-                    targets = torch.as_tensor(batch[1]).to(output.device)
-                    F.cross_entropy(output, targets).backward()
-            return {name: torch.zeros_like(t) if t.grad is None else t.grad.detach().clone()
-                    for name, t in self.params.items()}
-        finally:
-            for t, grad, flag in saved:
-                t.grad = grad
-                t.requires_grad_(flag)
-
-
-class Taylor(_Gradients):
-    """First-order Taylor importance (Molchanov et al. 2019, "Importance Estimation for
-    Neural Network Pruning", CVPR): the loss change from removing the unit, estimated as
-
-        score(u) = | sum_{m in M} sum_{s in slots_m(u)} sum (W_m[s] * G_m[s]) |
-
-    with G the gradient of sum_b CE(model(x_b), y_b) over the calibration batches and M the
-    group's parameter members (buffers do not count): the whole group, one Taylor term."""
-
-    def products(self, key: Key) -> np.ndarray:
-        return self.per_slot(key, lambda name, dim: (
-            slices(self.params[name], dim) * slices(self.grads[name], dim))
-            .sum(dim=1).cpu().numpy())
-
-    def measure(self, group: Group) -> np.ndarray:
-        [(total, _)] = self.member_sums([group], self.is_parameter, self.products)
-        return np.abs(total)
-
-
-class Gradient(_Gradients):
-    """Mean gradient magnitude: with G as for :class:`Taylor` and |s| the elements of a slice,
-
-        score(u) = 1/|M| * sum_{m in M} sum_{s in slots_m(u)} mean |G_m[s]|
-
-    averaged over the group's parameter members as :class:`Magnitude` averages."""
-
-    def means(self, key: Key) -> np.ndarray:
-        return self.per_slot(key, lambda name, dim: slices(self.grads[name], dim)
-                             .abs().mean(dim=1).cpu().numpy())
-
-    def measure(self, group: Group) -> np.ndarray:
-        [(total, counted)] = self.member_sums([group], self.is_parameter, self.means)
-        return total / max(counted, 1)
-
-
-class _ConsumedActivations(fx.Interpreter):
-    """Runs a graph and adds, for every consumption, sum |x| over all axes but its channel
-    axes (``sums[k]``, shaped like those axes) and the number of elements summed
-    (``counts[k]``)."""
-
-    def __init__(self, module: fx.GraphModule, consumptions: list[Consumption]):
-        super().__init__(module)
-        self.at: dict[str, list[tuple[int, Consumption]]] = {}
-        for k, c in enumerate(consumptions):
-            self.at.setdefault(c.node, []).append((k, c))
-        self.sums: list[np.ndarray] = [np.zeros(c.ids.shape) for c in consumptions]
-        self.counts = np.zeros(len(consumptions))
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.name in self.at:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            for k, c in self.at[n.name]:
-                x = args[c.arg] if isinstance(c.arg, int) else kwargs.get(c.arg)
-                if not isinstance(x, torch.Tensor) or x.ndim != c.ndim \
-                        or tuple(x.shape[d] for d in c.dims) != c.ids.shape:
-                    continue
-                rest = [d for d in range(x.ndim) if d not in c.dims]
-                flat = x.detach().abs().permute(*c.dims, *rest).reshape(*c.ids.shape, -1)
-                self.sums[k] += flat.double().sum(dim=-1).cpu().numpy()
-                self.counts[k] += flat.shape[-1]
-        return super().run_node(n)
-
-
-def _fixed_batches(capture: Capture, inputs: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    """``inputs`` as the graph takes them: whole for fx; for torch.export, whose graph holds
-    the example inputs' batch size, cut into pieces of that size (a rest is left out)."""
-    size = capture.example_inputs[0].shape[0] \
-        if capture.method == "export" and isinstance(capture.example_inputs[0], torch.Tensor) \
-        and capture.example_inputs[0].ndim else None
-    if size is None or not isinstance(inputs[0], torch.Tensor) or inputs[0].shape[0] == size:
-        return [inputs]
-    pieces = [tuple(x[i:i + size] if isinstance(x, torch.Tensor) else x for x in inputs)
-              for i in range(0, inputs[0].shape[0] - size + 1, size)]
-    if not pieces:
-        raise PlanError(f"the torch.export graph takes batches of {size}: pass calibration "
-                        f"batches of {size} or more samples")
-    return pieces
-
-
-class Activation(Criterion):
-    """Mean absolute activation of the unit's channel on the calibration batches, measured
-    where the channel is consumed (the inputs the verifier zeroes: the next convs, linears,
-    ...), with no gradients and the model in eval mode:
-
-        a_e = mean over the batches' samples and the other axes of |x_e|
-        score(u) = mean over e in E(u) of a_e
-
-    with E(u) every consumption entry (a consumed input and a position along its channel
-    axes) carrying u. A group with a unit consumed nowhere falls back to ``l2`` (listed in
-    ``fallbacks``). The graph run is the captured one (``analysis.capture.graph_module``); a
-    torch.export graph, fixed to the example batch size, takes the batches in pieces of it."""
-
-    def __init__(self, analysis: Analysis, batches: list[Batch]):
-        super().__init__(analysis)
-        self.batches = batches
-        self._by_component: tuple[np.ndarray, np.ndarray] | None = None
-
-    def _measure_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per component: the sum of its entries' mean |x|, and its number of entries."""
-        capture, component = self.analysis.capture, self.analysis.component
-        runner = _ConsumedActivations(capture.graph_module, self.analysis.consumptions)
-        device = _device(capture.model)
-        with torch.no_grad(), evaluation(capture.model):  # fx: the same modules
-            for batch in self.batches:
-                for inputs in _fixed_batches(capture, _inputs(batch, device)):
-                    runner.run(*inputs)
-        n = self.components
-        total, entries = np.zeros(n), np.zeros(n)
-        for c, sums, count in zip(self.analysis.consumptions, runner.sums, runner.counts,
-                                  strict=True):
-            if count == 0:
-                continue
-            comps = component[c.ids.ravel()]
-            total += np.bincount(comps, sums.ravel() / count, minlength=n)
-            entries += np.bincount(comps, minlength=n)
-        return total, entries
-
-    def measure(self, group: Group) -> np.ndarray:
-        if self._by_component is None:
-            self._by_component = self._measure_all()
-        total, entries = (a[group.units] for a in self._by_component)
-        if (entries == 0).any():
-            return self.fall_back(group)
-        return total / entries
-
-
-# ---------------------------------------------------------------------------------- registry
-
 
 IMPORTANCE: dict[str, Callable[[Analysis, list[Batch], int], Importance]] = {
     "l1": lambda analysis, batches, seed: Magnitude(analysis, 1),
@@ -512,25 +59,11 @@ NEEDS_DATA = ("taylor", "gradient", "activation")
 NORMALIZE = ("mean", "max", "sum", "none")
 """How :func:`score` scales a group's raw scores for global ranking."""
 
-DEFAULT_BATCHES = 8  # batches taken from data that is not a list or tuple
-
-
-def calibration(data: Iterable, batches: int | None = None) -> list[Batch]:
-    """The first ``batches`` ``(inputs, targets)`` pairs of ``data``: by default all of a list
-    or tuple, or the first 8 of anything else (an iterator, a DataLoader)."""
-    if batches is None:
-        batches = len(data) if isinstance(data, (list, tuple)) else DEFAULT_BATCHES
-    if int(batches) < 1:
-        raise PlanError(f"number of calibration batches {batches} must be 1 or more")
-    taken = []
-    for batch in islice(data, int(batches)):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise PlanError(f"the calibration data gave a {type(batch).__name__}, not an "
-                            "(inputs, targets) pair: yield (inputs, targets)")
-        taken.append((batch[0], batch[1]))
-    if not taken:
-        raise PlanError("the calibration data gave no batches: check it is not empty")
-    return taken
+def calibration(data: Iterable[Batch], batches: int | None = None) -> list[Batch]:
+    """The first ``batches`` batches of ``data`` (any form of :mod:`structprune.batches`): by
+    default all of a list or tuple, or the first 8 of anything else (an iterator, a
+    DataLoader). Raises :class:`PlanError` for no batches or something that is not one."""
+    return take(data, batches, what="the calibration data", error=PlanError)
 
 
 def make_criterion(name: str, analysis: Analysis, *, data: Iterable | None = None,
@@ -539,7 +72,7 @@ def make_criterion(name: str, analysis: Analysis, *, data: Iterable | None = Non
     :func:`calibration` takes it) only for the criteria in :data:`NEEDS_DATA`. Raises
     :class:`PlanError` for an unknown name or missing data."""
     if name not in IMPORTANCE:
-        raise PlanError(f"unknown importance criterion {name!r}: use one of "
+        raise PlanError(f"unknown criterion {name!r}: use one of "
                         f"{', '.join(IMPORTANCE)}, or a callable (analysis, group) -> scores")
     if name in NEEDS_DATA and data is None:
         raise PlanError(f"criterion {name!r} needs calibration data: pass data=... "
@@ -569,8 +102,8 @@ def score(analysis: Analysis, importance: str | Importance = "l2",
     ``importance`` names a built-in criterion (:data:`IMPORTANCE`) or is a callable
     ``(analysis, group) -> one score per unit``, e.g. one :func:`make_criterion` made (whose
     ``fallbacks`` then says which groups were scored by ``l2`` instead). ``data`` is an
-    iterable of ``(inputs, targets)`` batches for the criteria in :data:`NEEDS_DATA`, of
-    which the first ``batches`` are used (default: all of a list, 8 of anything else);
+    iterable of batches (:mod:`structprune.batches`) for the criteria in :data:`NEEDS_DATA`,
+    of which the first ``batches`` are used (default: all of a list, 8 of anything else);
     ``seed`` seeds ``random``. ``normalize`` (:data:`NORMALIZE`) divides each group's scores
     by their ``mean`` (the default), ``max`` or ``sum``, or leaves them (``none``).
     """
@@ -587,6 +120,5 @@ def score(analysis: Analysis, importance: str | Importance = "l2",
             for index, s in raw.items()}
 
 
-__all__ = ["FPGM", "IMPORTANCE", "LAMP", "NEEDS_DATA", "NORMALIZE", "Activation", "Criterion",
-           "Gradient", "Magnitude", "NormScale", "Random", "Taylor", "calibration",
-           "make_criterion", "normalise", "score", "slice_norms"]
+__all__ = ["IMPORTANCE", "NEEDS_DATA", "NORMALIZE", "Importance", "calibration",
+           "make_criterion", "normalise", "score"]

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from structprune.batches import flatten_outputs
 from structprune.core.analyse import Analysis
 from structprune.core.plan import Plan
 from structprune.tree import evaluation, resolve_target
@@ -83,22 +84,6 @@ def masked_model(analysis: Analysis, plan: Plan) -> fx.GraphModule:
             root[node.target] = gm_src.get_submodule(node.target) if node.op == "call_module" \
                 else resolve_target(gm_src, node.target)
     return fx.GraphModule(root, graph)
-
-
-def flatten_outputs(value: Any) -> list[torch.Tensor]:
-    """The tensors in a model's output, in the order the exporters keep (dicts by insertion,
-    objects such as dataclasses by their attributes)."""
-    found: list[torch.Tensor] = []
-
-    def visit(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            found.append(v)
-        elif hasattr(v, "__dict__") and not isinstance(v, (int, float, str, nn.Module)):
-            fx.node.map_aggregate(vars(v), visit)
-        return v
-
-    fx.node.map_aggregate(value, visit)
-    return found
 
 
 def compare(reference: Any, candidate: Any, tolerance: float = 1e-4) -> Verification:

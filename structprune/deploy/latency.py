@@ -30,9 +30,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from structprune.core.analyse import Analysis
-from structprune.core.plan import PruneCost, atomic_write_text
+from structprune.core.cost import PruneCost
 from structprune.deploy.bench import ort_settle_s
 from structprune.deploy.runtimes import Target, fingerprint, fingerprint_digest
+from structprune.files import atomic_write_text
 from structprune.types import TensorSpec
 
 CACHE_FORMAT = "structprune.latency/3"  # 3: kernel times, 8 MiB evicted before each run
@@ -423,7 +424,7 @@ class LatencyModel:
     def predict(self, removed: np.ndarray | None = None) -> float:
         """Predicted milliseconds: the sum of the layers' table entries."""
         if removed is None:
-            removed = np.zeros(self.cost.n_components, bool)
+            removed = np.zeros(self.analysis.n_components, bool)
         layers = self.shapes(self.kept(removed))
         self.table.ensure(layers)
         return float(sum(self.table.ms(p, s) for p, s in layers))

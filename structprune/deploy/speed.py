@@ -1,14 +1,16 @@
 """Prune to a speed on a target runtime, and never ship a model slower than the dense one.
 
-``prune_for_target`` measures every latency decision on one :class:`Target`:
+``prune_for_target`` measures every latency decision on the runtime of one
+:class:`~structprune.config.TargetConfig`:
 
-- with ``speedup`` (or ``latency_ms``) it chooses each group's width from the latency table
+- with its ``speedup`` (or ``latency_ms``) it chooses each group's width from the latency table
   (:mod:`structprune.deploy.widths`), exports the pruned model, times it against the dense one in
   interleaved pairs, and, where the measurement misses the goal, recalibrates the
   prediction on that measurement and searches again, until the goal is met within
   ``speed_tolerance`` or it is plain that it cannot be (:class:`TargetError`);
-- with a ratio, threshold or budget it makes that plan and snaps every group's width to the
-  nearest width the table says is fast (``round_to="auto"`` instead times whole candidates);
+- with the pass config's ratio, threshold or budget it makes that plan and snaps every
+  group's width to the nearest width the table says is fast (``round_to="auto"`` instead
+  times whole candidates);
 - either way the pruned model is timed against the dense one before anything is returned. A
   model that is not faster is fixed by width choice (``if_slower="fix"``: narrower fast
   widths until the measurement says faster) or refused (``"fail"``: :class:`SlowerError`).
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,22 +32,22 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
+from structprune.config import PruneConfig, TargetConfig, make_config
 from structprune.core.api import PruneResult, prune
-from structprune.core.literals import analyse_model
-from structprune.core.plan import (
-    PlanSettings,
-    PruneCost,
+from structprune.core.cost import PruneCost
+from structprune.core.prepare import prepare
+from structprune.core.registry import RuleRegistry
+from structprune.core.selection import (
     keep_bounds,
     make_plan,
     plan_from_keep,
     prunable_units,
     removal_order,
 )
-from structprune.core.score import score
 from structprune.deploy import bench
 from structprune.deploy.export import export_onnx
 from structprune.deploy.latency import LatencyModel, LatencyTable
-from structprune.deploy.runtimes import DEFAULT_STEP, Target
+from structprune.deploy.runtimes import DEFAULT_STEP, Target, make_target
 from structprune.deploy.tune import fastest_rounding
 from structprune.deploy.widths import (
     Choice,
@@ -59,9 +61,6 @@ from structprune.deploy.widths import (
 )
 from structprune.errors import StructPruneError
 
-IF_SLOWER = ("fix", "fail")
-PLAN_KEYS = ("global_ranking", "min_width", "ignore", "exact_only", "ratios",
-             "max_group_ratio", "threshold", "macs_budget", "params_budget")
 # what ``fix`` aims for: a predicted speed-up of at least this much over dense
 FIX_MARGIN = 1.05
 
@@ -160,62 +159,50 @@ class _Search:
     choices: list[Choice]
     evaluator: ModelEvaluator
     ranked: dict[int, np.ndarray]
-    settings: PlanSettings
+    config: PruneConfig
     model: LatencyModel
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
 
-def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any, target: Target, *,
-                     speedup: float | None = None, latency_ms: float | None = None,
-                     ratio: float | None = None, round_to: int | str | None = None,
-                     if_slower: str = "fix", speed_tolerance: float = 0.05, attempts: int = 4,
-                     exporter: str = "torchscript", cache: str | Path | None = None,
-                     timer: Timer | None = None, table: LatencyTable | None = None,
-                     repeats: int = 15, warmup: int = 2, max_seconds: float = 60.0,
+def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any,
+                     target: TargetConfig, config: PruneConfig | None = None, *,
+                     data: Iterable | None = None, registry: RuleRegistry | None = None,
+                     leaf_modules: Sequence[type] = (), speed_tolerance: float = 0.05,
+                     attempts: int = 4, exporter: str = "torchscript",
+                     cache: str | Path | None = None, timer: Timer | None = None,
+                     table: LatencyTable | None = None, repeats: int = 15, warmup: int = 2,
+                     max_seconds: float = 60.0,
                      progress: Callable[[str], None] = lambda step: None,
                      **settings: Any) -> PruneResult:
-    """Prune ``model`` for ``target``: to ``speedup`` times faster than dense (or to
-    ``latency_ms``), else by ``ratio`` / a threshold / a budget with widths snapped to fast
-    ones; never returns a model the measurement says is not faster (see the module doc).
+    """Prune ``model`` for ``target``: to its ``speedup`` over dense (or its ``latency_ms``),
+    else by the pass config's ratio / threshold / budget with widths snapped to fast ones;
+    never returns a model the measurement says is not faster (see the module doc).
 
-    ``round_to`` is the channel step of the width grid (default: the target's), or
-    ``"auto"`` to choose one multiple by timing whole candidates. ``timer`` replaces the
-    measurement (tests); ``table`` the latency table (else the cached one for ``target``).
-    Other keyword arguments are :func:`structprune.prune`'s."""
-    if if_slower not in IF_SLOWER:
-        raise StructPruneError(f"unknown --if-slower {if_slower!r}: use fix or fail")
-    goal_given = speedup is not None or latency_ms is not None
-    if speedup is not None and latency_ms is not None:
-        raise StructPruneError("give --target-speedup or --target-latency, not both")
-    if speedup is not None and not speedup > 1:
-        raise StructPruneError(f"--target-speedup {speedup} must be above 1 (2 means twice "
-                               "as fast as dense)")
-    if latency_ms is not None and not latency_ms > 0:
-        raise StructPruneError(f"--target-latency {latency_ms} must be a positive number of ms")
+    The pass settings are ``config`` with ``settings`` (its field names) replaced, as
+    :func:`structprune.prune` takes them. Its ``round_to`` is the channel step of the width
+    grid (default: the target's), or ``"auto"`` to choose one multiple by timing whole
+    candidates. ``timer`` replaces the measurement (tests); ``table`` the latency table (else
+    the cached one for ``target``)."""
+    config = make_config(config, **settings)
+    target.check(config)
+    runtime = make_target(target.runtime, target.threads, target.batch)
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     start = time.perf_counter()
-    prune_settings = dict(settings)
-    plan_settings = PlanSettings(ratio=ratio if ratio is not None else PlanSettings().ratio,
-                                 **{k: settings[k] for k in PLAN_KEYS if k in settings})
-    plan_settings.validate()
 
     progress("latency table")
-    # the same analysis prune() makes (literals settled on a torch.export capture)
-    analysis = analyse_model(model, example_inputs, settings.get("leaf_modules", ()),
-                             settings.get("registry"), settings.get("capture_method", "auto"))
-    scores = score(analysis, settings.get("importance", "l2"),
-                   [g for g in analysis.groups if (~g.blocked).any()],
-                   data=settings.get("data"), normalize=settings.get("normalize", "mean"),
-                   seed=settings.get("seed", 0), batches=settings.get("calibration_batches"))
-    table = table or LatencyTable(target, cache)
-    cost = PruneCost(analysis, settings.get("registry"))
+    prepared = prepare(model, example_inputs, config, data=data, registry=registry,
+                       leaf_modules=leaf_modules)
+    analysis, scores = prepared.analysis, prepared.scores
+    table = table or LatencyTable(runtime, cache)
+    cost = PruneCost(analysis, registry)
     latency = LatencyModel(analysis, table, cost)
-    step = round_to if isinstance(round_to, int) and round_to > 1 else DEFAULT_STEP[target.runtime]
-    found = _choices(analysis, scores, plan_settings, latency, step)
+    step = config.round_to if isinstance(config.round_to, int) and config.round_to > 1 \
+        else DEFAULT_STEP[runtime.runtime]
+    found = _choices(analysis, scores, config, latency, step)
 
     with tempfile.TemporaryDirectory(prefix="structprune-target-") as tmp:
-        measure = timer or Measurer(target, model, example_inputs, Path(tmp), exporter,
+        measure = timer or Measurer(runtime, model, example_inputs, Path(tmp), exporter,
                                     repeats, warmup, max_seconds)
         progress("measure dense")
         dense_alone, _ = measure(model, None)
@@ -224,12 +211,12 @@ def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any, targ
         calibration = dense_ms / predicted_dense if predicted_dense > 0 else 1.0
 
         def attempt(keep: dict[int, int], label: str) -> tuple[PruneResult, Speed]:
-            plan = plan_from_keep(analysis, keep, found.ranked, plan_settings)
-            return measured(prune(model, example_inputs, plan=plan,
-                                  **_api_settings(prune_settings)), label)
+            plan = plan_from_keep(analysis, keep, found.ranked, config)
+            return measured(prune(model, example_inputs, config=config, plan=plan,
+                                  registry=registry, leaf_modules=leaf_modules), label)
 
         def measured(result: PruneResult, label: str) -> tuple[PruneResult, Speed]:
-            result.plan.settings["target"] = target.to_json()
+            result.plan.settings["target"] = runtime.to_json()
             raw = latency.predict(analysis.removed_components(result.plan.params))
             progress(f"measure {label}")
             speed = Speed(*measure(model, result.model))
@@ -238,15 +225,17 @@ def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any, targ
                 "macs_ratio": result.figures["macs_ratio"], **speed.to_json()})
             return result, speed
 
-        if goal_given:
-            goal_ms = latency_ms if latency_ms is not None else dense_ms / speedup
+        if target.goal:
+            goal_ms = target.latency_ms if target.latency_ms is not None \
+                else dense_ms / target.speedup
             result, speed, met = _to_goal(found, goal_ms, calibration, attempts,
                                           speed_tolerance, attempt, dense_ms)
             if not met:
                 best = max(found.attempts, key=lambda a: a["speedup"])
-                asked = f"{speedup:g}x" if speedup is not None else f"{latency_ms:g} ms"
+                asked = f"{target.speedup:g}x" if target.speedup is not None \
+                    else f"{target.latency_ms:g} ms"
                 error = TargetError(
-                    f"{asked} on {target.describe()} cannot be reached: the fastest widths "
+                    f"{asked} on {runtime.describe()} cannot be reached: the fastest widths "
                     f"tried run at {best['speedup']:.2f}x (p10-p90 {best['speedup_p10']:.2f}-"
                     f"{best['speedup_p90']:.2f}, {best['pruned_ms']:.2f} ms against dense "
                     f"{best['dense_ms']:.2f} ms, {100 * best['macs_ratio']:.1f}% of the MACs); "
@@ -254,27 +243,28 @@ def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any, targ
                 error.attempts = found.attempts
                 raise error
         else:
-            if round_to == "auto":
+            if config.round_to == "auto":
                 progress("round_to auto")
-                result = fastest_rounding(model, example_inputs, plan_settings.ratio,
-                                          runtime=target, batch=target.batch,
-                                          **_api_settings(prune_settings), **_plan_kwargs(settings))
+                result = fastest_rounding(model, example_inputs, config=config, runtime=runtime,
+                                          batch=runtime.batch, data=data, registry=registry,
+                                          leaf_modules=leaf_modules)
                 result, speed = measured(result, f"round_to {result.plan.settings['round_to']}")
             else:
-                plan = make_plan(analysis, scores, plan_settings, cost=cost)
-                down = plan_settings.mode in ("macs_budget", "params_budget")
+                # round_to is the grid's step here: the widths snap to fast multiples of it
+                plan = make_plan(analysis, scores, config.replace(round_to=1), cost=cost)
+                down = config.mode in ("macs_budget", "params_budget")
                 keep = {c.group: snap(_kept(plan, c.group), c.keeps, down)
                         if latency.layers_of_group.get(c.group) else _kept(plan, c.group)
                         for c in found.choices}
-                result, speed = attempt(keep, f"{plan_settings.mode}, widths snapped to fast ones")
+                result, speed = attempt(keep, f"{config.mode}, widths snapped to fast ones")
             if not speed.faster:
-                if if_slower == "fail":
+                if target.if_slower == "fail":
                     raise SlowerError(f"the pruned model is not faster than dense on "
-                                      f"{target.describe()}: {speed.describe()}; nothing "
+                                      f"{runtime.describe()}: {speed.describe()}; nothing "
                                       "written (--if-slower fix narrows it to fast widths)")
                 start_keep = _only({g["index"]: g["kept"] for g in result.plan.groups}, found)
                 result, speed = _fix(found, start_keep, speed, attempt, attempts, calibration,
-                                     dense_ms, target)
+                                     dense_ms, runtime)
     predicted = latency.predict(analysis.removed_components(result.plan.params))
     table.close()
     final = found.attempts[-1] if found.attempts else {}
@@ -282,15 +272,17 @@ def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any, targ
         if a["speedup"] == speed.speedup and a["pruned_ms"] == speed.pruned:
             final = a
     result.figures["target"] = {
-        "target": target.to_json(), "machine": bench.machine(),
-        "mode": "latency" if latency_ms is not None else "speedup" if speedup is not None
-        else ("round_to auto" if round_to == "auto" else plan_settings.mode),
-        "goal_speedup": speedup, "goal_latency_ms": latency_ms,
-        "speed_tolerance": speed_tolerance, "if_slower": if_slower, "step": step,
+        "target": runtime.to_json(), "machine": bench.machine(),
+        "mode": "latency" if target.latency_ms is not None else
+        "speedup" if target.speedup is not None else
+        ("round_to auto" if config.round_to == "auto" else config.mode),
+        "goal_speedup": target.speedup, "goal_latency_ms": target.latency_ms,
+        "speed_tolerance": speed_tolerance, "if_slower": target.if_slower, "step": step,
         "measured": speed.to_json(), "faster": speed.faster,
-        "met": (speed.speedup >= speedup * (1 - speed_tolerance)) if speedup is not None else
-        (speed.pruned <= latency_ms * (1 + speed_tolerance)) if latency_ms is not None else
-        speed.faster,
+        "met": (speed.speedup >= target.speedup * (1 - speed_tolerance))
+        if target.speedup is not None else
+        (speed.pruned <= target.latency_ms * (1 + speed_tolerance))
+        if target.latency_ms is not None else speed.faster,
         "latency_model": {
             "dense_predicted_ms": predicted_dense, "dense_measured_ms": dense_ms,
             "dense_error": predicted_dense / dense_ms - 1,
@@ -305,17 +297,6 @@ def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any, targ
         "seconds": time.perf_counter() - start,
     }
     return result
-
-
-def _api_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The arguments of :func:`structprune.prune` that apply once a plan is given."""
-    keep = ("leaf_modules", "registry", "capture_method")
-    return {k: v for k, v in settings.items() if k in keep}
-
-
-def _plan_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
-    keys = ("importance", "data", "calibration_batches", "normalize", "seed", *PLAN_KEYS)
-    return {k: v for k, v in settings.items() if k in keys}
 
 
 def _kept(plan: Any, group: int) -> int:
@@ -336,20 +317,19 @@ def _only(keep: dict[int, int], found: _Search) -> dict[int, int]:
     return out
 
 
-def _choices(analysis: Any, scores: dict[int, np.ndarray], settings: PlanSettings,
+def _choices(analysis: Any, scores: dict[int, np.ndarray], config: PruneConfig,
              latency: LatencyModel, step: int) -> _Search:
     """Each prunable group's fast candidate widths, profiled on the latency table (the other
     groups dense), with the importance each loses."""
-    candidates, _ = prunable_units(analysis, scores, settings)
+    candidates, _ = prunable_units(analysis, scores, config)
     ranked = removal_order(scores, candidates)
     groups = {g.index: g for g in analysis.groups}
-    units = {g: groups[g].units for g in candidates}
-    evaluator = ModelEvaluator(latency, units, ranked)
+    evaluator = ModelEvaluator(latency, ranked)
     dense = {g: groups[g].size for g in candidates}
     grids = {}
     for g, prunable in candidates.items():
         group = groups[g]
-        grids[g] = grid(group.size, group.width, keep_bounds(group, prunable, settings), step)
+        grids[g] = grid(group.size, group.width, keep_bounds(group, prunable, config), step)
     evaluator.prepare(dense, [(g, k) for g, keeps in grids.items() for k in keeps[1:]])
     choices = []
     for g, keeps in grids.items():
@@ -360,7 +340,7 @@ def _choices(analysis: Any, scores: dict[int, np.ndarray], settings: PlanSetting
         lost_by_removed = np.concatenate([[0.0], np.cumsum(scores[g][ranked[g]])])
         lost = [float(lost_by_removed[groups[g].size - k]) for k in fast]
         choices.append(Choice(g, fast, lost))
-    return _Search(choices, evaluator, ranked, settings, latency)
+    return _Search(choices, evaluator, ranked, config, latency)
 
 
 def _to_goal(found: _Search, goal_ms: float, calibration: float, attempts: int,

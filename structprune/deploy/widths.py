@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from structprune.core.selection import removed_units
 from structprune.deploy.latency import LatencyModel
 
 Keep = dict[int, int]  # group index -> units kept
@@ -208,21 +209,16 @@ class ModelEvaluator:
     """An :class:`Evaluator` over a model's :class:`LatencyModel`: each group removes its
     units in the order ``ranked[g]`` (local indices, first to go first)."""
 
-    def __init__(self, model: LatencyModel, units: Mapping[int, np.ndarray],
-                 ranked: Mapping[int, np.ndarray]):
+    def __init__(self, model: LatencyModel, ranked: Mapping[int, np.ndarray]):
         self.model = model
-        self.units = units
+        self.units = {g.index: g.units for g in model.analysis.groups}
         self.ranked = ranked
         self._state: tuple | None = None
-        self._removed = np.zeros(model.cost.n_components, bool)
+        self._removed = np.zeros(model.analysis.n_components, bool)
         self._kept = model.kept(self._removed)
 
     def removed(self, keep: Keep) -> np.ndarray:
-        removed = np.zeros(self.model.cost.n_components, bool)
-        for g, k in keep.items():
-            order = self.ranked[g]
-            removed[self.units[g][order[:len(self.units[g]) - k]]] = True
-        return removed
+        return removed_units(self.model.analysis, keep, self.ranked)
 
     def at(self, keep: Keep) -> tuple[np.ndarray, np.ndarray]:
         state = tuple(sorted(keep.items()))

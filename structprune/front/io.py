@@ -12,6 +12,7 @@ import torch.nn as nn
 from structprune.core.apply import apply_plan
 from structprune.core.plan import Plan
 from structprune.errors import PlanError
+from structprune.files import atomic_write
 
 WEIGHTS = "pruned.safetensors"
 PLAN = "plan.json"
@@ -24,9 +25,7 @@ def save(model: nn.Module, directory: str | os.PathLike, plan: Plan) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plan.save(directory / PLAN)
-    tmp = directory / f".{WEIGHTS}.tmp"
-    save_model(model, str(tmp))
-    os.replace(tmp, directory / WEIGHTS)
+    atomic_write(directory / WEIGHTS, lambda path: save_model(model, str(path)))
 
 
 def load(directory: str | os.PathLike, dense: nn.Module | Callable[[], nn.Module] | str,

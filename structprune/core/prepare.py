@@ -1,0 +1,64 @@
+"""The front half of the pass, said once: capture -> analyse -> settle literals -> score.
+
+Every caller that needs a model's groups (``prune``, the speed search, ``--auto``, ``structprune
+analyze``, sparsity training) gets them from :func:`prepare`, so they all see the same
+groups: on a torch.export capture, the literals that do not follow channel counts are pinned
+(:func:`structprune.core.literals.settle_literals`) before anything is listed or scored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch.nn as nn
+
+from structprune.config import PruneConfig
+from structprune.core.analyse import Analysis, analyse
+from structprune.core.capture import capture
+from structprune.core.literals import settle_literals
+from structprune.core.registry import RuleRegistry
+from structprune.core.score import score
+
+
+@dataclass
+class Prepared:
+    """A model's analysis (literals settled), the scores of its prunable groups (by group
+    index; empty when not scored) and the seconds each step took."""
+
+    analysis: Analysis
+    scores: dict[int, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(model: nn.Module, example_inputs: Sequence[Any] | Any,
+            config: PruneConfig | None = None, *, data: Iterable | None = None,
+            registry: RuleRegistry | None = None, leaf_modules: Sequence[type] = (),
+            scored: bool = True) -> Prepared:
+    """Capture ``model`` on ``example_inputs`` (``config.capture_method``), analyse it, settle
+    the literals of a torch.export capture, and (with ``scored``) score every group with a
+    unit that may go by ``config.criterion`` (``data`` feeds the data-driven criteria).
+
+    Every such group is scored whatever ``exact_only`` and ``ignore`` say, so that a group's
+    scores (a seeded criterion's draws too) do not depend on which other groups are pruned.
+    """
+    config = config or PruneConfig()
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    t0 = time.perf_counter()
+    cap = capture(model, example_inputs, leaf_modules, registry, config.capture_method)
+    t1 = time.perf_counter()
+    analysis = settle_literals(model, analyse(cap, registry), registry)
+    t2 = time.perf_counter()
+    scores = score(analysis, config.criterion, analysis.prunable_groups(), data=data,
+                   normalize=config.normalize, seed=config.seed,
+                   batches=config.calibration_batches) if scored else {}
+    t3 = time.perf_counter()
+    return Prepared(analysis, scores, {"capture": t1 - t0, "analyse": t2 - t1,
+                                       "score": t3 - t2})
+
+
+__all__ = ["Prepared", "prepare"]

@@ -1,0 +1,123 @@
+"""The argument groups several commands share, and what they build: the model and its
+example inputs, the data splits, the timing settings of a benchmark."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch.nn as nn
+
+from structprune.accuracy.data import DataSplits, load_data
+from structprune.accuracy.evaluate import predict
+from structprune.config import CAPTURE_METHODS
+from structprune.errors import StructPruneError
+from structprune.front.models import build_model, default_input_shape, load_weights, parse_shape
+from structprune.tree import random_inputs
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+DEFAULT_BENCH_BATCHES = (1, 32)
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """The model a command builds: its spec, input shapes, weights, seed and capture."""
+    p.add_argument("spec", metavar="SPEC",
+                   help="torchvision:NAME, timm:NAME, ultralytics:yolov8n.yaml (or a .pt "
+                        "checkpoint), structprune:NAME or path/to/file.py:FACTORY")
+    p.add_argument("--input-shape", action="append", default=None, metavar="N,C,H,W",
+                   help="shape of one forward() input; repeat for several (default "
+                        "1,3,224,224; 1,3,640,640 for ultralytics detectors)")
+    p.add_argument("--weights", help="state_dict file to load (read with weights_only=True)")
+    p.add_argument("--seed", type=int, default=0, help="seed for zoo models' random weights")
+    p.add_argument("--capture", choices=CAPTURE_METHODS, default="auto",
+                   help="fx tracing, torch.export, or fx with torch.export as fallback")
+
+
+def data_args(p: argparse.ArgumentParser) -> None:
+    """The data a command reads (``--data``) and its batch size."""
+    p.add_argument("--data", metavar="SOURCE",
+                   help="digits, an ImageFolder directory, or file.py:FACTORY returning "
+                        "(train_loader, val_loader)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of --data")
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help="training batches the data-driven criteria read")
+
+
+def exporter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                   help="ONNX exporter: torch.export based (dynamo), TorchScript based, or "
+                        "dynamo with TorchScript as fallback (auto)")
+
+
+def timing_args(p: argparse.ArgumentParser) -> None:
+    """How a benchmark times dense.onnx against pruned.onnx."""
+    p.add_argument("--batch", type=int, action="append", default=None,
+                   help="batch size; repeatable (default 1 and 32)")
+    p.add_argument("--threads", type=int, action="append", default=None,
+                   help="ONNX Runtime intra-op threads; repeatable (default 1 and all cores)")
+    p.add_argument("--repeats", type=int, default=10, help="timed pairs per cell")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before the timed pairs")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="stop repeating a cell after this long (at least 3 pairs)")
+    p.add_argument("--no-torch", action="store_true", help="skip torch on CUDA")
+    p.add_argument("--no-openvino", action="store_true",
+                   help="skip OpenVINO CPU (timed when openvino is installed)")
+
+
+def round_to(text: str) -> int | str:
+    """``--round-to N|auto``: an integer or ``auto`` (its range is the config's to check)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("must be an integer or 'auto'") from exc
+
+
+def model_and_inputs(args: argparse.Namespace) -> tuple[nn.Module, tuple]:
+    """The model ``model_args`` name, in eval mode, and seeded random example inputs."""
+    shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape \
+        else [default_input_shape(args.spec)]
+    model = build_model(args.spec, args.seed)
+    if args.weights:
+        load_weights(model, args.weights)
+    model.eval()
+    return model, random_inputs(shapes, seed=args.seed)
+
+
+def require_data(args: argparse.Namespace, command: str) -> None:
+    """A command that cannot go without --data says so before any work."""
+    if not args.data:
+        raise StructPruneError(f"{command} needs --data: digits, an ImageFolder directory or "
+                               "file.py:FACTORY")
+
+
+def data_splits(args: argparse.Namespace, model: nn.Module, inputs: tuple,
+                seed: int = 0) -> DataSplits | None:
+    """The --data splits (None without --data), shaped like the model's input, checked
+    against its outputs; ``seed`` shuffles them."""
+    if not args.data:
+        return None
+    splits = load_data(args.data, tuple(inputs[0].shape), seed=seed,
+                       batch_size=args.batch_size)
+    first = next(iter(splits.val), None)
+    if first is None:
+        raise StructPruneError(f"--data {args.data} has no validation samples")
+    predict(model, [first], num_classes=splits.num_classes)  # one batch: class count agrees
+    return splits
+
+
+def timing(args: argparse.Namespace) -> dict[str, Any]:
+    """The timing settings of ``timing_args``, refused in one line when out of range."""
+    for name, least in (("repeats", 1), ("warmup", 0)):
+        if getattr(args, name) < least:
+            raise StructPruneError(f"--{name} must be at least {least}")
+    for b in args.batch or []:
+        if b < 1:
+            raise StructPruneError(f"--batch {b} must be 1 or more")
+    return {"repeats": args.repeats, "warmup": args.warmup, "max_seconds": args.max_seconds}
+
+
+__all__ = ["DEFAULT_BENCH_BATCHES", "EXPORTERS", "data_args", "data_splits", "exporter_arg",
+           "model_and_inputs", "model_args", "require_data", "round_to", "timing",
+           "timing_args"]

@@ -1,0 +1,66 @@
+"""``structprune finetune``: fine-tune the pruned model of a run folder, optionally
+distilled from the dense one, with a checkpoint after every epoch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from structprune.accuracy import distributed
+from structprune.front.cli.arguments import data_args, data_splits, exporter_arg, require_data
+from structprune.front.cli.output import table
+from structprune.front.runs import dense_model, read_report
+from structprune.front.workflow import finetune_dir
+from structprune.tree import random_inputs
+
+HELP = "fine-tune the pruned model in DIR, optionally distilled from the dense one"
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("finetune", help=HELP)
+    p.add_argument("dir", metavar="DIR", help="output directory of `structprune prune`")
+    data_args(p)
+    p.add_argument("--epochs", type=int, required=True, help="epochs of fine-tuning")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--distill", action="store_true",
+                   help="distil from the dense model (KL on softened logits)")
+    p.add_argument("--temperature", type=float, default=4.0,
+                   help="with --distill: softening temperature of the logits")
+    p.add_argument("--distill-weight", type=float, default=0.5,
+                   help="with --distill: weight of the distillation loss (the rest is the "
+                        "label loss)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from DIR/checkpoint.safetensors (written after every epoch)")
+    exporter_arg(p)
+    return p
+
+
+def handle(args: argparse.Namespace) -> int:
+    distributed.start()  # under torchrun --nproc_per_node N: one rank per process
+    directory = Path(args.dir)
+    require_data(args, "finetune")
+    report = read_report(directory)
+    dense = dense_model(report)
+    seed = report.get("seed", 0)
+    data = data_splits(args, dense, random_inputs(report["input_shapes"]), seed=seed)
+    record = finetune_dir(directory, dense, data, args.epochs, distill=args.distill,
+                          temperature=args.temperature, distill_weight=args.distill_weight,
+                          lr=args.lr, resume=args.resume, exporter=args.exporter, seed=seed)
+    if distributed.rank() != 0:
+        return 0
+    rows = [("", "dense", "pruned before", "pruned after")]
+    for label, key, scale, fmt in (("top-1 accuracy", "accuracy", 100, "{:.2f}%"),
+                                   ("macro F1", "macro_f1", 1, "{:.4f}")):
+        rows.append((label, *(fmt.format(scale * record[which][key])
+                              for which in ("dense", "before", "after"))))
+    print(f"structprune: fine-tuned {directory} for {args.epochs} epochs"
+          + (" with distillation" if args.distill else "") + f" on {data.summary()}")
+    print(table(rows))
+    if "onnx_rel_error" in record:
+        print(f"ONNX: pruned.onnx re-exported, relative error {record['onnx_rel_error']:.1e}")
+    print(f"wrote {directory}/pruned.safetensors, report.json, checkpoint.safetensors")
+    return 0
+
+
+__all__ = ["HELP", "add_parser", "handle"]
