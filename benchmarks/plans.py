@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--compare", type=Path)
     parser.add_argument("--only", default="", help="substring a model name must contain")
+    parser.add_argument("--record", type=Path,
+                        help="with --compare: write the comparison's counts to this JSON file")
     args = parser.parse_args()
 
     import structprune as sp
@@ -86,6 +88,13 @@ def main() -> None:
               f"only new {sorted(new - old)}; only old {sorted(old - new)}")
         for n in differ:
             print("  differs:", n)
+        if args.record:
+            args.record.write_text(json.dumps({
+                "compared": len(new & old), "differ": differ, "only_new": sorted(new - old),
+                "only_old": sorted(old - new), "modes": MODES,
+                "refused": sorted(n for n in new & old
+                                  if "refused" in json.loads((args.out / n).read_text()))},
+                indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
 """structprune: structured channel pruning for PyTorch CNNs.
 
-Stages, one module each: capture -> analyse -> score -> plan -> apply -> verify -> export ->
-bench. ``prune`` runs the first six in one call.
+The pass (:mod:`structprune.core`): capture -> analyse -> score -> plan -> apply -> verify;
+``prune`` runs it in one call. Around it, :mod:`structprune.accuracy` (data, recovery,
+training) and :mod:`structprune.deploy` (export, runtimes, speed targets); the command line
+and run folders in :mod:`structprune.front`.
+
+The headline features of the outer packages (``recover``, ``prune_for_target``,
+``export_onnx``, ``prune_to_dir``) are exported here too, imported when first used so that
+``import structprune`` does not load ONNX Runtime or the training stack.
 """
 
-from structprune.config import PruneConfig
+from importlib import import_module
+from typing import Any
+
+from structprune.config import PruneConfig, RunConfig, TargetConfig
 from structprune.core.analyse import Analysis, Group, analyse
 from structprune.core.api import PruneResult, prune
 from structprune.core.apply import apply_plan
@@ -19,9 +28,24 @@ from structprune.front.io import load, save
 
 __version__ = "0.1.0"
 
+# name -> module of the headline features outside the pass, imported on first use
+_LAZY = {
+    "recover": "structprune.accuracy.recover",
+    "export_onnx": "structprune.deploy.export",
+    "prune_for_target": "structprune.deploy.speed",
+    "prune_to_dir": "structprune.front.workflow",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'structprune' has no attribute {name!r}")
+
 __all__ = [
     "DEFAULT_REGISTRY", "Analysis", "Capture", "CaptureError", "Group", "Plan", "PlanError",
-    "PruneConfig", "PruneResult", "StructPruneError", "VerificationError", "analyse",
-    "apply_plan", "capture", "load", "make_plan", "save", "masked_model", "prune", "register_op",
-    "register_rule", "score", "verify",
+    "PruneConfig", "PruneResult", "RunConfig", "StructPruneError", "TargetConfig",
+    "VerificationError", "analyse", "apply_plan", "capture", "export_onnx", "load", "make_plan",
+    "masked_model", "prune", "prune_for_target", "prune_to_dir", "recover", "register_op",
+    "register_rule", "save", "score", "verify",
 ]

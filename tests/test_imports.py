@@ -126,3 +126,22 @@ def test_each_module_imports_on_its_own():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_headline_names_are_the_features_not_submodules():
+    """Every exported name resolves to the feature itself, even after each submodule has been
+    imported (importing ``structprune.x`` sets the attribute ``x`` on the package, which would
+    replace a function of the same name)."""
+    code = (
+        "import importlib, types, structprune as sp\n"
+        f"for name in {sorted(_modules())!r}:\n"
+        "    importlib.import_module('structprune.' + name)\n"
+        "for name in sp.__all__:\n"
+        "    value = getattr(sp, name)\n"
+        "    assert not isinstance(value, types.ModuleType), name\n"
+        "assert callable(sp.recover) and callable(sp.prune_for_target)\n"
+        "assert callable(sp.export_onnx) and callable(sp.prune_to_dir)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

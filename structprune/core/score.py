@@ -93,13 +93,13 @@ def normalise(s: np.ndarray, how: str = "mean") -> np.ndarray:
 _BATCHED = (Magnitude, LAMP)
 
 
-def score(analysis: Analysis, importance: str | Importance = "l2",
+def score(analysis: Analysis, criterion: str | Importance = "l2",
           groups: list[Group] | None = None, *, data: Iterable | None = None,
           normalize: str = "mean", seed: int = 0, batches: int | None = None,
           ) -> dict[int, np.ndarray]:
     """Normalised importance per unit, for each group (by group index).
 
-    ``importance`` names a built-in criterion (:data:`IMPORTANCE`) or is a callable
+    ``criterion`` names a built-in criterion (:data:`IMPORTANCE`) or is a callable
     ``(analysis, group) -> one score per unit``, e.g. one :func:`make_criterion` made (whose
     ``fallbacks`` then says which groups were scored by ``l2`` instead). ``data`` is an
     iterable of batches (:mod:`structprune.batches`) for the criteria in :data:`NEEDS_DATA`,
@@ -110,8 +110,8 @@ def score(analysis: Analysis, importance: str | Importance = "l2",
     if normalize not in NORMALIZE:
         raise PlanError(f"unknown normalization {normalize!r}: use one of {', '.join(NORMALIZE)}")
     groups = analysis.groups if groups is None else groups
-    measure = make_criterion(importance, analysis, data=data, seed=seed, batches=batches) \
-        if isinstance(importance, str) else importance
+    measure = make_criterion(criterion, analysis, data=data, seed=seed, batches=batches) \
+        if isinstance(criterion, str) else criterion
     # the built-in criteria score all groups at once; anything else (a subclass that
     # overrides how one group is measured, a plain callable) one group at a time
     raw = measure.scores(groups) if type(measure) in _BATCHED else \
