@@ -88,7 +88,7 @@ class Criterion:
         self.analysis = analysis
         self.params = graph_parameters(analysis.capture)  # parameters count, buffers do not
         self.fallbacks: list[int] = []
-        self.components = analysis.component.size and int(analysis.component.max()) + 1
+        self.components = analysis.n_components
         self._per_slot: dict[Key, np.ndarray] = {}  # a tensor read once
         self._magnitude: Magnitude | None = None
 
