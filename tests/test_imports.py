@@ -114,6 +114,13 @@ def test_imports_follow_the_pipeline_without_cycles():
         visit(name, [])
 
 
+def _runs_cleanly(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (nothing of structprune imported yet)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_each_module_imports_on_its_own():
     modules = sorted(_modules())
     code = (
@@ -123,9 +130,7 @@ def test_each_module_imports_on_its_own():
         "        del sys.modules[loaded]\n"
         "    importlib.import_module('structprune.' + name)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _runs_cleanly(code)
 
 
 def test_headline_names_are_the_features_not_submodules():
@@ -142,6 +147,4 @@ def test_headline_names_are_the_features_not_submodules():
         "assert callable(sp.recover) and callable(sp.prune_for_target)\n"
         "assert callable(sp.export_onnx) and callable(sp.prune_to_dir)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _runs_cleanly(code)
