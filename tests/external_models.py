@@ -1,9 +1,11 @@
-"""Outside model zoos as people deploy them: ultralytics YOLO, segmentation-models-pytorch
-and torchvision's detection pieces and RAFT, built with random weights (nothing downloaded).
+"""Outside model zoos as people deploy them: ultralytics YOLO and RT-DETR,
+segmentation-models-pytorch and torchvision's detection pieces and RAFT, built with random
+weights (nothing downloaded).
 
 Shared by ``tests/test_zoo_external.py`` and ``benchmarks/coverage_external.py``: ``CASES``
 lists every model with its family and input shapes, ``build`` makes it, ``run`` prunes it
-end to end with ``structprune.front.workflow.prune_to_dir`` and returns one row for the record.
+end to end (``structprune.prune``, then both ONNX files with
+``structprune.deploy.export.export_pair``) and returns one row for the record.
 """
 
 from __future__ import annotations
@@ -75,7 +77,17 @@ def _yolo_cases() -> list[Case]:
                     shape = (1, 3, 320, 320)
                 cases.append(Case(spec, "ultralytics", _ultralytics(spec), (shape,),
                                   needs="ultralytics"))
+    # the newest configs: RT-DETR's hybrid encoder and query selection, YOLO26's NMS-free
+    # heads (both rank their detections with top-k) and its attention blocks; small inputs
+    # for time (RT-DETR's 160 still gives 525 anchors for its 300 queries)
+    for name, size in NEWEST.items():
+        spec = f"ultralytics:{name}.yaml"
+        cases.append(Case(spec, "ultralytics", _ultralytics(spec), ((1, 3, size, size),),
+                          needs="ultralytics"))
     return cases
+
+
+NEWEST = {"rtdetr-l": 160, "yolo26n": 256, "yolo26s": 256, "yolo26n-seg": 256}
 
 
 # ---------------------------------------------------------- segmentation-models-pytorch
@@ -232,15 +244,20 @@ def one_line(exc: BaseException) -> str:
 
 
 def prune_case(case: Case, out: str | Path, ratio: float = 0.5, exporter: str = "auto"):
-    """Build ``case`` and prune it end to end into ``out`` (exact-only, both ONNX files and
-    the ONNX Runtime check): ``(dense model, inputs, result, figures)``. Raises whatever
-    structprune raises."""
-    from structprune.config import PruneConfig, RunConfig
-    from structprune.front.workflow import prune_to_dir
+    """Build ``case`` and prune it end to end into ``out`` (exact-only; both ONNX files, the
+    pruned one held to the dense one's own error in ONNX Runtime): ``(dense model, inputs,
+    result, figures)``. Raises whatever structprune raises."""
+    import structprune as sp
+    from structprune.deploy.export import export_pair
 
     model, inputs = build(case)
-    result, figures = prune_to_dir(model, inputs, out, PruneConfig(ratio=ratio, exact_only=True),
-                                   run=RunConfig(exporter=exporter))
+    result = sp.prune(model, inputs, ratio, exact_only=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = dict(result.figures)
+    figures["verification"] = result.verification.to_json()
+    figures.update(export_pair(model, result.model, inputs, out / "dense.onnx",
+                               out / "pruned.onnx", exporter))
     return model, inputs, result, figures
 
 
@@ -267,7 +284,10 @@ def run(case: Case, out: str | Path, ratio: float = 0.5) -> dict[str, Any]:
                    groups=figures["groups"], groups_pruned=figures["groups_pruned"],
                    blocked_groups=figures["blocked_groups"],
                    verify_rel_error=verification.get("max_rel_error"),
+                   verify_float32_rel_error=verification.get("float32_rel_error"),
                    onnx_rel_error=figures.get("onnx_rel_error"),
+                   onnx_dense_rel_error=figures.get("onnx_dense_rel_error"),
+                   onnx_allowed_rel_error=figures.get("onnx_allowed_rel_error"),
                    exporter=figures.get("exporter_pruned"))
     if case.known_bug:
         row["known_bug"] = case.known_bug

@@ -1,6 +1,8 @@
 """Models and inputs that once slipped through or crashed: each must now prune correctly
 or be refused with a StructPruneError."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,7 +10,8 @@ import torch.nn.functional as F
 
 import structprune as sp
 from structprune.core.api import exact_subplan
-from structprune.core.verify import Verification, compare
+from structprune.core.verify import Verification, compare, verify
+from structprune.tree import random_inputs
 
 from .oracles import randomize
 
@@ -227,3 +230,104 @@ def test_a_tensor_held_as_parameter_and_buffer_is_named_as_the_parameter():
     names = {entry["name"] for entry in result.plan.params}
     assert "c1.weight" in names and "alias.w" not in names
     assert names <= set(model.state_dict())
+
+
+class SizeFromAnotherTensor(nn.Module):
+    """YOLO26's attention (ultralytics' ``Attention``): the input's channel count
+    (``b, c, h, w = x.shape``) reshapes the value heads, whose width the head split fixes.
+    A torch.export graph holds ``c`` as a plain number with no tie to ``x``: pruning ``x``
+    once made the pruned model fail to run."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.v = nn.Conv2d(8, 8, 1)
+        self.head = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+
+    def forward(self, x):
+        x = self.a(x)
+        b, c, h, w = x.shape
+        heads = self.v(x).view(b, 2, 4, h * w)  # two heads of four channels
+        values = heads.reshape(b, c, h, w)
+        return self.head(values)
+
+
+def test_a_size_read_from_one_tensor_and_applied_to_another_is_pinned():
+    model = randomize(SizeFromAnotherTensor()).eval()
+    result = sp.prune(model, X, 0.5, capture_method="export")
+    assert result.figures["capture"] == "export"
+    assert result.verification.ok and result.verification.max_rel_error < 1e-5
+    assert result.model.a[0].out_channels == 8  # c is what the heads hold
+    assert result.model.head[0].out_channels == 8  # the rest still prunes
+    group = next(g for g in result.analysis.groups if ("a.1.weight", 0) in g.members)
+    assert group.status == "blocked"
+    assert any("sets a size elsewhere" in reason for reason in group.reasons)
+
+
+class RankedDetections(nn.Module):
+    """RT-DETR's and YOLO26's heads: detections ranked by score (top-k), boxes gathered in that
+    order. The scores nearly tie (a large common term, as saturated detector scores do), so the
+    pruned and the masked model, which round differently in float32, rank them differently:
+    an exact plan differed by 0.54 in float32 and by nothing in float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.hidden = nn.Conv2d(16, 32, 1)
+        self.score = nn.Conv2d(32, 1, 1)
+        self.box = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        features = self.hidden(self.stem(x))
+        scores = self.score(features + 1000.0).flatten(1)
+        boxes = self.box(features).flatten(2).transpose(1, 2)
+        index = scores.topk(scores.shape[1] // 2, dim=1).indices
+        return boxes.gather(1, index[..., None].expand(-1, -1, 4))
+
+
+def test_a_ranking_model_is_verified_in_float64_where_float32_reorders_near_ties():
+    torch.manual_seed(0)
+    model = randomize(RankedDetections()).eval()
+    x = (torch.randn(1, 3, 16, 16),)
+    result = sp.prune(model, x, 0.5, exact_only=True)
+    check = result.verification
+    assert result.model.hidden.out_channels == 16 and result.model.stem[0].out_channels == 8
+    assert check.ok and check.max_rel_error < 1e-9
+    assert check.float32_rel_error > 1e-2  # float32 alone would have refused an exact plan
+    assert check.to_json()["float32_rel_error"] == check.float32_rel_error
+    # a wrong model is refused in float64 too: one kept filter lost
+    wrong = copy.deepcopy(result.model)
+    with torch.no_grad():
+        wrong.hidden.weight[3] = 0
+    inputs = random_inputs(x, seed=1)
+    refused = verify(result.analysis, result.plan, wrong, inputs)
+    assert not refused.ok and refused.float32_rel_error is None
+
+
+class QuerySelection(nn.Module):
+    """RT-DETR's query selection: ``features[batch, topk]`` picks rows (queries) by index, and
+    their channels go on to the decoder; an index into the channel axis picks channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 32)
+        self.score = nn.Linear(32, 1)
+        self.head = nn.Linear(32, 4)
+        self.other = nn.Linear(8, 16)
+
+    def forward(self, x):
+        features = torch.relu(self.proj(x))
+        top = self.score(features).squeeze(-1).topk(4, dim=1).indices
+        batch = torch.arange(x.shape[0])[:, None]
+        picked = torch.relu(self.other(x))[:, :, torch.tensor([0, 2, 5])]
+        return self.head(features[batch, top]), picked
+
+
+def test_advanced_indexing_keeps_the_other_axes_channels_on_the_export_path():
+    torch.manual_seed(0)
+    model = randomize(QuerySelection()).eval()
+    result = sp.prune(model, (torch.randn(2, 16, 8),), 0.5, capture_method="export")
+    assert result.figures["capture"] == "export"
+    assert result.verification.ok and result.verification.max_rel_error < 1e-5
+    assert result.model.proj.out_features == 16  # rows were indexed, not channels
+    assert result.model.other.out_features == 16  # channels picked by index stay

@@ -1,13 +1,17 @@
-"""Outside model zoos end to end (``tests/external_models.py``): ultralytics YOLOv8 and YOLO11,
-segmentation-models-pytorch decoders on several encoders, torchvision's detection pieces as
-deployed and RAFT, each pruned at ratio 0.5 with ``prune_to_dir(exact_only=True)``.
+"""Outside model zoos end to end (``tests/external_models.py``): ultralytics YOLOv8, YOLO11,
+YOLO26 and RT-DETR, segmentation-models-pytorch decoders on several encoders, torchvision's
+detection pieces as deployed and RAFT, each pruned exact-only at ratio 0.5 and written as ONNX
+(``external_models.prune_case``).
 
 A pruned model must equal its dense model with the removed channels masked, both by
 structprune's own check and by an independent oracle built from the plan alone (the removed
 input columns of every consumer zeroed), on fresh inputs; its ONNX file must match it in ONNX
-Runtime on fresh inputs; and it must keep fewer MACs. A model listed as refused must be refused
-with a ``StructPruneError`` of one short line naming the module and the reason; any other
-exception fails.
+Runtime on fresh inputs, within the tolerance or the bound the dense file's own error sets
+(``export_pair``); and it must keep fewer MACs. Models that rank their detections (RT-DETR,
+YOLO26: top-k over scores) reorder near-ties under float32 rounding, so where float32 differs
+both sides are compared again in float64, as structprune's own check does. A model listed as
+refused must be refused with a ``StructPruneError`` of one short line naming the module and
+the reason; any other exception fails.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from structprune.errors import StructPruneError
 
-from .external_models import CASES, Case, prune_case
+from .external_models import CASES, Case, build, prune_case
 from .oracles import outputs
 
 PACKAGES = {"ultralytics": "ultralytics", "smp": "segmentation_models_pytorch"}
@@ -110,14 +114,46 @@ def test_external_model(case: Case, tmp_path):
     fresh = tuple(torch.randn(x.shape, generator=gen) for x in inputs)
     pruned_out = leaves(outputs(result.model, fresh))
     dense_out = leaves(outputs(dense, fresh))
-    oracle_out = leaves(outputs(masked_from_plan(dense, result.plan), fresh))
+    oracle = masked_from_plan(dense, result.plan)
     assert [t.shape for t in pruned_out] == [t.shape for t in dense_out]
-    errors = [rel_error(o, p) for o, p in zip(oracle_out, pruned_out, strict=True)]
+    errors = oracle_errors(oracle, result.model, fresh)
+    if max(errors) > TOLERANCE:  # near-ties of a ranking reordered by float32 rounding
+        errors = oracle_errors(copy.deepcopy(oracle).double(),
+                               copy.deepcopy(result.model).double(),
+                               tuple(x.double() for x in fresh))
     assert max(errors) <= TOLERANCE, f"pruned differs from the masked dense model: {errors}"
 
-    # ONNX Runtime on the exported pruned model, on the fresh inputs
-    assert figures["onnx_rel_error"] <= TOLERANCE
+    # ONNX Runtime on the exported pruned model, on the fresh inputs, within the tolerance or
+    # the multiple of the dense file's own error that export_pair allowed
+    allowed = figures["onnx_allowed_rel_error"]
+    assert allowed == max(TOLERANCE, 4 * figures["onnx_dense_rel_error"])
+    assert figures["onnx_rel_error"] <= allowed
     got = ort_outputs(out / "pruned.onnx", fresh)
     assert len(got) == len(pruned_out)
     errors = [rel_error(p, torch.from_numpy(g)) for p, g in zip(pruned_out, got, strict=True)]
-    assert max(errors) <= TOLERANCE, f"ONNX Runtime differs from torch: {errors}"
+    assert max(errors) <= allowed, f"ONNX Runtime differs from torch: {errors} > {allowed}"
+
+
+def oracle_errors(oracle: nn.Module, pruned: nn.Module, inputs) -> list[float]:
+    """Per output: the pruned model's relative error against the oracle."""
+    return [rel_error(o, p) for o, p in zip(leaves(outputs(oracle, inputs)),
+                                            leaves(outputs(pruned, inputs)), strict=True)]
+
+
+@pytest.mark.zoo
+def test_rtdetr_prunes_its_approximate_groups_in_default_mode():
+    """RT-DETR's query selection ranks anchors by their best class logit (a max over the
+    encoder's class channels): that group is approximate, pruned in default mode, and the
+    plan says which; the exact part of the plan is still checked against the masked model."""
+    pytest.importorskip("ultralytics")
+    import structprune as sp
+
+    case = next(c for c in CASES if c.name == "ultralytics:rtdetr-l.yaml")
+    dense, inputs = build(case)
+    result = sp.prune(dense, inputs, 0.5)
+    approximate = [g for g in result.plan.groups
+                   if g["status"] == "approximate" and g["kept"] < g["units"]]
+    assert result.figures["approximate_groups_pruned"] == len(approximate) >= 1
+    assert any("enc_score_head" in member for g in approximate for member in g["members"])
+    check = result.verification
+    assert check.ok and not check.exact_units_only and check.approximate_rel_error is not None

@@ -9,7 +9,11 @@ code, so their nodes have the same names):
 - an integer argument that equalled an axis of the node's input, kept its value while that
   axis shrank: a size fixed in the model's code (``self.c``);
 - a graph constant whose value changed: a tensor made from a channel count;
-- a line of the model's code that no longer runs: its nodes read a fixed size.
+- a line of the model's code that no longer runs: its nodes read a fixed size;
+- a model that still fails there once those nodes are pinned: the size came from another
+  tensor (``B, C, H, W = x.shape`` applied to ``v.view(B, C, H, W)``), which the graph does
+  not show; the groups whose removal alone stops the model are found by halving the probe
+  (:func:`breaking_groups`) and kept whole.
 
 :func:`settle_literals` takes an analysis of a torch.export graph, prunes a probe copy (half
 of every group), finds such nodes (:func:`pinned_nodes`), marks them (``node.meta[PINNED]``:
@@ -23,18 +27,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from structprune.config import PruneConfig
-from structprune.core.analyse import Analysis, analyse
+from structprune.core.analyse import Analysis, Group, analyse
 from structprune.core.apply import apply_plan
 from structprune.core.capture import Capture, capture, innermost_user_frame, is_user_file
 from structprune.core.registry import RuleRegistry
 from structprune.core.score import score
 from structprune.core.selection import make_plan
 from structprune.errors import CaptureError
+from structprune.tree import evaluation
 from structprune.types import PINNED
 
 # probes of an export graph: each finds the fixed literals of one or more lines of code
@@ -218,11 +224,98 @@ def mark(cap: Capture, pinned: dict[str, str]) -> int:
     return new
 
 
+def _run_error(model: nn.Module, analysis: Analysis, scores: dict[int, np.ndarray],
+               groups: list[Group], registry: RuleRegistry | None) -> BaseException | None:
+    """What stops ``model`` from running (eagerly, on the capture's inputs) with half of each
+    of ``groups`` pruned; None when it runs."""
+    plan = make_plan(analysis, {g.index: scores[g.index] for g in groups},
+                     PruneConfig(ratio=0.5))
+    pruned = apply_plan(model, plan, registry=registry)
+    try:
+        with torch.no_grad(), evaluation(pruned):
+            pruned(*analysis.capture.example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the pruned model counts
+        return exc
+    return None
+
+
+def breaking_groups(model: nn.Module, analysis: Analysis, scores: dict[int, np.ndarray],
+                    registry: RuleRegistry | None = None) -> dict[int, str]:
+    """The prunable groups whose pruning alone stops ``model`` from running, found by
+    halving: group index -> reason. A size read from one tensor and applied to another (the
+    graph holds it as a plain number) makes such a group; when only several groups together
+    fail, all of them are named. The groups whose channels the failing line's module reads
+    are tried first: that is where such a size is usually read (``B, C, H, W = x.shape``)."""
+    groups = [g for g in analysis.prunable_groups() if g.index in scores]
+    exc = _run_error(model, analysis, scores, groups, registry)
+    if exc is None:
+        return {}
+    frame = _failing_frame(exc)
+    reason = "its channel count sets a size elsewhere" + \
+        (f" ({frame[0]}:{frame[1]})" if frame else "")
+
+    def fails(part: list[Group]) -> bool:
+        return bool(part) and _run_error(model, analysis, scores, part, registry) is not None
+
+    def culprits(part: list[Group]) -> list[Group]:
+        if len(part) == 1:
+            return part
+        halves = (part[:len(part) // 2], part[len(part) // 2:])
+        return [g for half in halves if fails(half) for g in culprits(half)] or part
+
+    near = _read_in_module(analysis, groups, frame)
+    return {g.index: reason for g in culprits(near if fails(near) else groups)}
+
+
+def _read_in_module(analysis: Analysis, groups: list[Group],
+                    frame: tuple[str, int] | None) -> list[Group]:
+    """The groups whose channels are consumed inside the modules whose code holds ``frame``
+    (every instance of that module)."""
+    graph = analysis.capture.graph
+
+    def stack(node: fx.Node) -> list[str]:
+        return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+    found = {stack(node)[-1] for node in graph.nodes
+             if stack(node) and user_frame(node.meta.get("stack_trace")) == frame}
+    # the frame's own modules, not the submodules they call on that line
+    owners = {p for p in found if not any(p.startswith(q + ".") for q in found)}
+    if frame is None or not owners:
+        return []
+    inside = {node.name for node in graph.nodes if owners.intersection(stack(node))}
+    read = set()
+    for consumption in analysis.consumptions:
+        if consumption.node in inside:
+            read.update(np.unique(analysis.component[consumption.ids]).tolist())
+    return [g for g in groups if read.intersection(g.units.tolist())]
+
+
+def group_readers(cap: Capture, group: Group) -> list[fx.Node]:
+    """Nodes to mark so that ``group`` is kept whole: those whose parameters are all vectors
+    of the group (its norms, its biases), which read no other group's channels; failing
+    those, every node that reads one of the group's parameters."""
+    tensors = dict(cap.model.named_parameters(remove_duplicate=False))
+    tensors.update(cap.model.named_buffers(remove_duplicate=False))
+    params = {name for name, _ in group.members}
+    vectors = {name for name, dim in group.members if dim == 0 and tensors[name].ndim == 1}
+    readers, touching = [], []
+    for node in cap.graph.nodes:
+        if node.op != "call_function":
+            continue
+        read = {a.target for a in node.all_input_nodes
+                if a.op == "get_attr" and a.target in tensors}
+        if read and read <= vectors:
+            readers.append(node)
+        if read & params:
+            touching.append(node)
+    return readers or touching
+
+
 def settle_literals(model: nn.Module, analysis: Analysis,
                     registry: RuleRegistry | None = None) -> Analysis:
     """``analysis`` itself for an fx capture; for a torch.export capture, analysed again
     until a probe (half of every group pruned) shows no node whose literals do not follow
-    channel counts (see the module doc)."""
+    channel counts, and runs (see the module doc)."""
     cap = analysis.capture
     if cap.method != "export":
         return analysis
@@ -230,12 +323,24 @@ def settle_literals(model: nn.Module, analysis: Analysis,
         groups = analysis.prunable_groups()
         if not groups:
             break
-        probe = make_plan(analysis, score(analysis, "l2", groups), PruneConfig(ratio=0.5))
-        if not mark(cap, pinned_nodes(cap, apply_plan(model, probe, registry=registry),
-                                      registry)):
+        scores = score(analysis, "l2", groups)
+        probe = make_plan(analysis, scores, PruneConfig(ratio=0.5))
+        pinned = pinned_nodes(cap, apply_plan(model, probe, registry=registry), registry)
+        if not pinned:
             break
+        if not mark(cap, pinned):
+            # nothing new to pin in the graph, yet the probe still fails: a size taken from
+            # another tensor; the groups that break it are kept whole
+            by_index = {g.index: g for g in groups}
+            pinned = {node.name: reason
+                      for index, reason in breaking_groups(model, analysis, scores,
+                                                           registry).items()
+                      for node in group_readers(cap, by_index[index])}
+            if not mark(cap, pinned):
+                break
         analysis = analyse(cap, registry)
     return analysis
 
 
-__all__ = ["mark", "pinned_nodes", "settle_literals", "user_frame"]
+__all__ = ["breaking_groups", "group_readers", "mark", "pinned_nodes", "settle_literals",
+           "user_frame"]

@@ -21,7 +21,7 @@ from structprune.core.registry import DEFAULT_REGISTRY as R
 from structprune.core.rules import elementwise as fx_elementwise
 from structprune.core.rules import layers, reduce, shape
 from structprune.core.rules.base import elementwise, metadata, passthrough
-from structprune.types import RuleContext
+from structprune.types import ChannelMap, RuleContext, TensorInfo
 
 aten = torch.ops.aten
 
@@ -268,3 +268,35 @@ def _pixel_shuffle(ctx: RuleContext, input, upscale_factor):
 @R.rule(*_overloads("expand"))
 def _expand(ctx: RuleContext, input, size, *rest):
     return shape.expand(ctx, input, size)
+
+
+@R.rule(*_overloads("index"))
+def _index(ctx: RuleContext, input, indices):
+    """``x[i, j]`` with index tensors (RT-DETR's query selection, ``features[b, topk]``): the
+    indexed axes select entries, so their maps are kept whole; every other axis keeps its map,
+    moved where advanced indexing moves it (the index shape takes the place of adjacent
+    indexed axes, else it comes first)."""
+    indices = list(indices)
+    for index in indices:
+        if isinstance(index, TensorInfo):
+            ctx.block(index, "its values index another tensor")
+    indexed = [d for d, index in enumerate(indices) if index is not None]
+    if not indexed:
+        return passthrough(ctx, input)
+    rest = [d for d in range(input.ndim) if d not in indexed]
+    out = ctx.out_shape
+    width = len(out) - len(rest)  # axes of the broadcast index shape
+    if indexed == list(range(indexed[0], indexed[-1] + 1)):
+        where = {d: d if d < indexed[0] else d - len(indexed) + width for d in rest}
+    else:
+        where = {d: width + k for k, d in enumerate(rest)}
+    if width < 0 or any(out[where[d]] != input.shape[d] for d in rest):  # a boolean mask
+        ctx.block(input, "advanced indexing that this rule cannot follow")
+        return ctx.result()
+    maps = []
+    for m in input.maps:
+        if set(m.dims) & set(indexed):
+            ctx.block(m, "advanced indexing over a channel axis")
+        else:
+            maps.append(ChannelMap(tuple(where[d] for d in m.dims), m.ids))
+    return ctx.result(maps)
