@@ -114,3 +114,22 @@ def test_a_dense_file_within_tolerance_keeps_the_tolerance(tmp_path):
     assert figures["onnx_allowed_rel_error"] == 1e-4
     assert allowed_error(1e-4, None) == 1e-4 and allowed_error(1e-4, 1e-3) == 4e-3
     assert np.isclose(allowed_error(1e-4, 2e-5), 1e-4)
+
+
+def test_prune_to_dir_writes_such_a_model_and_reports_both_errors(tmp_path):
+    import json
+
+    from structprune import RunConfig
+    from structprune.front.workflow import prune_to_dir
+
+    torch.manual_seed(0)
+    dense = randomize(OffsetPooling()).eval()
+    out = tmp_path / "run"
+    prune_to_dir(dense, X, out, sp.PruneConfig(ratio=0.5),
+                 run=RunConfig(exporter="torchscript"))
+    report = json.loads((out / "report.json").read_text())  # no spec: a Python model
+    assert report["onnx_dense_rel_error"] > 1e-4
+    assert report["onnx_rel_error"] <= report["onnx_allowed_rel_error"]
+    assert report["onnx_allowed_rel_error"] == pytest.approx(
+        ERROR_MULTIPLE * report["onnx_dense_rel_error"])
+    assert (out / "dense.onnx").is_file() and (out / "pruned.onnx").is_file()

@@ -34,7 +34,7 @@ from structprune.core.plan import Plan, compose
 from structprune.core.prepare import prepare
 from structprune.core.registry import RuleRegistry
 from structprune.core.score import calibration
-from structprune.deploy.export import export_onnx, onnx_parity
+from structprune.deploy.export import export_onnx, export_pair, onnx_parity
 from structprune.deploy.speed import prune_for_target
 from structprune.deploy.tune import fastest_rounding
 from structprune.errors import StructPruneError
@@ -126,15 +126,10 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
         figures["verification"] = result.verification.to_json() if result.verification else None
         figures["recovery"] = recovery
         if run.onnx:
-            progress("export dense.onnx")
-            figures["exporter_dense"] = export_onnx(model, example_inputs, staging / "dense.onnx",
-                                                    exporter, simplify=run.simplify)
-            progress("export pruned.onnx")
-            figures["exporter_pruned"] = export_onnx(result.model, example_inputs,
-                                                     staging / "pruned.onnx", exporter,
-                                                     simplify=run.simplify)
-            figures["onnx_rel_error"] = onnx_parity(staging / "pruned.onnx", result.model,
-                                                    example_inputs)
+            progress("export dense.onnx and pruned.onnx")
+            figures.update(export_pair(model, result.model, example_inputs,
+                                       staging / "dense.onnx", staging / "pruned.onnx",
+                                       exporter, simplify=run.simplify))
         if data is not None:
             progress("evaluate")
             scores = {"dense": evaluate(model, data.val), "pruned": evaluate(result.model, data.val)}
@@ -224,7 +219,8 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
     if (directory / "pruned.onnx").exists():
         inputs = random_inputs(report["input_shapes"])
         atomic_write(directory / "pruned.onnx",
-                     lambda path: export_onnx(pruned, inputs, path, exporter))
+                     lambda path: export_onnx(pruned, inputs, path, exporter,
+                                              dense_error=report.get("onnx_dense_rel_error")))
         record["onnx_rel_error"] = onnx_parity(directory / "pruned.onnx", pruned, inputs)
     report["finetune"] = record
     write_report(directory, report)

@@ -196,7 +196,8 @@ def _print_report(spec: str, f: dict[str, Any], result: PruneResult, out: Path) 
               f"({scope}), max relative error {v.max_rel_error:.1e}")
     if "onnx_rel_error" in f:
         print(f"ONNX: pruned.onnx matches torch in ONNX Runtime, relative error "
-              f"{f['onnx_rel_error']:.1e} ({f['exporter_pruned']} exporter)")
+              f"{f['onnx_rel_error']:.1e} ({f['exporter_pruned']} exporter; dense.onnx's own "
+              f"{f['onnx_dense_rel_error']:.1e}, allowed {f['onnx_allowed_rel_error']:.1e})")
     seconds = sum(f["seconds"].values())
     print(f"pass time {seconds:.2f}s; wrote {out}/: "
           + ", ".join(sorted(p.name for p in out.iterdir())))
