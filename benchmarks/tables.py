@@ -523,6 +523,100 @@ def recovery() -> str:
     return "\n".join(lines)
 
 
+
+def label_free() -> str:
+    data = load("label_free_issue24.json")
+    if not data:
+        return ""
+    rows = data["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    columns = [("L2, none", ("structprune", "l2", "none", "calibration only")),
+               ("L2 + bn", ("structprune", "l2", "bn", "calibration only")),
+               ("L2 + bias+bn", ("structprune", "l2", "bias+bn", "calibration only")),
+               ("L2 + lsq+bn", ("structprune", "l2", "lsq+bn", "calibration only")),
+               ("obs + lsq+bn", ("structprune", "obs", "lsq+bn", "calibration only")),
+               ("+ label-free distillation", ("structprune", None, None, "distil")),
+               ("Torch-Pruning L2 + bn", ("torch_pruning", "l2", "bn", "calibration only"))]
+
+    def find(model, ratio, key):
+        tool, selection, recovery, step = key
+        for r in rows:
+            if r["model"] != model or r["ratio"] != ratio or r["tool"] != tool:
+                continue
+            if step == "distil" and r["step"].startswith("label-free distillation"):
+                return r
+            if r["step"] == step and r["selection"] == selection and r["recovery"] == recovery:
+                return r
+        return None
+
+    lines = [f"## Accuracy without labels ({data['machine'].get('cpu', '?')}, "
+             f"{data['calibration_samples']} unlabeled calibration samples)", "",
+             "| model (dense) | ratio (MACs kept) | " + " | ".join(n for n, _ in columns)
+             + " |", "|---|---|" + "---:|" * len(columns)]
+    for model in models:
+        dense = next(r["dense_accuracy"] for r in rows if r["model"] == model)
+        for ratio in sorted({r["ratio"] for r in rows if r["model"] == model}):
+            first = find(model, ratio, columns[0][1])
+            head = f"{ratio} ({100 * first['macs_kept']:.0f}%)" if first else str(ratio)
+            cells = []
+            for _, key in columns:
+                found = find(model, ratio, key)
+                if found is None or found.get("failed"):
+                    cells.append("fails" if found else "-")
+                else:
+                    cells.append(f"{found['accuracy']:.1f}% ({found['seconds']:.0f} s)")
+            lines.append(f"| {model} ({dense:.1f}%) | {head} | " + " | ".join(cells) + " |")
+    lines += ["", "Validation accuracy (labels used only to measure it) and, in brackets, the "
+              "wall time of selection plus recovery (of distillation in its column). "
+              "Calibration only: no gradient step. Distillation: "
+              f"{data['distill_epochs']} epochs on the same unlabeled samples, from the obs + "
+              "lsq+bn model, matching the dense model's outputs. Torch-Pruning: L2 magnitude, "
+              "classifier ignored, BatchNorm statistics re-estimated on the same samples. "
+              "Peak memory per row is in the JSON. `python benchmarks/label_free.py`."]
+    return "\n".join(lines)
+
+
+def recover_time() -> str:
+    data = load("recover_time_issue24.json")
+    if not data:
+        return ""
+    lines = [f"## Recovery time and memory ({data['machine'].get('cpu', '?')}, "
+             f"{data['threads']} threads)", "",
+             "| case | input | images | memory budget | wall | peak RSS | output MSE "
+             "before -> after |", "|---|---|---:|---|---:|---:|---|"]
+    for r in data["rows"]:
+        budget = r.get("memory_budget") or "default"
+        lines.append(f"| {r['case']} | {'x'.join(map(str, r['input'][1:]))} | {r['images']} | "
+                     f"{budget} | {r['seconds']:.0f} s | {r['peak_rss_bytes'] / 2**30:.1f} GiB | "
+                     f"{r['output_mse_before']:.2g} -> {r['output_mse_after']:.2g} |")
+    lines += ["", "`recover(..., ['lsq', 'bn'])` on random weights pruned at 0.5 (L2), each "
+              "case in its own process; errors on the held-out check samples; the load "
+              "average is in the JSON. `python benchmarks/recover_time.py`."]
+    return "\n".join(lines)
+
+
+def quantize() -> str:
+    data = load("quantize_issue26.json")
+    if not data:
+        return ""
+    lines = [f"## INT8 on top of pruning ({data['machine'].get('cpu', '?')}, ONNX Runtime, "
+             f"{data['setup']['threads']} thread, batch {data['setup']['batch']})", "",
+             "| model | MACs kept | dense INT8 | pruned FP32 | pruned INT8 |",
+             "|---|---:|---:|---:|---:|"]
+    for r in data["latency"]:
+        x = r["speedup_over_dense_fp32"]
+        lines.append(f"| {r['model']} (ratio {r['ratio']}) | {100 * r['macs_ratio']:.1f}% | "
+                     f"{x['dense_int8']:.2f}x | {x['pruned_fp32']:.2f}x | "
+                     f"**{x['pruned_int8']:.2f}x** |")
+    digits = data.get("digits", {})
+    if digits.get("pruned"):
+        p = digits["pruned"]
+        lines += ["", f"Digits demo, pruned: {100 * p['fp32_accuracy']:.2f}% FP32, "
+                  f"{100 * p['int8_accuracy']:.2f}% INT8 (drop {p['drop_points']:.2f} points)."]
+    lines += ["", "Speed-ups over the dense FP32 model, interleaved as `bench` times them; "
+              f"quantizer: {data['setup']['quantizer']}. `python benchmarks/quantize.py`."]
+    return "\n".join(lines)
+
 SPEED_VARIANTS = [("structprune", "structprune"), ("structprune_auto", "round_to auto"),
                   ("structprune_target", "--target ort-cpu"),
                   ("torch_pruning", "Torch-Pruning"), ("torch_pruning_r8", "TP round_to 8")]
@@ -710,7 +804,8 @@ PAGES = [
         ("speed-targets", speed_section), ("yolo-latency", yolo_latency)]),
     ("accuracy.md", "Accuracy", [
         ("criteria", criteria_table), ("macs-budgets", budget), ("demo", demo),
-        ("recovery", recovery)]),
+        ("recovery", recovery), ("label-free", label_free), ("recovery-time", recover_time),
+        ("int8", quantize)]),
 ]
 IMAGES = ["latency_h100.png", "speed_targets_cpu2.png"]
 

@@ -1,6 +1,6 @@
 """The settings of a pruning run, each declared once and validated once.
 
-Three small frozen configs, each accepted whole by the functions that honour every field of
+Four small frozen configs, each accepted whole by the functions that honour every field of
 it, so that no function is handed a setting it would have to drop:
 
 - :class:`PruneConfig`, the pass itself: which units go (selection), how they are scored
@@ -12,6 +12,8 @@ it, so that no function is handed a setting it would have to drop:
 - :class:`RunConfig`, what happens around the pass in a run into a folder (``prune_to_dir``,
   the CLI's ``prune``): steps with fine-tuning between them, ``--auto``, recovery and the
   ONNX files.
+- :class:`QuantizeConfig`, INT8 of the ONNX files (``structprune.deploy.quantize``, the CLI's
+  ``quantize`` and ``prune --quantize int8``, where it is the run's ``quantize``).
 
 They are siblings rather than one object because each consumer honours all of its own
 config and none of the others': ``prune`` cannot fine-tune between steps or time a runtime,
@@ -45,6 +47,26 @@ def _is_number(x: Any) -> bool:
 
 def _is_count(x: Any, least: int) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= least
+
+
+MEMORY_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def memory_size(value: int | str | None) -> int | None:
+    """A memory size in bytes: an integer, or a string such as ``"8G"``, ``"512M"`` or
+    ``"1.5GiB"`` (K, M, G and T are powers of 1024); None stays None."""
+    if value is None:
+        return None
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1] if text and text[-1] in "KMGT" else ""
+    try:
+        size = float(text[:len(text) - len(unit)]) * MEMORY_UNITS[unit]
+    except ValueError:
+        size = math.nan
+    if isinstance(value, bool) or not (math.isfinite(size) and size >= 1):
+        raise PlanError(f"memory budget {value!r} is not a size: give bytes, or a number with "
+                        "K, M, G or T, such as 8G")
+    return int(size)
 
 
 def _fraction(value: Any, what: str) -> None:
@@ -223,8 +245,9 @@ class TargetConfig(_Config):
     """A speed target: the runtime every latency decision is measured on (``runtime``, one of
     ``structprune.deploy.runtimes.RUNTIMES``, with ``threads`` for a CPU runtime and
     ``batch``), the goal (``speedup`` over dense, or ``latency_ms``; neither: the pass
-    config's ratio, threshold or budget with widths snapped to fast ones) and what to do with
-    a model that measures not faster than dense (``if_slower``: ``fix`` or ``fail``).
+    config's ratio, threshold or budget with widths snapped to fast ones), what to do with
+    a model that measures not faster than dense (``if_slower``: ``fix`` or ``fail``) and
+    whether the pruned model is timed in INT8 against the dense one in FP32 (``quantize``).
     The runtime, threads and batch are checked when the runtime is made
     (``structprune.deploy.runtimes.make_target``)."""
 
@@ -234,6 +257,7 @@ class TargetConfig(_Config):
     speedup: float | None = None
     latency_ms: float | None = None
     if_slower: str = "fix"
+    quantize: bool = False
 
     def __post_init__(self) -> None:
         if self.speedup is not None and self.latency_ms is not None:
@@ -265,6 +289,40 @@ class TargetConfig(_Config):
                             "--ratio, or drop --round-to auto to search widths per group")
 
 
+QUANTIZE_PRECISIONS = ("int8",)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(_Config):
+    """INT8 of an ONNX file (``structprune.deploy.quantize.quantize_onnx``).
+
+    ``runtime``: the runtime the INT8 file is made for, whose quantizer makes it (``ort-cpu``:
+    ONNX Runtime's static QDQ quantizer; ``openvino-cpu``: NNCF); ``method``: how activation
+    ranges are calibrated (``minmax``, ``entropy`` or ``percentile``; ONNX Runtime's); ``samples``:
+    how many input samples calibrate them; ``per_channel``: weights quantized per output
+    channel; ``max_drop``: the most points of accuracy (of top-1 agreement with the FP32 model
+    when the data has no labels) INT8 may cost, else the layers costing most stay in FP32
+    (None: no limit). The runtime and method names are checked by the quantize stage.
+    """
+
+    precision: str = "int8"
+    runtime: str = "ort-cpu"
+    method: str = "minmax"
+    samples: int = 64
+    per_channel: bool = True
+    max_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in QUANTIZE_PRECISIONS:
+            raise PlanError(f"unknown --quantize {self.precision!r}: use "
+                            + ", ".join(QUANTIZE_PRECISIONS))
+        if not _is_count(self.samples, 1):
+            raise PlanError(f"--calibration-samples {self.samples} must be 1 or more")
+        if self.max_drop is not None and not (_is_number(self.max_drop) and self.max_drop >= 0):
+            raise PlanError(f"--max-drop {self.max_drop} must be a number of points >= 0 "
+                            "(0.5 allows half a point of accuracy)")
+
+
 @dataclass(frozen=True)
 class RunConfig(_Config):
     """What happens around the pass in a run into a folder (``prune_to_dir``).
@@ -275,7 +333,10 @@ class RunConfig(_Config):
     names the recovery methods run after surgery (None: ``bn`` when data is given, none
     without; a string may list them comma-separated); ``tune_batch`` is the batch size
     ``round_to="auto"`` times candidates at; ``exporter``, ``simplify`` and ``onnx`` say how
-    (and whether) ``dense.onnx`` and ``pruned.onnx`` are written.
+    (and whether) ``dense.onnx`` and ``pruned.onnx`` are written; ``quantize`` (a
+    :class:`QuantizeConfig`) writes their INT8 twins, calibrated on the data.
+    ``memory_budget`` bounds what recovery allocates (bytes, or a string such as ``"8G"``;
+    None: half of the memory available when it starts).
     """
 
     steps: int = 1
@@ -287,8 +348,11 @@ class RunConfig(_Config):
     exporter: str = "auto"
     simplify: bool = False
     onnx: bool = True
+    quantize: QuantizeConfig | None = None
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "memory_budget", memory_size(self.memory_budget))
         if isinstance(self.recover, str):
             methods = () if self.recover == "none" else tuple(self.recover.split(","))
             object.__setattr__(self, "recover", methods)
@@ -320,6 +384,13 @@ class RunConfig(_Config):
                 raise PlanError("--target chooses the widths itself: it does not combine with "
                                 "--plan, --steps or --auto")
             target.check(config)
+            if self.quantize is not None and self.quantize.runtime != target.runtime:
+                raise PlanError(f"--quantize-runtime {self.quantize.runtime} is not --target "
+                                f"{target.runtime}: the INT8 files are made for the runtime "
+                                "they are timed on")
+            if target.quantize != (self.quantize is not None):
+                raise PlanError("the target times the model in INT8 exactly when the run "
+                                "writes INT8 files: set both or neither")
         if plan_given and (self.steps > 1 or self.auto):
             raise PlanError("--plan is applied as it is: it does not combine with --steps or "
                             "--auto")
@@ -332,7 +403,11 @@ class RunConfig(_Config):
             raise PlanError("--finetune-epochs needs --data")
         if self.recovery(data_given) and not data_given:
             raise PlanError("--recover needs calibration data: pass --data")
+        if self.quantize is not None and not self.onnx:
+            raise PlanError("--quantize int8 quantizes the ONNX files: drop --no-onnx")
+        if self.quantize is not None and not data_given:
+            raise PlanError("--quantize int8 calibrates on the data's inputs: pass --data")
 
 
-__all__ = ["CAPTURE_METHODS", "DEFAULT_RATIO", "IF_SLOWER", "PruneConfig", "RunConfig",
-           "TargetConfig", "make_config"]
+__all__ = ["CAPTURE_METHODS", "DEFAULT_RATIO", "IF_SLOWER", "QUANTIZE_PRECISIONS", "PruneConfig",
+           "QuantizeConfig", "RunConfig", "TargetConfig", "make_config", "memory_size"]

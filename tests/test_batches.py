@@ -224,11 +224,11 @@ def test_gradient_criteria_score_every_form_alike(criterion):
             np.testing.assert_allclose(got[group.index], want[group.index], rtol=1e-12,
                                        err_msg=name)
     # inputs alone, or two inputs: no targets to take a loss of
-    for unlabelled in ([x for x, _, _ in data], [(x, g) for x, g, _ in data]):
-        with pytest.raises(PlanError) as error:
-            scores(unlabelled)
-        assert _one_line(error).startswith("a gradient criterion (taylor, gradient) needs "
-                                           "targets, but a batch has none")
+    # inputs alone: no targets, so the loss is taken against the dense model's own outputs
+    # (tests/test_criteria.py checks those scores against hand computations)
+    label_free = scores([x for x, _, _ in data])
+    for group in groups:
+        assert np.isfinite(label_free[group.index]).all() and label_free[group.index].any()
 
 
 def _per_unit(analysis, group, name: str, dim: int, values: torch.Tensor) -> np.ndarray:
@@ -311,7 +311,8 @@ def test_recovery_gives_the_same_model_from_every_form(pruned_gained, method):
 
     def recovered(batches):
         pruned = copy.deepcopy(result.model)
-        report = recover(pruned, dense, result.plan, result.analysis, batches, method)
+        report = recover(pruned, dense, result.plan, result.analysis, batches, method,
+                         memory_budget="1G")  # the default depends on the memory free now
         return pruned.state_dict(), report
 
     want, want_report = recovered([(x, g) for x, g, _ in data])
@@ -339,12 +340,12 @@ def test_recovery_of_a_one_input_model_from_a_bare_tensor_and_a_pair():
                           ("pair", [(x, y) for x, _, y in data]),
                           ("dict", [{"x": x} for x, _, _ in data])):
         pruned = copy.deepcopy(result.model)
-        recover(pruned, dense, result.plan, result.analysis, batches, "bn")
+        report = recover(pruned, dense, result.plan, result.analysis, batches, "bn")
         got[name] = pruned.bn.running_var.clone()
-        # reference: the pooled unbiased variance of bn's input over every sample
-        inputs = torch.cat([pruned.conv(x) for x, _, _ in data]).detach()
-        torch.testing.assert_close(got[name], inputs.transpose(0, 1).reshape(
-            inputs.shape[1], -1).var(dim=1), rtol=1e-10, atol=1e-12)
+        # the data's statistics take the outputs away from the dense model's (whose
+        # statistics are random) on the check batch: recovery undoes the step (issue 24)
+        assert "undone" in report["steps"][0]
+        assert torch.equal(got[name], result.model.bn.running_var)
     assert torch.equal(got["tensor"], got["pair"]) and torch.equal(got["tensor"], got["dict"])
     assert output_mse(result.model, dense, [x for x, _, _ in data]) == \
         output_mse(result.model, dense, [({"x": x}, None) for x, _, _ in data])
@@ -375,7 +376,8 @@ def test_training_gives_the_same_weights_from_every_form():
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-12, msg=name)
     for unlabelled in ([x for x, _, _ in data], [(x, g) for x, g, _ in data]):
-        with pytest.raises(StructPruneError, match="^training needs targets, but a batch"):
+        with pytest.raises(StructPruneError,
+                           match="^training without a teacher to distil from needs targets"):
             _trained(unlabelled)
 
 
@@ -434,7 +436,6 @@ def test_a_factory_of_dict_batches_counts_its_classes(tmp_path):
     path = tmp_path / "forms.py"
     path.write_text(FACTORY)
     assert from_factory(f"{path}:named").num_classes == 3
-    with pytest.raises(StructPruneError) as error:
-        from_factory(f"{path}:unlabelled")
-    assert _one_line(error).startswith(f"counting the classes of {path}:unlabelled (validation "
-                                       "loader) needs targets")
+    # batches of inputs only are data without labels (issue 24), not an error
+    unlabelled = from_factory(f"{path}:unlabelled")
+    assert not unlabelled.labelled and unlabelled.num_classes is None

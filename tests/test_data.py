@@ -216,6 +216,87 @@ def test_image_folder_errors(tmp_path):
     assert "bad.png" in _one_line_error(lambda: [_all(data.train), _all(data.val)])
 
 
+# --------------------------------------------------------------------- folders without labels
+
+
+def _write_random_images(paths) -> None:
+    """A random RGB PNG (or JPEG, by suffix) at each path, folders made as needed."""
+    rng = np.random.default_rng(0)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).save(path)
+
+
+def test_a_flat_folder_loads_unlabeled_split_and_seeded(tmp_path):
+    files = [tmp_path / f"img{i}.png" for i in range(10)]
+    _write_random_images(files)
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = load_data(str(tmp_path), (1, 3, 6, 4), seed=0, batch_size=3)
+    assert not data.labelled and data.num_classes is None and data.classes == []
+    assert data.summary() == f"{tmp_path}: unlabeled, 7 train / 3 val samples"
+    batches = list(data.val)
+    # inputs only: image tensors, each the file read, resized and normalised
+    assert all(isinstance(b, torch.Tensor) for b in batches)
+    x_val = torch.cat(batches)
+    assert x_val.shape == (3, 3, 6, 4)
+    val_files = [data.val.dataset.dataset.files[i] for i in data.val.dataset.indices]
+    train_files = [data.train.dataset.dataset.files[i] for i in data.train.dataset.indices]
+    assert sorted(val_files + train_files) == sorted(files)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    with Image.open(val_files[0]) as image:
+        pixels = np.asarray(image.resize((4, 6), Image.BILINEAR), dtype=np.float64) / 255
+    torch.testing.assert_close(x_val[0], torch.from_numpy(((pixels - mean) / std)
+                                                          .transpose(2, 0, 1)).float())
+    # the split is scikit-learn's (not stratified), with random_state=seed
+    _, expected_val = train_test_split(np.arange(10), test_size=0.3, random_state=0)
+    assert data.val.dataset.indices == sorted(expected_val.tolist())
+    assert load_data(str(tmp_path), (1, 3, 6, 4), seed=0).val.dataset.indices == \
+        data.val.dataset.indices
+    others = [load_data(str(tmp_path), (1, 3, 6, 4), seed=s).val.dataset.indices for s in (1, 2)]
+    assert any(o != data.val.dataset.indices for o in others)
+
+
+def test_images_at_any_depth_or_beside_class_folders_are_unlabeled(tmp_path):
+    nested = [tmp_path / "nested" / "a" / "b" / "x.png", tmp_path / "nested" / "a" / "y.jpg",
+              tmp_path / "nested" / "c" / "d" / "e" / "z.PNG"]
+    _write_random_images(nested)
+    data = image_folder(tmp_path / "nested", (1, 1, 4, 4), val_fraction=0.4)
+    assert not data.labelled and sorted(data.train.dataset.dataset.files) == sorted(nested)
+    assert torch.cat(list(data.val)).shape == (2, 1, 4, 4)  # grey: one channel
+
+    # a class folder, but also an image at the top: not ImageFolder's layout
+    mixed = tmp_path / "mixed"
+    _write_class_images(mixed, {"ant": 2, "bee": 2})
+    _write_random_images([mixed / "loose.png"])
+    assert image_folder(mixed, (1, 3, 4, 4)).num_classes is None
+
+    # flat train/ and val/ folders are the two splits, unlabeled
+    split_dirs = tmp_path / "splits"
+    _write_random_images([split_dirs / "train" / f"{i}.png" for i in range(3)]
+                         + [split_dirs / "val" / "sub" / "v.png"])
+    data = image_folder(split_dirs, (1, 3, 4, 4), batch_size=2)
+    assert not data.labelled and [len(b) for b in data.train] == [2, 1]
+    assert [len(b) for b in data.val] == [1]
+
+    one = tmp_path / "one"
+    _write_random_images([one / "only.png"])
+    assert "leave none" in _one_line_error(image_folder, one, (1, 3, 4, 4))
+    empty_val = tmp_path / "empty_val"
+    _write_random_images([empty_val / "train" / "t.png"])
+    (empty_val / "val").mkdir()
+    assert f"no images in {empty_val / 'val'}" in _one_line_error(image_folder, empty_val,
+                                                                   (1, 3, 4, 4))
+
+
+def test_without_labels_gives_the_inputs_of_the_same_batches():
+    data = digits(input_shape=(1, 1, 8, 8), batch_size=100)
+    bare = data.without_labels("labels unused")
+    assert not bare.labelled and bare.classes == []
+    assert bare.summary() == "digits (labels unused): unlabeled, 1257 train / 540 val samples"
+    for inputs, (x, _) in zip(bare.val, data.val, strict=True):
+        assert torch.equal(inputs, x)
+
+
 # ---------------------------------------------------------------------------------- factory
 
 FACTORY = '''
@@ -253,8 +334,18 @@ def not_iterables():
     return 1, 2
 
 
-def float_targets():
-    return [], [(torch.zeros(2, 2), torch.tensor([0.5, 1.0]))]
+def inputs_only():
+    x = torch.arange(24.0).view(6, 4)
+    return [x[:3], x[3:]], [{"a": x[:3], "b": x[3:]}]
+
+
+def two_inputs():  # two float tensors: two positional inputs, no targets
+    x = torch.arange(24.0).view(6, 4)
+    return [(x[:3], x[3:])], [(x[:3], x[3:])]
+
+
+def float_targets():  # ((inputs,), targets): a pair even with float targets
+    return [], [((torch.zeros(2, 2),), torch.tensor([0.5, 1.0]))]
 
 
 def empty_val():
@@ -288,6 +379,15 @@ def test_factory_dataset_attribute_wins_and_generators_are_kept(factory_file):
     # one-shot iterators were read into lists: two passes give the same batches
     assert len(list(data.val)) == len(list(data.val)) == 1
     assert len(list(data.train)) == 1
+
+
+def test_a_factory_of_inputs_only_is_unlabeled(factory_file):
+    data = from_factory(f"{factory_file}:inputs_only")
+    assert not data.labelled and data.num_classes is None and data.classes == []
+    assert data.summary() == f"{factory_file}:inputs_only: unlabeled"
+    assert [list(b.shape) for b in data.train] == [[3, 4], [3, 4]]
+    assert list(next(iter(data.val))) == ["a", "b"]
+    assert from_factory(f"{factory_file}:two_inputs").num_classes is None
 
 
 def test_factory_errors(factory_file, tmp_path):

@@ -58,3 +58,28 @@ def test_finetune_under_torchrun_reports_what_the_saved_model_scores(tmp_path):
     direct = evaluate(tuned, from_factory(data).val)
     assert record["after"]["accuracy"] == pytest.approx(direct.accuracy)
     assert record["after"]["samples"] == 96
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_label_free_finetune_under_torchrun_reports_the_saved_models_fidelity(tmp_path):
+    import structprune as sp
+    from structprune.accuracy.evaluate import fidelity
+    from structprune.front.cli import main
+
+    from .test_finetune import _tiny
+
+    spec, data = _tiny(tmp_path)
+    out = tmp_path / "out"
+    assert main(["prune", spec, "--input-shape", "1,1,16,16", "--ratio", "0.5",
+                 "--out", str(out), "--no-onnx"]) == 0
+    done = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "structprune",
+         "finetune", str(out), "--data", data, "--epochs", "1", "--distill"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "report.json").read_text())["finetune"]
+    assert record["world_size"] == 2 and (out / "checkpoint.safetensors").is_file()
+    # the pooled fidelity is that of the saved model on the whole validation split
+    direct = fidelity(sp.load(out, spec), build_model(spec), from_factory(data).val)
+    assert record["fidelity"]["after"]["samples"] == direct["samples"] == 16
+    assert record["fidelity"]["after"]["rel_error"] == pytest.approx(direct["rel_error"])

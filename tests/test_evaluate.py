@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from structprune.accuracy.evaluate import Metrics, evaluate, metrics, plot_confusion, predict
+from structprune.accuracy.evaluate import (
+    Metrics,
+    classifier_width,
+    evaluate,
+    metrics,
+    plot_confusion,
+    predict,
+)
 from structprune.errors import StructPruneError
 
 
@@ -156,3 +163,26 @@ def test_plot_confusion_writes_a_png_with_one_panel_per_model(tmp_path):
     assert width > 1.5 * height  # two panels side by side
     with pytest.raises(StructPruneError):
         plot_confusion({}, tmp_path / "none.png")
+
+
+def test_classifier_width_tells_class_scores_from_other_outputs_and_leaves_bn_alone():
+    x = torch.randn(3, 4)
+    assert classifier_width(_argmax_model(), x) == 4
+    assert classifier_width(_Wrapped("dict"), x) == 4
+
+    class Shaped(nn.Module):
+        def __init__(self, *shape):
+            super().__init__()
+            self.shape, self.bn = shape, nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(x).reshape(len(x), *self.shape)
+
+    assert classifier_width(Shaped(4, 1, 1), x) == 4  # a convolutional classifier's N,K,1,1
+    assert classifier_width(Shaped(2, 2), x) is None  # a map, not class scores
+    model = Shaped(4)
+    model.train()
+    assert classifier_width(model, x) == 4
+    # run in eval mode: the BatchNorm statistics are untouched and the flag comes back
+    assert model.training and model.bn.num_batches_tracked == 0
+    assert torch.equal(model.bn.running_mean, torch.zeros(4))

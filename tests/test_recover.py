@@ -101,6 +101,11 @@ def _layer_mse(pruned: nn.Module, dense: nn.Module, name: str, keep, batches) ->
     return float(torch.cat(errors).mean())
 
 
+def _fitted(batches: list) -> list:
+    """The batches recover() fits on: all but every 4th (which it checks on)."""
+    return [b for i, b in enumerate(batches) if i % 4 != 3]
+
+
 def _keep(plan: sp.Plan, name: str, dim: int):
     entry = next((e for e in plan.params if e["name"] == name and e["dim"] == dim), None)
     return None if entry is None else torch.tensor(entry["keep"])
@@ -118,15 +123,15 @@ def _removed(plan: sp.Plan, name: str) -> torch.Tensor:
 
 def test_bn_recalibration_equals_the_statistics_of_each_bn_input(setup):
     dense, result, fit, _ = setup
-    # reference: every BN's input over all batches, with the BN layers normalising by batch
-    # statistics (their running statistics play no part then) and dropout off
+    # reference: every BN's input over the fit batches, with the BN layers normalising by
+    # batch statistics (their running statistics play no part then) and dropout off
     reference = copy.deepcopy(result.model).eval()
     inputs = {name: [] for name in _norms(reference)}
     for name, m in _norms(reference).items():
         m.train()
         m.register_forward_pre_hook(lambda mod, args, name=name: inputs[name].append(args[0]))
     with torch.no_grad():
-        for x, _ in fit:
+        for x, _ in _fitted(fit):
             reference(x)
 
     pruned = copy.deepcopy(result.model).train()
@@ -137,7 +142,7 @@ def test_bn_recalibration_equals_the_statistics_of_each_bn_input(setup):
         torch.testing.assert_close(m.running_mean, x.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(m.running_var, x.var((0, 2, 3), unbiased=True),
                                    rtol=1e-4, atol=1e-5)
-        assert int(m.num_batches_tracked) == len(fit)
+        assert int(m.num_batches_tracked) == len(_fitted(fit))
     # flags and momenta as they were
     assert all(m.training for m in pruned.modules())
     assert pruned.bn2.momentum == 0.3 and pruned.bn1.momentum == 0.1
@@ -154,7 +159,7 @@ def test_bias_compensation_adds_the_removed_channels_mean_contribution(setup):
     dense, result, fit, _ = setup
     plan = result.plan
     pruned, report = _recovered(setup, "bias")
-    x = torch.cat([b[0] for b in fit])
+    x = torch.cat([b[0] for b in _fitted(fit)])
     with torch.no_grad():
         dense.eval()
         inputs = {"conv2": dense.block1(x), "conv3": dense.block2(x), "fc": dense.features(x)}
@@ -222,10 +227,10 @@ def _patches(x: torch.Tensor) -> torch.Tensor:
 def test_lsq_equals_an_independent_least_squares_solve(setup):
     dense, result, fit, _ = setup
     plan = result.plan
-    # every row, no ridge: conv2 (the first consumer; its pruned input is the dense one's
-    # kept channels) gets the plain least-squares solution
-    pruned, report = _recovered(setup, "lsq", max_rows=10 ** 9, ridge=0.0)
-    x = torch.cat([b[0] for b in fit])
+    # every row of every fit sample, no ridge: conv2 (the first consumer; its pruned input
+    # is the dense one's kept channels) gets the plain least-squares solution
+    pruned, report = _recovered(setup, "lsq", max_rows=10 ** 9, ridge=0.0, lsq_samples=10 ** 6)
+    x = torch.cat([b[0] for b in _fitted(fit)])
     keep_in = torch.tensor(next(e["keep"] for e in plan.params
                                 if e["name"] == "conv2.weight" and e["dim"] == 1))
     keep_out = _keep(plan, "conv2.weight", 0)
@@ -248,8 +253,8 @@ def test_lsq_equals_an_independent_least_squares_solve(setup):
 
 def test_lsq_reduces_the_error_on_held_out_batches(setup):
     dense, result, _, held_out = setup
-    pruned, report = _recovered(setup, "lsq")
-    # measured: conv2 0.072 -> 0.0077, conv3 0.26 -> 0.025, output 0.056 -> 0.0055
+    pruned, report = _recovered(setup, "lsq", lsq_samples=320)  # all the fit samples
+    # measured: conv2 0.072 -> 0.0077, conv3 0.26 -> 0.025, output 0.056 -> 0.0057
     for name in ("conv2", "conv3"):
         keep = _keep(result.plan, f"{name}.weight", 0)
         before = _layer_mse(result.model, dense, name, keep, held_out)
@@ -258,6 +263,29 @@ def test_lsq_reduces_the_error_on_held_out_batches(setup):
     before, after = output_mse(result.model, dense, held_out), output_mse(pruned, dense, held_out)
     assert after < 0.2 * before, (before, after)
     assert all(layer["rows"] <= 20_000 + 6 for layer in report["layers"])
+
+
+def test_lsq_undoes_a_layer_refit_that_is_worse_on_the_check_rows(setup):
+    """64 samples give fc 64 rows for its 65 unknowns: the refit interpolates them and is
+    worse on the check batch's rows, so fc keeps its pruned weights."""
+    dense, result, fit, _ = setup
+    pruned, report = _recovered(setup, "lsq", lsq_samples=64)
+    fc = next(layer for layer in report["layers"] if layer["module"] == "fc")
+    assert fc["rows"] == 64 and fc["check_rows"] == 16
+    assert fc["mse_after"] < 0.1 * fc["mse_before"]  # the fit rows: nearly interpolated
+    assert fc["check_mse_after"] > fc["check_mse_before"] and "undone" in fc
+    assert torch.equal(pruned.fc.weight, result.model.fc.weight)
+    assert torch.equal(pruned.fc.bias, result.model.fc.bias)
+    # the check: the model's output on the check batch (every 4th, capped at 16 samples)
+    x = fit[3][0][:16]
+    with torch.no_grad():
+        want, before, after = dense.eval()(x), result.model.eval()(x), pruned.eval()(x)
+    assert report["output_mse_before"] == pytest.approx(float((before - want).square().mean()),
+                                                        rel=1e-5)
+    assert report["output_mse_after"] == pytest.approx(float((after - want).square().mean()),
+                                                       rel=1e-5)
+    assert report["check"] == {"how": "every 4th batch", "batches": 1, "samples": 16,
+                               "fit_batches": 5}
 
 
 # ----------------------------------------------------------------------- what never changes
@@ -279,7 +307,8 @@ def test_architecture_plan_and_dense_model_are_unchanged(setup, method):
     assert result.plan.params == plan_params
     assert all(torch.equal(dense_state[k], v) for k, v in dense.state_dict().items())
     assert report["method"] == ([method] if isinstance(method, str) else method)
-    assert set(report) == {"method", "layers", "output_mse_before", "output_mse_after"}
+    assert set(report) == {"method", "layers", "steps", "output_mse_before",
+                           "output_mse_after", "check", "memory"}
     assert report["output_mse_after"] < report["output_mse_before"]
     changed = [k for k, v in pruned.state_dict().items()
                if not torch.equal(v, result.model.state_dict()[k])]

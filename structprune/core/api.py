@@ -118,6 +118,8 @@ def prune(
     except CaptureError as exc:  # unchecked (check=False) and broken: not an input problem
         raise VerificationError(_fails_to_run(exc, given_plan)) from exc
     figures["seconds"] = timings
+    if prepared.criterion:  # its name, fallbacks and notes (label-free loss, ...)
+        figures["criterion"] = prepared.criterion
     figures.update(analysis.summary())
     approx_pruned = [g["index"] for g in plan.groups
                      if g["status"] == "approximate" and g["kept"] < g["units"]]

@@ -7,12 +7,17 @@ per-layer tools do:
 
 - :class:`Magnitude`: L1 or L2 weight magnitude; needs no data;
 - :class:`Taylor`, :class:`Gradient`: first-order Taylor and mean gradient magnitude, from the
-  gradients of the cross-entropy loss on calibration batches (batches with targets);
+  gradients of the cross-entropy loss on calibration batches; without targets, of a loss
+  against the dense model's own outputs (pseudo-labels for classifiers, squared random
+  projections for any other output);
 - :class:`NormScale`: the scale (gamma) of the unit's normalisation layers;
 - :class:`FPGM`: distance from the other filters, FPGM's geometric median;
 - :class:`LAMP`: layer-adaptive magnitude;
 - :class:`Activation`: mean absolute activation where the channel is consumed;
 - :class:`Random`: seeded uniform scores, the control any comparison needs.
+
+The reconstruction criterion ``obs`` (structured Optimal Brain Surgeon) is in
+:mod:`structprune.core.obs`.
 
 Calibration batches take any form of :mod:`structprune.batches`. The names, the registry and
 the scoring engine that normalises the raw scores are in :mod:`structprune.core.score`.
@@ -21,7 +26,8 @@ the scoring engine that normalises the raw scores are in :mod:`structprune.core.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -29,8 +35,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from structprune.batches import Batch, Inputs, device_of, first_tensor, labelled, split
+from structprune.batches import (
+    Batch,
+    Inputs,
+    device_of,
+    first_tensor,
+    flatten_outputs,
+    labelled,
+    split,
+)
 from structprune.core.analyse import Analysis, Consumption, Group
 from structprune.core.capture import Capture, graph_parameters
 from structprune.errors import PlanError
@@ -80,14 +95,17 @@ class Criterion:
     subclasses implement :meth:`measure` (and may batch :meth:`scores`).
 
     ``fallbacks`` lists the indices of the groups a criterion could not score by its own rule
-    and scored by ``l2`` magnitude instead (``bn`` for a group without a norm, ...), filled
-    while scoring, so a caller can report them.
+    and scored by ``l2`` magnitude instead (``bn`` for a group without a norm, ...), and
+    ``notes`` what else the report should say about how it scored (the loss of a gradient
+    criterion without labels, the consumers ``obs`` skipped, ...); both are filled while
+    scoring, so a caller can report them.
     """
 
     def __init__(self, analysis: Analysis):
         self.analysis = analysis
         self.params = graph_parameters(analysis.capture)  # parameters count, buffers do not
         self.fallbacks: list[int] = []
+        self.notes: dict[str, Any] = {}  # what the report says about how it scored
         self.components = analysis.n_components
         self._per_slot: dict[Key, np.ndarray] = {}  # a tensor read once
         self._magnitude: Magnitude | None = None
@@ -140,6 +158,17 @@ class Criterion:
             total = np.bincount(where[inside], flat[inside], minlength=starts[-1])
         return [(total[a:b], n)
                 for (a, b), n in zip(itertools.pairwise(starts), counts, strict=True)]
+
+    def component_sums(self, keys: Iterable[Key],
+                       values: Callable[[Key], np.ndarray]) -> np.ndarray:
+        """``values(key)`` (one value per slot of member ``key``) summed into the component
+        of each slot, over ``keys``: one sum per component."""
+        keys = list(keys)
+        if not keys:
+            return np.zeros(self.components)
+        where = self.analysis.component[np.concatenate([self.analysis.slots[k] for k in keys])]
+        return np.bincount(where, np.concatenate([values(k) for k in keys]),
+                           minlength=self.components)
 
     def fall_back(self, group: Group) -> np.ndarray:
         """``l2`` magnitude for a group this criterion cannot score; recorded in fallbacks."""
@@ -295,16 +324,57 @@ class Random(Criterion):
 # ----------------------------------------------------------------------- data-driven criteria
 
 
-class _Gradients(Criterion):
-    """Base of the gradient criteria: on first use, the gradients of the summed per-batch
-    cross-entropy losses of the model (in eval mode, so BN statistics stay) with respect to
-    the graph's parameters, accumulated into ``.grad`` as ``backward()`` does. The user's
-    ``.grad`` and ``requires_grad`` are restored afterwards. Every batch needs targets."""
+LABELS = "cross-entropy against the batches' targets"
+PSEUDO_LABELS = "cross-entropy against the dense model's argmax (pseudo-labels)"
+PROJECTION = ("random projections of the outputs, squared per sample (Gauss-Newton estimate "
+              "of the squared error to the dense model)")
 
-    def __init__(self, analysis: Analysis, batches: list[Batch]):
+
+class _Gradients(Criterion):
+    """Base of the gradient criteria: on first use, the gradients of a loss of the model (in
+    eval mode, so BN statistics stay) with respect to the graph's parameters, on the
+    calibration batches. The user's ``.grad`` and ``requires_grad`` are restored afterwards.
+
+    **With labels** (every batch has targets): the summed per-batch cross-entropy losses,
+    accumulated into ``.grad`` as ``backward()`` does (``loss`` is :data:`LABELS`).
+
+    **Without labels** (a batch has no targets; ``label_free`` is then True and the
+    targets of any other batch are not used): a loss against the dense model's own
+    outputs. The natural one, ``D(w) = 1/2 sum_n ||f(x_n; w) - f(x_n; w_dense)||^2``, has a
+    zero gradient at the dense weights, where it is evaluated, so a surrogate stands in:
+
+    - *classifier-shaped output* (the model returns one 2-D floating tensor of two or more
+      columns, logits): cross-entropy against the dense model's own argmax, pseudo-labels
+      (:data:`PSEUDO_LABELS`); the labelled loss where the model is right, accumulated as
+      with labels.
+    - *any other output* (detectors, segmenters, several tensors): random projections
+      (:data:`PROJECTION`). Each sample n gets a seeded Gaussian ``r_nk`` shaped like each
+      floating output ``f_k`` and the loss ``l_n = sum_k <f_k(x_n), r_nk> / s_k`` (``s_k``
+      the RMS of output k on the first batch, so each output counts on its own scale), one
+      forward and backward per sample. Its gradient is ``g_n = J_n^T r_n`` (``J_n`` the
+      Jacobian of the scaled outputs), and for any weight change ``d``,
+      ``E_r[(d . g_n)^2] = d^T J_n^T J_n d = ||J_n d||^2``: the square of the per-sample
+      first-order term is an unbiased estimate of the Gauss-Newton (second-order) change of
+      the squared error to the dense model, ``D(w + d) ~ 1/2 sum_n ||J_n d||^2``. So in this
+      mode the subclasses accumulate *squares* of per-sample terms (Fisher-style), see
+      :class:`Taylor` and :class:`Gradient`. A batch splits into samples when all its
+      inputs are tensors of one batch size; otherwise it counts as one sample (still
+      unbiased: the cross terms of independent projections vanish in expectation).
+
+    ``notes`` says which loss was used, for the report.
+    """
+
+    def __init__(self, analysis: Analysis, batches: list[Batch], seed: int = 0):
         super().__init__(analysis)
-        self.batches = [labelled(batch, "a gradient criterion (taylor, gradient)",
-                                 error=PlanError) for batch in batches]
+        pairs = [split(batch, error=PlanError) for batch in batches]
+        self.label_free = any(targets is None for _, targets in pairs)
+        self.batches: list[tuple[Inputs, torch.Tensor | None]] = \
+            [(inputs, None) for inputs, _ in pairs] if self.label_free else \
+            [labelled(batch, "a gradient criterion (taylor, gradient)", error=PlanError)
+             for batch in batches]
+        self.seed = seed
+        self.loss: str | None = None if self.label_free else LABELS
+        self.notes = {"label_free": self.label_free, "loss": self.loss}  # loss: once run
         self._grads: dict[str, torch.Tensor] | None = None
 
     @property
@@ -312,6 +382,12 @@ class _Gradients(Criterion):
         if self._grads is None:
             self._grads = self._accumulate()
         return self._grads
+
+    @property
+    def projected(self) -> bool:
+        """Whether the scores come from squared random projections (after scoring)."""
+        self.grads  # noqa: B018 - the mode is known once the gradients are
+        return self.loss == PROJECTION
 
     def _accumulate(self) -> dict[str, torch.Tensor]:
         model = self.analysis.capture.model
@@ -324,15 +400,95 @@ class _Gradients(Criterion):
             for t in self.params.values():
                 t.requires_grad_(True)
             with evaluation(model), torch.enable_grad():
-                for inputs, targets in self.batches:
-                    output = first_tensor(inputs.to(device).call(model), error=PlanError)
-                    F.cross_entropy(output, targets.to(output.device)).backward()
+                if self.label_free:
+                    self._label_free(model, device)
+                else:
+                    for inputs, targets in self.batches:
+                        output = first_tensor(run_batch(model, inputs.to(device)), error=PlanError)
+                        F.cross_entropy(output, targets.to(output.device)).backward()
+            self.notes["loss"] = self.loss
+            if self.loss == PROJECTION:
+                return self._projected_grads()
             return {name: torch.zeros_like(t) if t.grad is None else t.grad.detach().clone()
                     for name, t in self.params.items()}
         finally:
             for t, grad, flag in saved:
                 t.grad = grad
                 t.requires_grad_(flag)
+
+    def _label_free(self, model: nn.Module, device: torch.device | None) -> None:
+        """Backward passes of the label-free surrogate (see the class docstring)."""
+        first = run_batch(model, self.batches[0][0].to(device))
+        outputs = flatten_outputs(first)
+        if len(outputs) == 1 and outputs[0].ndim == 2 and outputs[0].is_floating_point() \
+                and outputs[0].shape[1] > 1 and outputs[0].requires_grad:
+            self.loss = PSEUDO_LABELS
+            for k, (inputs, _) in enumerate(self.batches):
+                logits = outputs[0] if k == 0 else first_tensor(
+                    run_batch(model, inputs.to(device)), error=PlanError)
+                F.cross_entropy(logits, logits.detach().argmax(dim=1)).backward()
+            return
+        self.loss = PROJECTION
+        scales = [float(t.detach().double().square().mean().sqrt())
+                  if t.is_floating_point() and t.requires_grad and t.numel() else 0.0
+                  for t in outputs]
+        del first, outputs
+        if not any(scales):
+            raise PlanError("the model's outputs do not depend on its parameters on the "
+                            "calibration batches: score it with l2 or activation instead")
+        generator = torch.Generator().manual_seed(self.seed)
+        samples = [s for inputs, _ in self.batches for s in _samples(inputs.to(device))]
+        for sample in tqdm(samples, desc="label-free gradients", unit="sample", leave=False,
+                           file=sys.stderr, disable=not sys.stderr.isatty()):
+            outputs = flatten_outputs(run_batch(model, sample))
+            loss = sum((t * torch.randn(t.shape, generator=generator).to(t)).sum() / scale
+                       for t, scale in zip(outputs, scales, strict=False) if scale)
+            loss.backward()
+            self._take({name: t.grad for name, t in self.params.items()})
+            for t in self.params.values():
+                t.grad = None
+
+    def _take(self, grads: dict[str, torch.Tensor | None]) -> None:
+        """Add one sample's projected gradients (see the class docstring)."""
+        raise NotImplementedError
+
+    def _projected_grads(self) -> dict[str, torch.Tensor]:
+        """The gradients the subclass reads after projected passes."""
+        return {}
+
+
+def run_batch(model: nn.Module, inputs: Inputs) -> Any:
+    """``model`` on a calibration batch's ``inputs``; a failure is the data's (one
+    :class:`PlanError` line)."""
+    try:
+        return inputs.call(model)
+    except Exception as exc:  # noqa: BLE001 - the batch does not fit the model
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise PlanError(f"the model fails on a calibration batch ({type(exc).__name__}: "
+                        f"{first}): give batches of the model's inputs") from exc
+
+
+def _samples(inputs: Inputs) -> list[Inputs]:
+    """``inputs`` one sample at a time when every input is a tensor with the same leading
+    (batch) size; else the batch whole."""
+    values = [*inputs.args, *inputs.kwargs.values()]
+    sizes = {v.shape[0] if isinstance(v, torch.Tensor) and v.ndim else None for v in values}
+    if len(sizes) != 1 or None in sizes:
+        return [inputs]
+    return [Inputs(tuple(v[i:i + 1] for v in inputs.args),
+                   {k: v[i:i + 1] for k, v in inputs.kwargs.items()})
+            for i in range(sizes.pop())]
+
+
+def _slot_products(weight: torch.Tensor, grad: torch.Tensor, dim: int,
+                   dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """sum(W[s] * G[s]) for every slice s along ``dim``, computed in ``dtype`` (float32 per
+    sample: the weights are not copied to float64 once a sample), returned as float64."""
+    if dtype == torch.float64:
+        return (slices(weight, dim) * slices(grad, dim)).sum(dim=1).cpu().numpy()
+    product = weight.detach().to(dtype) * grad.detach().to(dtype)
+    return product.movedim(dim, 0).reshape(product.shape[dim], -1).sum(dim=1) \
+        .double().cpu().numpy()
 
 
 class Taylor(_Gradients):
@@ -341,15 +497,35 @@ class Taylor(_Gradients):
 
         score(u) = | sum_{m in M} sum_{s in slots_m(u)} sum (W_m[s] * G_m[s]) |
 
-    with G the gradient of sum_b CE(model(x_b), y_b) over the calibration batches and M the
-    group's parameter members (buffers do not count): the whole group, one Taylor term."""
+    with G the gradient of the loss summed over the calibration batches (with labels
+    sum_b CE(model(x_b), y_b); without, against pseudo-labels, see :class:`_Gradients`) and
+    M the group's parameter members (buffers do not count): the whole group, one Taylor
+    term. Without labels on a model whose output is not classifier-shaped, the per-sample
+    terms of the random projections are squared and summed,
+
+        score(u) = 1/2 sum_n ( sum_{m in M} sum_{s in slots_m(u)} sum (W_m[s] * g_n,m[s]) )^2
+
+    an unbiased estimate of the second-order increase of 1/2 sum_n ||f(x_n) - f_dense(x_n)||^2
+    (outputs scaled) when the unit's weights are zeroed."""
+
+    def __init__(self, analysis: Analysis, batches: list[Batch], seed: int = 0):
+        super().__init__(analysis, batches, seed)
+        self._squares = np.zeros(self.components)  # per component, projected mode
 
     def products(self, key: Key) -> np.ndarray:
-        return self.per_slot(key, lambda name, dim: (
-            slices(self.params[name], dim) * slices(self.grads[name], dim))
-            .sum(dim=1).cpu().numpy())
+        return self.per_slot(key, lambda name, dim: _slot_products(
+            self.params[name], self.grads[name], dim))
+
+    def _take(self, grads: dict[str, torch.Tensor | None]) -> None:
+        keys = [key for key in self.analysis.slots
+                if self.is_parameter(key) and grads.get(key[0]) is not None]
+        sums = self.component_sums(keys, lambda key: _slot_products(
+            self.params[key[0]], grads[key[0]], key[1], torch.float32))
+        self._squares += 0.5 * np.square(sums)
 
     def measure(self, group: Group) -> np.ndarray:
+        if self.projected:
+            return self._squares[group.units].copy()
         [(total, _)] = self.member_sums([group], self.is_parameter, self.products)
         return np.abs(total)
 
@@ -359,7 +535,27 @@ class Gradient(_Gradients):
 
         score(u) = 1/|M| * sum_{m in M} sum_{s in slots_m(u)} mean |G_m[s]|
 
-    averaged over the group's parameter members as :class:`Magnitude` averages."""
+    averaged over the group's parameter members as :class:`Magnitude` averages. Without
+    labels on a model whose output is not classifier-shaped, |G| is the root of the summed
+    squares of the per-sample projected gradients, ``sqrt(sum_n g_n^2)`` elementwise: the
+    root of an unbiased estimate of the Gauss-Newton diagonal (see :class:`_Gradients`)."""
+
+    def __init__(self, analysis: Analysis, batches: list[Batch], seed: int = 0):
+        super().__init__(analysis, batches, seed)
+        self._squares: dict[str, torch.Tensor] = {}
+
+    def _take(self, grads: dict[str, torch.Tensor | None]) -> None:
+        for name, g in grads.items():
+            if g is not None:
+                square = g.detach().float().square()
+                if name in self._squares:
+                    self._squares[name] += square
+                else:
+                    self._squares[name] = square
+
+    def _projected_grads(self) -> dict[str, torch.Tensor]:
+        return {name: self._squares[name].sqrt() if name in self._squares
+                else torch.zeros_like(t) for name, t in self.params.items()}
 
     def means(self, key: Key) -> np.ndarray:
         return self.per_slot(key, lambda name, dim: slices(self.grads[name], dim)
@@ -463,5 +659,6 @@ class Activation(Criterion):
         return total / entries
 
 
-__all__ = ["FPGM", "LAMP", "Activation", "Criterion", "Gradient", "Importance", "Magnitude",
-           "NormScale", "Random", "Taylor", "is_norm_weight", "slice_norms", "slices"]
+__all__ = ["FPGM", "LABELS", "LAMP", "PROJECTION", "PSEUDO_LABELS", "Activation", "Criterion",
+           "Gradient", "Importance", "Magnitude", "NormScale", "Random", "Taylor",
+           "is_norm_weight", "run_batch", "slice_norms", "slices"]

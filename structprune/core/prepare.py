@@ -21,17 +21,20 @@ from structprune.core.analyse import Analysis, analyse
 from structprune.core.capture import capture
 from structprune.core.literals import settle_literals
 from structprune.core.registry import RuleRegistry
-from structprune.core.score import score
+from structprune.core.score import criterion_report, make_criterion, score
 
 
 @dataclass
 class Prepared:
     """A model's analysis (literals settled), the scores of its prunable groups (by group
-    index; empty when not scored) and the seconds each step took."""
+    index; empty when not scored), the seconds each step took and what the report says
+    about the criterion (:func:`~structprune.core.score.criterion_report`; empty when not
+    scored)."""
 
     analysis: Analysis
     scores: dict[int, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    criterion: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare(model: nn.Module, example_inputs: Sequence[Any] | Any,
@@ -53,12 +56,18 @@ def prepare(model: nn.Module, example_inputs: Sequence[Any] | Any,
     t1 = time.perf_counter()
     analysis = settle_literals(model, analyse(cap, registry), registry)
     t2 = time.perf_counter()
-    scores = score(analysis, config.criterion, analysis.prunable_groups(), data=data,
-                   normalize=config.normalize, seed=config.seed,
-                   batches=config.calibration_batches) if scored else {}
+    scores, report = {}, {}
+    if scored:
+        name = config.criterion if isinstance(config.criterion, str) else None
+        measure = make_criterion(name, analysis, data=data, seed=config.seed,
+                                 batches=config.calibration_batches) \
+            if name is not None else config.criterion
+        scores = score(analysis, measure, analysis.prunable_groups(),
+                       normalize=config.normalize)
+        report = criterion_report(measure, name)
     t3 = time.perf_counter()
     return Prepared(analysis, scores, {"capture": t1 - t0, "analyse": t2 - t1,
-                                       "score": t3 - t2})
+                                       "score": t3 - t2}, report)
 
 
 __all__ = ["Prepared", "prepare"]

@@ -6,22 +6,27 @@ them:
 - ``l1``, ``l2``: weight magnitude (:class:`~structprune.core.criteria.Magnitude`), the
   default; needs no data;
 - ``taylor``, ``gradient``: first-order Taylor and mean gradient magnitude, from the gradients
-  of the cross-entropy loss on calibration batches (``Taylor``, ``Gradient``);
+  of the cross-entropy loss on calibration batches (``Taylor``, ``Gradient``); without targets,
+  of a loss against the dense model's outputs (the criterion's ``notes`` say which);
 - ``bn``: the scale (gamma) of the unit's normalisation layers (``NormScale``);
 - ``fpgm``: distance from the other filters, FPGM's geometric median (``FPGM``);
 - ``lamp``: layer-adaptive magnitude (``LAMP``);
 - ``activation``: mean absolute activation where the channel is consumed (``Activation``);
-- ``random``: seeded uniform scores, the control any comparison needs (``Random``).
+- ``random``: seeded uniform scores, the control any comparison needs (``Random``);
+- ``obs``: the reconstruction error a unit's removal leaves once the consumers' remaining
+  weights compensate by least squares, greedy structured Optimal Brain Surgeon
+  (:class:`~structprune.core.obs.OBS`).
 
 :func:`score` then divides each group's scores by their mean (or max or sum) so that groups
 compare on one scale when ranked globally. Criteria that need data are in :data:`NEEDS_DATA`;
-their calibration batches take any form of :mod:`structprune.batches` (the gradient criteria
-need targets).
+their calibration batches take any form of :mod:`structprune.batches`, with or without
+targets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -38,22 +43,24 @@ from structprune.core.criteria import (
     Random,
     Taylor,
 )
+from structprune.core.obs import OBS
 from structprune.errors import PlanError
 
 IMPORTANCE: dict[str, Callable[[Analysis, list[Batch], int], Importance]] = {
     "l1": lambda analysis, batches, seed: Magnitude(analysis, 1),
     "l2": lambda analysis, batches, seed: Magnitude(analysis, 2),
-    "taylor": lambda analysis, batches, seed: Taylor(analysis, batches),
-    "gradient": lambda analysis, batches, seed: Gradient(analysis, batches),
+    "taylor": lambda analysis, batches, seed: Taylor(analysis, batches, seed),
+    "gradient": lambda analysis, batches, seed: Gradient(analysis, batches, seed),
     "bn": lambda analysis, batches, seed: NormScale(analysis),
     "fpgm": lambda analysis, batches, seed: FPGM(analysis),
     "lamp": lambda analysis, batches, seed: LAMP(analysis),
     "activation": lambda analysis, batches, seed: Activation(analysis, batches),
     "random": lambda analysis, batches, seed: Random(analysis, seed),
+    "obs": lambda analysis, batches, seed: OBS(analysis, batches, seed),
 }
 """Built-in criteria by name: ``factory(analysis, batches, seed) -> criterion``."""
 
-NEEDS_DATA = ("taylor", "gradient", "activation")
+NEEDS_DATA = ("taylor", "gradient", "activation", "obs")
 """Criteria that need calibration data (``data=...``; CLI ``--data``)."""
 
 NORMALIZE = ("mean", "max", "sum", "none")
@@ -81,6 +88,19 @@ def make_criterion(name: str, analysis: Analysis, *, data: Iterable | None = Non
     return IMPORTANCE[name](analysis, taken, seed)
 
 
+def criterion_report(criterion: Importance, name: str | None = None) -> dict[str, Any]:
+    """What a report says about the criterion that scored: its ``name`` (default: the
+    callable's own), the groups it scored by ``l2`` instead (``fallbacks``) and its
+    ``notes`` (a gradient criterion's ``label_free`` and ``loss``, the consumers ``obs``
+    measured or skipped, ...)."""
+    name = name or getattr(criterion, "__name__", type(criterion).__name__)
+    report: dict[str, Any] = {"name": name}
+    if getattr(criterion, "fallbacks", None):
+        report["fallbacks"] = sorted(int(g) for g in criterion.fallbacks)
+    report.update(getattr(criterion, "notes", None) or {})
+    return report
+
+
 def normalise(s: np.ndarray, how: str = "mean") -> np.ndarray:
     """``s`` divided by its mean, max or sum (unchanged for ``none``, or when that is not
     positive)."""
@@ -90,7 +110,7 @@ def normalise(s: np.ndarray, how: str = "mean") -> np.ndarray:
     return s / scale if scale > 0 else s
 
 
-_BATCHED = (Magnitude, LAMP)
+_BATCHED = (Magnitude, LAMP, OBS)
 
 
 def score(analysis: Analysis, criterion: str | Importance = "l2",
@@ -104,7 +124,7 @@ def score(analysis: Analysis, criterion: str | Importance = "l2",
     ``fallbacks`` then says which groups were scored by ``l2`` instead). ``data`` is an
     iterable of batches (:mod:`structprune.batches`) for the criteria in :data:`NEEDS_DATA`,
     of which the first ``batches`` are used (default: all of a list, 8 of anything else);
-    ``seed`` seeds ``random``. ``normalize`` (:data:`NORMALIZE`) divides each group's scores
+    ``seed`` seeds ``random`` (and the projections and rows drawn by the data-driven ones). ``normalize`` (:data:`NORMALIZE`) divides each group's scores
     by their ``mean`` (the default), ``max`` or ``sum``, or leaves them (``none``).
     """
     if normalize not in NORMALIZE:
@@ -121,4 +141,4 @@ def score(analysis: Analysis, criterion: str | Importance = "l2",
 
 
 __all__ = ["IMPORTANCE", "NEEDS_DATA", "NORMALIZE", "Importance", "calibration",
-           "make_criterion", "normalise", "score"]
+           "criterion_report", "make_criterion", "normalise", "score"]

@@ -4,6 +4,10 @@ For every runtime, thread count and batch size, both models are warmed up, then 
 interleaved pairs (dense, pruned, dense, ...), so drift and thermal effects hit both alike.
 Reported per cell: median, p10 and p90 of each model, and the speed-up (median of the
 per-pair ratios, with its p10-p90 spread) next to the ideal speed-up from the MACs ratio.
+Given the INT8 files of the two models (``dense.int8.onnx``, ``pruned.int8.onnx``), they join
+the interleaved rounds on the ONNX runtimes, each INT8 model is compared with dense FP32 and
+with its own FP32 file, and wherever INT8 is not faster than FP32 the FP32 file stays the one
+to deploy (the guard): ``recommended`` names it and the table says so.
 
 Runtimes: ONNX Runtime CPU (always), OpenVINO CPU when ``openvino`` is installed (the
 ``openvino`` extra), ONNX Runtime CUDA/TensorRT when ``onnxruntime-gpu`` provides them, and
@@ -17,8 +21,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +61,20 @@ def ort_settle_s(threads: int | None) -> float:
 
 @dataclass
 class Cell:
+    """One runtime, batch size and thread count: the ms per round of each model, the INT8
+    ones (``int8_ms``, by the FP32 model's name: dense, pruned) when they were timed."""
+
     runtime: str
     batch: int
     threads: int | None
     dense_ms: list[float]
     pruned_ms: list[float]
+    int8_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self, ideal: float | None) -> dict[str, Any]:
         d, p = np.array(self.dense_ms), np.array(self.pruned_ms)
         ratios = d / p
-        return {
+        data = {
             "runtime": self.runtime, "batch": self.batch, "threads": self.threads,
             "dense_ms": _stats(d), "pruned_ms": _stats(p),
             "speedup": float(np.median(ratios)),
@@ -75,6 +83,19 @@ class Cell:
             "ideal_speedup": ideal,
             "repeats": len(d),
         }
+        fp32 = {"dense": d, "pruned": p}
+        for name, runs in self.int8_ms.items():
+            q = np.array(runs)
+            over_dense, over_fp32 = d / q, fp32[name] / q
+            faster = bool(np.median(over_fp32) > 1.0)
+            data[f"{name}_int8_ms"] = _stats(q)
+            data[f"{name}_int8_speedup"] = float(np.median(over_dense))  # over dense FP32
+            data[f"{name}_int8_speedup_p10"] = float(np.percentile(over_dense, 10))
+            data[f"{name}_int8_speedup_p90"] = float(np.percentile(over_dense, 90))
+            data.setdefault("int8_over_fp32", {})[name] = float(np.median(over_fp32))
+            data.setdefault("recommended", {})[name] = (f"{name}.int8.onnx" if faster
+                                                        else f"{name}.onnx")
+        return data
 
 
 def _stats(x: np.ndarray) -> dict[str, float]:
@@ -118,8 +139,10 @@ def interleaved(dense: Runner, pruned: Runner, **timing: Any) -> tuple[list[floa
     return d_ms, p_ms
 
 
-def _ort_session(path: Path | bytes, threads: int | None, provider: str,
-                 profile_prefix: str | None = None) -> Any:
+def ort_session(path: Path | bytes, threads: int | None, provider: str,
+                profile_prefix: str | None = None) -> Any:
+    """An ONNX Runtime session of ``path`` (a file or its bytes), fully optimised, on
+    ``threads`` intra-op threads (None: ONNX Runtime's default); one line when it cannot load."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -149,7 +172,7 @@ def _random_feeds(names: Sequence[str], batch: int,
 
 def ort_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]], threads: int | None,
                provider: str) -> Runner:
-    session = _ort_session(path, threads, provider)
+    session = ort_session(path, threads, provider)
     feeds = _random_feeds([i.name for i in session.get_inputs()], batch, shapes)
     cpu = provider == "CPUExecutionProvider"
     return SessionRunner(lambda: session.run(None, feeds), ort_settle_s(threads) if cpu else 0.0)
@@ -158,18 +181,23 @@ def ort_runner(path: Path | bytes, batch: int, shapes: Sequence[Sequence[int]], 
 # Nodes a runtime adds around a model to convert between the plain layout of its inputs and
 # outputs and its blocked one; a layer inside a model does not pay them.
 LAYOUT_NODES = frozenset({"ReorderInput", "ReorderOutput", "Reorder"})
+# The (de)quantization at the edges of a one-layer INT8 model; inside a model, quantized layers
+# pass 8-bit tensors to one another.
+QDQ_NODES = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 def ort_kernel_ms(model: Path | bytes, batch: int, shapes: Sequence[Sequence[int]],
                   threads: int | None, provider: str, runs: int,
-                  before_run: Callable[[], None] = lambda: None) -> list[float]:
+                  before_run: Callable[[], None] = lambda: None,
+                  skip: frozenset[str] = LAYOUT_NODES) -> list[float]:
     """Per run, the milliseconds ONNX Runtime's profiler gives the model's compute nodes:
-    the call's own overhead and layout reorders (:data:`LAYOUT_NODES`) left out.
-    ``before_run`` is called before every run, outside the timed part."""
+    the call's own overhead and the nodes of the op types ``skip`` (layout reorders,
+    :data:`LAYOUT_NODES`) left out. ``before_run`` is called before every run, outside the
+    timed part."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="structprune-profile-") as tmp:
-        session = _ort_session(model, threads, provider, str(Path(tmp) / "run"))
+        session = ort_session(model, threads, provider, str(Path(tmp) / "run"))
         feeds = _random_feeds([i.name for i in session.get_inputs()], batch, shapes)
         for _ in range(runs):
             before_run()
@@ -181,7 +209,7 @@ def ort_kernel_ms(model: Path | bytes, batch: int, shapes: Sequence[Sequence[int
     starts = [start for start, _ in calls]
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") \
-                or e.get("args", {}).get("op_name") in LAYOUT_NODES:
+                or e.get("args", {}).get("op_name") in skip:
             continue
         i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
         if 0 <= i < len(calls) and e["ts"] <= calls[i][1]:
@@ -246,9 +274,21 @@ def openvino_kernel_ms(model: Path | bytes, batch: int, shapes: Sequence[Sequenc
     return times
 
 
+def _timed_cell(runtime: str, batch: int, threads: int | None,
+                make: Callable[[Path], Runner], dense: Path, pruned: Path,
+                int8: Mapping[str, Path], **timing: Any) -> Cell:
+    """Dense, pruned and the INT8 files (by FP32 model name) timed in interleaved rounds."""
+    runners = [make(dense), make(pruned)] + [make(path) for path in int8.values()]
+    times = interleaved_many(runners, **timing)
+    return Cell(runtime, batch, threads, times[0], times[1], dict(zip(int8, times[2:],
+                                                                      strict=True)))
+
+
 def ort_cells(dense: Path, pruned: Path, shapes: Sequence[Sequence[int]], batches: Sequence[int],
               threads: Sequence[int], progress: Callable[[str], None] = lambda s: None,
-              **timing: Any) -> list[Cell]:
+              int8: Mapping[str, Path] | None = None, **timing: Any) -> list[Cell]:
+    """ONNX Runtime cells: CPU at each thread count, and the CUDA and TensorRT providers when
+    present, at each batch size; ``int8`` files (by FP32 model name) timed beside."""
     import onnxruntime as ort
 
     cells = []
@@ -261,27 +301,29 @@ def ort_cells(dense: Path, pruned: Path, shapes: Sequence[Sequence[int]], batche
     for runtime, provider, n in plans:
         for batch in batches:
             progress(f"{runtime} threads={n} batch={batch}")
-            d = ort_runner(dense, batch, shapes, n, provider)
-            p = ort_runner(pruned, batch, shapes, n, provider)
-            d_ms, p_ms = interleaved(d, p, **timing)
-            cells.append(Cell(runtime, batch, n, d_ms, p_ms))
+            cells.append(_timed_cell(
+                runtime, batch, n,
+                lambda path, b=batch, t=n, pr=provider: ort_runner(path, b, shapes, t, pr),
+                dense, pruned, int8 or {}, **timing))
     return cells
 
 
 def openvino_cells(dense: Path, pruned: Path, shapes: Sequence[Sequence[int]],
                    batches: Sequence[int], threads: Sequence[int],
-                   progress: Callable[[str], None] = lambda s: None, **timing: Any) -> list[Cell]:
-    """OpenVINO CPU cells, one per thread count and batch size (none without OpenVINO)."""
+                   progress: Callable[[str], None] = lambda s: None,
+                   int8: Mapping[str, Path] | None = None, **timing: Any) -> list[Cell]:
+    """OpenVINO CPU cells, one per thread count and batch size (none without OpenVINO);
+    ``int8`` files (QDQ, which OpenVINO runs in INT8) timed beside."""
     if not openvino_available():
         return []
     cells = []
     for n in threads:
         for batch in batches:
             progress(f"openvino-cpu threads={n} batch={batch}")
-            d = openvino_runner(dense, batch, shapes, n)
-            p = openvino_runner(pruned, batch, shapes, n)
-            d_ms, p_ms = interleaved(d, p, **timing)
-            cells.append(Cell("openvino-cpu", batch, n, d_ms, p_ms))
+            cells.append(_timed_cell(
+                "openvino-cpu", batch, n,
+                lambda path, b=batch, t=n: openvino_runner(path, b, shapes, t),
+                dense, pruned, int8 or {}, **timing))
     return cells
 
 
@@ -361,13 +403,16 @@ def bench(dense_onnx: Path, pruned_onnx: Path, shapes: Sequence[Sequence[int]],
           macs_ratio: float | None = None, batches: Sequence[int] = (1, 32),
           threads: Sequence[int] | None = None, torch_models: tuple | None = None,
           progress: Callable[[str], None] = lambda s: None, openvino: bool = True,
-          **timing: Any) -> dict[str, Any]:
-    """Benchmark dense against pruned on every runtime present; returns plain JSON data."""
+          int8: Mapping[str, Path] | None = None, **timing: Any) -> dict[str, Any]:
+    """Benchmark dense against pruned on every runtime present, with their INT8 files
+    (``int8``: by FP32 model name, ``dense`` and/or ``pruned``) on the ONNX runtimes;
+    returns plain JSON data."""
     threads = threads or sorted({1, os.cpu_count() or 1})
-    cells = ort_cells(dense_onnx, pruned_onnx, shapes, batches, threads, progress, **timing)
+    cells = ort_cells(dense_onnx, pruned_onnx, shapes, batches, threads, progress, int8,
+                      **timing)
     if openvino:
         cells += openvino_cells(dense_onnx, pruned_onnx, shapes, batches, threads, progress,
-                                **timing)
+                                int8, **timing)
     if torch_models is not None:
         cells += torch_cuda_cells(*torch_models, shapes, batches, progress, **timing)
     ideal = 1 / macs_ratio if macs_ratio else None
@@ -395,11 +440,46 @@ def markdown(result: dict[str, Any]) -> str:
             f"{p['median']:.2f} ({p['p10']:.2f}-{p['p90']:.2f}) | "
             f"{c['speedup']:.2f}x ({c['speedup_p10']:.2f}-{c['speedup_p90']:.2f}) | "
             f"{ideal_text} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + int8_lines(result["cells"])) + "\n"
+
+
+INT8_MODELS = ("dense", "pruned")
+
+
+def int8_lines(cells: Sequence[dict[str, Any]]) -> list[str]:
+    """The INT8 table of the cells that timed INT8 files: each model's median ms, the
+    speed-ups over dense FP32, and the guard's verdict wherever INT8 is not faster than
+    FP32 (none when no INT8 file was timed)."""
+    cells = [c for c in cells if "recommended" in c]
+    if not cells:
+        return []
+    lines = ["", "| runtime | threads | batch | dense FP32 ms | dense INT8 ms | pruned FP32 ms "
+             "| pruned INT8 ms | over dense FP32: dense INT8 | pruned FP32 | pruned INT8 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    guard = []
+    for c in cells:
+        def ms(key: str, c: dict[str, Any] = c) -> str:
+            return f"{c[key]['median']:.2f}" if key in c else "-"
+
+        def up(name: str, c: dict[str, Any] = c) -> str:
+            return f"{c[f'{name}_int8_speedup']:.2f}x" if f"{name}_int8_speedup" in c else "-"
+        lines.append(f"| {c['runtime']} | {c['threads'] or '-'} | {c['batch']} | "
+                     f"{ms('dense_ms')} | {ms('dense_int8_ms')} | {ms('pruned_ms')} | "
+                     f"{ms('pruned_int8_ms')} | {up('dense')} | {c['speedup']:.2f}x | "
+                     f"{up('pruned')} |")
+        for name, file in c["recommended"].items():
+            if not file.endswith(".int8.onnx"):
+                guard.append(f"- {c['runtime']}, {c['threads'] or '-'} thread(s), batch "
+                             f"{c['batch']}: {name} INT8 is not faster than FP32 "
+                             f"({c['int8_over_fp32'][name]:.2f}x): keep {file}")
+    if guard:
+        lines += ["", "INT8 slower than FP32 (the FP32 file stays the one to deploy):", *guard]
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Bar chart of dense and pruned median latency per runtime and batch size."""
+    """Bar chart of dense and pruned (and INT8, where timed) median latency per runtime and
+    batch size, each bar but dense's marked with its speed-up over dense FP32."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,17 +489,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
     labels = [f"{c['runtime']}\n{'t=' + str(c['threads']) + ' ' if c['threads'] else ''}b={c['batch']}"
               for c in cells]
     x = np.arange(len(cells))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cells)), 4))
-    ax.bar(x - 0.2, [c["dense_ms"]["median"] for c in cells], 0.4, label="dense")
-    ax.bar(x + 0.2, [c["pruned_ms"]["median"] for c in cells], 0.4, label="pruned")
-    for i, c in enumerate(cells):
-        ax.annotate(f"{c['speedup']:.2f}x", (x[i] + 0.2, c["pruned_ms"]["median"]),
-                    ha="center", va="bottom", fontsize=8)
+    # dense, pruned and, where timed, the INT8 files: the speed-up over dense FP32 on each bar
+    series = []
+    for name, fp32, speedup in (("dense", "dense_ms", None), ("pruned", "pruned_ms", "speedup")):
+        series.append((name, fp32, speedup))
+        if any(f"{name}_int8_ms" in c for c in cells):
+            series.append((f"{name} INT8", f"{name}_int8_ms", f"{name}_int8_speedup"))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 0.65 * len(series) * len(cells)), 4))
+    for k, (label, key, speedup) in enumerate(series):
+        offset = (k - (len(series) - 1) / 2) * width
+        shown = [i for i, c in enumerate(cells) if key in c]
+        ax.bar(x[shown] + offset, [cells[i][key]["median"] for i in shown], width, label=label)
+        for i in shown if speedup else []:
+            ax.annotate(f"{cells[i][speedup]:.2f}x", (x[i] + offset, cells[i][key]["median"]),
+                        ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("median latency (ms, log)")
-    ax.set_title("dense vs pruned" + (f" (ideal {result['ideal_speedup']:.2f}x from MACs)"
-                                      if result.get("ideal_speedup") else ""))
+    ax.set_title(("dense vs pruned" if len(series) == 2 else "dense vs pruned, FP32 and INT8")
+                 + (f" (ideal {result['ideal_speedup']:.2f}x from MACs)"
+                    if result.get("ideal_speedup") else ""))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from structprune.core.analyse import Analysis
 from structprune.core.cost import PruneCost
 from structprune.deploy.bench import ort_settle_s
+from structprune.deploy.quantize import quantize_bytes
 from structprune.deploy.runtimes import Target, fingerprint, fingerprint_digest
 from structprune.files import atomic_write_text
 from structprune.types import TensorSpec
@@ -222,11 +223,14 @@ def probe_ms(target: Target, probe: Probe, shape: LayerShape) -> float:
     run (see :class:`CacheEvictor`). A layer inside a model pays neither the call overhead
     nor the layout reorders around a one-layer model; timed alone by the wall clock,
     ResNet-50's layers summed to 1.46x of the whole model on two threads.
-    On a GPU runtime it is the wall clock of repeated runs (a CUDA graph for torch)."""
+    On a GPU runtime it is the wall clock of repeated runs (a CUDA graph for torch).
+    An INT8 target times the layer quantized (static QDQ, calibrated on random inputs)."""
     shapes = [(target.batch, *shape.input_shape)]
     if target.cpu_threads is not None:
-        times = target.onnx_kernel_ms(probe.onnx(shape, target.batch), shapes,
-                                      KERNEL_WARMUP + KERNEL_RUNS, evict_caches)
+        model = probe.onnx(shape, target.batch)
+        if target.int8:
+            model = quantize_bytes(model, shapes)
+        times = target.onnx_kernel_ms(model, shapes, KERNEL_WARMUP + KERNEL_RUNS, evict_caches)
         return float(np.median(times[KERNEL_WARMUP:]))
     if target.uses_onnx:
         run = target.onnx_runner(probe.onnx(shape, target.batch), shapes)

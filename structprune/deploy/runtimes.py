@@ -2,9 +2,11 @@
 
 A :class:`Target` names the runtime (ONNX Runtime on the CPU, OpenVINO on the CPU, ONNX
 Runtime's CUDA or TensorRT provider, or torch on CUDA in fp16 or fp32), its thread count
-(CPU runtimes) and the batch size. It makes runners for ONNX models (a file or bytes) and for
-torch modules, and a fingerprint of the machine and runtime versions that the latency table's
-cache is keyed by. A runtime that is not available here is refused with one line.
+(CPU runtimes), the batch size and, on ONNX Runtime's CPU, whether the models run in INT8
+(static QDQ, :mod:`structprune.deploy.quantize`). It makes runners for ONNX models (a file or
+bytes) and for torch modules, and a fingerprint of the machine and runtime versions that the
+latency table's cache is keyed by. A runtime that is not available here is refused with one
+line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from structprune.deploy import bench
 from structprune.errors import StructPruneError
 
 ONNX_RUNTIMES = ("ort-cpu", "openvino-cpu", "ort-cuda", "ort-tensorrt")
+INT8_RUNTIMES = ("ort-cpu",)  # where a target may time its models in INT8
 TORCH_RUNTIMES = ("torch-cuda-fp16", "torch-cuda-fp32")
 RUNTIMES = ONNX_RUNTIMES + TORCH_RUNTIMES
 CPU_RUNTIMES = ("ort-cpu", "openvino-cpu")
@@ -43,15 +46,17 @@ class RuntimeUnavailable(StructPruneError):
 @dataclass(frozen=True)
 class Target:
     """Where latency is measured: ``runtime`` (one of :data:`RUNTIMES`), ``threads``
-    (intra-op threads of a CPU runtime; None means every core) and ``batch``."""
+    (intra-op threads of a CPU runtime; None means every core), ``batch``, and ``int8``: the
+    layers and pruned candidates are timed quantized (one of :data:`INT8_RUNTIMES`)."""
 
     runtime: str
     threads: int | None = None
     batch: int = 1
+    int8: bool = False
 
     @property
     def dtype(self) -> str:
-        return "fp16" if self.runtime.endswith("fp16") else "fp32"
+        return "int8" if self.int8 else "fp16" if self.runtime.endswith("fp16") else "fp32"
 
     @property
     def uses_onnx(self) -> bool:
@@ -67,7 +72,8 @@ class Target:
     def describe(self) -> str:
         threads = self.cpu_threads
         return (f"{self.runtime}" + (f", {threads} thread{'s' * (threads != 1)}" if threads
-                                     else "") + f", batch {self.batch}")
+                                     else "") + f", batch {self.batch}"
+                + (", INT8" if self.int8 else ""))
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "threads": self.cpu_threads, "dtype": self.dtype}
@@ -99,8 +105,11 @@ class Target:
                                             before_run)
         if self.runtime != "ort-cpu":
             raise ValueError(f"{self.runtime} has no kernel timer; time it by the wall clock")
+        # a quantized layer inside a model takes and gives 8-bit tensors: its one-layer
+        # model's (de)quantization of the input and output is left out too
+        skip = bench.LAYOUT_NODES | (bench.QDQ_NODES if self.int8 else frozenset())
         return bench.ort_kernel_ms(model, self.batch, shapes, self.cpu_threads,
-                                   _PROVIDERS[self.runtime], runs, before_run)
+                                   _PROVIDERS[self.runtime], runs, before_run, skip)
 
     def torch_runner(self, model: Any, shapes: Sequence[Sequence[int]]) -> bench.Runner:
         """A CUDA-graph replay of a copy of ``model`` on this target's dtype, channels_last."""
@@ -137,8 +146,13 @@ def check_runtime(runtime: str) -> None:
                                      "here: use --target ort-cpu or openvino-cpu")
 
 
-def make_target(runtime: str, threads: int | None = None, batch: int = 1) -> Target:
-    """A checked :class:`Target`: the runtime is available, threads and batch make sense."""
+def make_target(runtime: str, threads: int | None = None, batch: int = 1,
+                int8: bool = False) -> Target:
+    """A checked :class:`Target`: the runtime is available, threads and batch make sense,
+    INT8 only where it is timed (:data:`INT8_RUNTIMES`)."""
+    if int8 and runtime in RUNTIMES and runtime not in INT8_RUNTIMES:
+        raise RuntimeUnavailable(f"a target in INT8 is timed on {', '.join(INT8_RUNTIMES)}, "
+                                 f"not {runtime}: use --target ort-cpu, or drop --quantize")
     check_runtime(runtime)
     if threads is not None and threads < 1:
         raise StructPruneError(f"--threads {threads} must be 1 or more")
@@ -146,7 +160,7 @@ def make_target(runtime: str, threads: int | None = None, batch: int = 1) -> Tar
         raise StructPruneError(f"--threads sets a CPU runtime's threads; {runtime} has none")
     if batch < 1:
         raise StructPruneError(f"--batch {batch} must be 1 or more")
-    return Target(runtime, threads, batch)
+    return Target(runtime, threads, batch, int8)
 
 
 def fingerprint(target: Target) -> dict[str, Any]:

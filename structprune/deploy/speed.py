@@ -18,6 +18,11 @@
 ``result.figures["target"]`` records the target, the measurements (median and p10-p90 of
 the per-pair speed-ups), every attempt, and the latency model's prediction next to the
 measured whole-model latency, for the dense and the pruned model.
+
+An INT8 target (``TargetConfig.quantize``; ONNX Runtime on the CPU) asks for a speed-up over
+the dense model in FP32 of the pruned model in INT8: the latency table times the layers
+quantized, every candidate is quantized before it is timed against the dense FP32 model, and
+the table's prediction is calibrated on the dense model in INT8.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
-from structprune.config import PruneConfig, TargetConfig, make_config
+from structprune.config import PruneConfig, QuantizeConfig, TargetConfig, make_config
 from structprune.core.api import PruneResult, prune
 from structprune.core.cost import PruneCost
 from structprune.core.prepare import prepare
@@ -47,6 +52,7 @@ from structprune.core.selection import (
 from structprune.deploy import bench
 from structprune.deploy.export import export_onnx
 from structprune.deploy.latency import LatencyModel, LatencyTable
+from structprune.deploy.quantize import quantize_bytes
 from structprune.deploy.runtimes import DEFAULT_STEP, Target, make_target
 from structprune.deploy.tune import fastest_rounding
 from structprune.deploy.widths import (
@@ -121,7 +127,8 @@ Timer = Callable[[nn.Module, nn.Module | None], tuple[list[float], list[float]]]
 
 class Measurer:
     """Times models on the target: the dense model once exported (ONNX runtimes) or copied
-    to the GPU (torch), each pruned candidate beside it in interleaved pairs."""
+    to the GPU (torch), each pruned candidate beside it in interleaved pairs (quantized on
+    an INT8 target, the dense model staying in FP32)."""
 
     def __init__(self, target: Target, dense: nn.Module, example_inputs: Sequence[Any],
                  directory: Path, exporter: str = "torchscript", repeats: int = 15,
@@ -134,15 +141,18 @@ class Measurer:
         self.shapes = [tuple(x.shape) for x in example_inputs if hasattr(x, "shape")]
         self.exporter = exporter
         self.count = 0
-        self.dense = self._runner(dense)
+        self.dense = self._runner(dense, quantize=False)
 
-    def _runner(self, model: nn.Module) -> bench.Runner:
+    def _runner(self, model: nn.Module, quantize: bool = True) -> bench.Runner:
         if not self.target.uses_onnx:
             return self.target.torch_runner(model, self.shapes)
         path = self.directory / f"model_{self.count}.onnx"
         self.count += 1
         # the exporter that worked for the dense model exports the candidates too
         self.exporter = export_onnx(model, self.inputs, path, self.exporter)
+        if quantize and self.target.int8:
+            path.write_bytes(quantize_bytes(path.read_bytes(), self.shapes,
+                                            QuantizeConfig(samples=8)))
         return self.target.onnx_runner(path, self.shapes)
 
     def __call__(self, dense: nn.Module, pruned: nn.Module | None) -> tuple[list, list]:
@@ -185,7 +195,7 @@ def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any,
     the cached one for ``target``)."""
     config = make_config(config, **settings)
     target.check(config)
-    runtime = make_target(target.runtime, target.threads, target.batch)
+    runtime = make_target(target.runtime, target.threads, target.batch, target.quantize)
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     start = time.perf_counter()
@@ -208,7 +218,11 @@ def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any,
         dense_alone, _ = measure(model, None)
         dense_ms = float(np.median(dense_alone))
         predicted_dense = latency.predict()
-        calibration = dense_ms / predicted_dense if predicted_dense > 0 else 1.0
+        table_dense_ms = dense_ms  # what the table's prediction of dense is calibrated on
+        if runtime.int8:  # the table times layers in INT8: so is the dense model here
+            progress("measure dense INT8")
+            table_dense_ms = float(np.median(measure(model, model)[1]))
+        calibration = table_dense_ms / predicted_dense if predicted_dense > 0 else 1.0
 
         def attempt(keep: dict[int, int], label: str) -> tuple[PruneResult, Speed]:
             plan = plan_from_keep(analysis, keep, found.ranked, config)
@@ -284,8 +298,9 @@ def prune_for_target(model: nn.Module, example_inputs: Sequence[Any] | Any,
         (speed.pruned <= target.latency_ms * (1 + speed_tolerance))
         if target.latency_ms is not None else speed.faster,
         "latency_model": {
-            "dense_predicted_ms": predicted_dense, "dense_measured_ms": dense_ms,
-            "dense_error": predicted_dense / dense_ms - 1,
+            "dense_predicted_ms": predicted_dense, "dense_measured_ms": table_dense_ms,
+            "dense_error": predicted_dense / table_dense_ms - 1,
+            "dtype": runtime.dtype, "dense_fp32_ms": dense_ms,
             "pruned_predicted_ms": predicted, "pruned_measured_ms": speed.pruned,
             "pruned_error": predicted / speed.pruned - 1,
             "pruned_predicted_calibrated_ms": predicted * calibration,

@@ -19,12 +19,14 @@ from structprune.accuracy.data import load_data
 from structprune.accuracy.evaluate import evaluate
 from structprune.accuracy.recover import recover
 from structprune.accuracy.train import fit
+from structprune.config import QuantizeConfig
 from structprune.core.api import prune
 from structprune.core.score import calibration
 from structprune.deploy.bench import interleaved, ort_runner
 from structprune.deploy.export import export_onnx
 from structprune.front.io import save
 from structprune.front.models import digits_cnn
+from structprune.front.quantize import quantize_dir
 from structprune.front.runs import staged, write_report
 
 
@@ -35,7 +37,7 @@ def demo(out: str | os.PathLike | None = None, *, ratio: float = 0.5, epochs: in
     """The whole loop on the embedded data, nothing downloaded: train the VGG-style digits
     CNN, prune it, recover without training, fine-tune (distilled from the dense model), and
     compare dense and pruned at every step (accuracy, recall, F1, parameters, MACs, ONNX
-    Runtime latency on one thread). With ``out``, ``report.json`` holds ``dense`` and
+    Runtime latency on one thread), and both again quantized to INT8. With ``out``, ``report.json`` holds ``dense`` and
     ``pruned`` (and the plan, weights and ONNX files beside it)."""
     data = load_data("digits", (1, 1, 32, 32), seed=seed)
     torch.manual_seed(seed)
@@ -63,6 +65,10 @@ def demo(out: str | os.PathLike | None = None, *, ratio: float = 0.5, epochs: in
         runners = [ort_runner(path, 1, [(1, 1, 32, 32)], 1, "CPUExecutionProvider")
                    for path in paths]
         dense_ms, pruned_ms = interleaved(*runners, warmup=5, repeats=50, max_seconds=20)
+        say("quantizing both to INT8 (ONNX Runtime, static, per-channel)")
+        int8 = quantize_dir(tmp, data, QuantizeConfig(), [(1, 1, 32, 32)], threads=1)
+        int8_files = {name: (Path(tmp) / f"{name}.int8.onnx").read_bytes()
+                      for name in ("dense", "pruned")}
     latency = [float(np.median(dense_ms)), float(np.median(pruned_ms))]
     report = {
         "dense": {**steps["dense"], "params": figures["params_dense"],
@@ -77,6 +83,12 @@ def demo(out: str | os.PathLike | None = None, *, ratio: float = 0.5, epochs: in
                    "finetune_epochs": finetune_epochs, "distill": distill, "seed": seed,
                    "sparsity_training": None},
         "steps": steps, "recovery": recovery, "data": data.summary(),
+        "int8": {name: {"accuracy": m["int8_metrics"]["accuracy"],
+                        "fp32_accuracy": m["fp32_metrics"]["accuracy"],
+                        "ort_cpu_ms": m["latency"]["int8_ms"],
+                        "fp32_ort_cpu_ms": m["latency"]["fp32_ms"],
+                        "top1_agreement": m["fidelity"]["top1_agreement"]}
+                 for name, m in int8["models"].items()},
     }
     say(_demo_table(report))
     if out is not None:
@@ -84,8 +96,11 @@ def demo(out: str | os.PathLike | None = None, *, ratio: float = 0.5, epochs: in
             save(pruned, staging, result.plan)
             export_onnx(pruned, x, staging / "pruned.onnx", "torchscript")
             export_onnx(dense, x, staging / "dense.onnx", "torchscript")
+            for name, content in int8_files.items():  # quantized from these same exports
+                (staging / f"{name}.int8.onnx").write_bytes(content)
             write_report(staging, report)
-        say(f"wrote {out}/report.json, plan.json, pruned.safetensors, dense.onnx, pruned.onnx")
+        say(f"wrote {out}/report.json, plan.json, pruned.safetensors, dense.onnx, pruned.onnx, "
+            "dense.int8.onnx, pruned.int8.onnx")
     return report
 
 
@@ -102,6 +117,11 @@ def _demo_table(report: dict[str, Any]) -> str:
                   f"{'  macro F1':30s}{d['macro_f1']:>12.4f}{m['macro_f1']:>12.4f}",
                   f"{'  lowest class recall':30s}{min(d['recall']):>12.3f}"
                   f"{min(m['recall']):>12.3f}"]
+    if report.get("int8"):
+        d8, p8 = report["int8"]["dense"], report["int8"]["pruned"]
+        lines += ["INT8 (ONNX Runtime, static, per-channel):",
+                  f"{'  accuracy':30s}{100 * d8['accuracy']:>11.2f}%{100 * p8['accuracy']:>11.2f}%",
+                  f"{'  1 thread (ms)':30s}{d8['ort_cpu_ms']:>12.3f}{p8['ort_cpu_ms']:>12.3f}"]
     return "\n".join(lines)
 
 

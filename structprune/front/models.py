@@ -7,9 +7,11 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -119,12 +121,10 @@ def _ultralytics(name: str, seed: int) -> nn.Module:
     """An ultralytics YOLO model from its yaml (random weights) or from a checkpoint file,
     with its head in the form ultralytics' own ONNX exporter gives it (raw box, class, mask
     and keypoint tensors; no post-processing)."""
-    try:
-        from ultralytics import YOLO
-        from ultralytics.nn.tasks import guess_model_task, load_checkpoint, yaml_model_load
-    except ImportError as exc:
-        raise StructPruneError("ultralytics is not installed: "
-                               "pip install 'structprune[ultralytics]'") from exc
+    import_ultralytics()
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import guess_model_task, load_checkpoint, yaml_model_load
+
     torch.manual_seed(seed)
     if name.endswith(".pt"):
         if not Path(name).is_file():  # ultralytics would download a missing file by name
@@ -150,6 +150,25 @@ def _ultralytics(name: str, seed: int) -> nn.Module:
     return model
 
 
+# read by ultralytics when it is first imported: no connectivity probe, usage analytics,
+# pip update check or automatic pip install (each is skipped as when the machine is offline)
+ULTRALYTICS_ENV = {"YOLO_OFFLINE": "1"}
+
+
+def import_ultralytics() -> Any:
+    """Import ultralytics as structprune uses it: offline (:data:`ULTRALYTICS_ENV`, unless the
+    environment sets those variables already; they must be set before ultralytics' first
+    import to count). Raises a one-line error when it is not installed."""
+    for name, value in ULTRALYTICS_ENV.items():
+        os.environ.setdefault(name, value)
+    try:
+        import ultralytics
+    except ImportError as exc:
+        raise StructPruneError("ultralytics is not installed: "
+                               "pip install 'structprune[ultralytics]'") from exc
+    return ultralytics
+
+
 def export_form(model: nn.Module) -> None:
     """Set ultralytics heads as its ONNX exporter sets them: raw outputs, static shapes."""
     for module in model.modules():
@@ -162,6 +181,23 @@ def export_form(model: nn.Module) -> None:
                 module.dynamic = False
             if hasattr(module, "shape"):
                 module.shape = None
+
+
+# the head attributes export_form sets; ultralytics' head classes define their defaults
+EXPORT_ATTRIBUTES = ("export", "format", "dynamic", "shape")
+
+
+def native_form(model: nn.Module) -> nn.Module:
+    """Undo :func:`export_form` (in place, and return ``model``): every ultralytics head back
+    to its class defaults, so that it returns ``(decoded, raw)`` in eval mode and its raw
+    dict in training, as ultralytics' own predictor, validator, trainer and exporter expect."""
+    for module in model.modules():
+        if type(module).__module__.startswith("ultralytics") and \
+                isinstance(getattr(module, "export", None), bool):
+            for name in EXPORT_ATTRIBUTES:
+                if name in vars(module) and hasattr(type(module), name):
+                    delattr(module, name)  # the class default shows through again
+    return model
 
 
 def _factory(path: Path, factory: str) -> nn.Module:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -22,7 +24,16 @@ from safetensors.torch import save_file
 
 from structprune.accuracy import distributed
 from structprune.accuracy.data import DataSplits
-from structprune.accuracy.evaluate import Metrics, evaluate, metrics, plot_confusion, predict
+from structprune.accuracy.evaluate import (
+    FidelityTally,
+    Metrics,
+    evaluate,
+    fidelity,
+    fidelity_tally,
+    metrics,
+    plot_confusion,
+    predict,
+)
 from structprune.accuracy.recover import recover
 from structprune.accuracy.sensitivity import auto_plan
 from structprune.accuracy.sensitivity import plot as plot_sensitivity
@@ -41,6 +52,7 @@ from structprune.errors import StructPruneError
 from structprune.files import atomic_write
 from structprune.front.io import PLAN, save
 from structprune.front.plots import plot_widths
+from structprune.front.quantize import quantize_dir
 from structprune.front.runs import (
     pruned_model,
     read_checkpoint,
@@ -48,6 +60,14 @@ from structprune.front.runs import (
     staged,
     write_checkpoint,
     write_report,
+)
+from structprune.front.yolo import (
+    CHECKPOINT,
+    is_ultralytics_model,
+    save_ultralytics_checkpoint,
+    train_pruned,
+    yolo_metrics,
+    yolo_source,
 )
 from structprune.tree import random_inputs
 
@@ -67,16 +87,19 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
     :func:`structprune.prune` takes it; ``run`` says what happens around the pass
     (:class:`~structprune.config.RunConfig`). With ``data``, both models are evaluated
     on its validation split (``dense`` and ``pruned`` metrics in the report,
-    ``confusion.png``), its training split feeds the data-driven criteria, and ``run.auto``
-    chooses per-group ratios for ``macs_budget`` from each group's measured sensitivity
-    (``sensitivity.json`` and ``.png``). ``round_to="auto"`` picks the multiple that times
-    fastest here. The recovery methods (``run.recover``; ``bn`` by default when data is
-    given) then bring the pruned model's kept weights closer to the dense model on
-    ``calibration_batches`` training batches, before anything is saved. With ``run.steps``
+    ``confusion.png``; without labels the pruned model's ``fidelity`` to the dense one,
+    :func:`~structprune.accuracy.evaluate.fidelity`), its training split feeds the
+    data-driven criteria, and ``run.auto`` chooses per-group ratios for ``macs_budget``
+    from each group's measured sensitivity (``sensitivity.json`` and ``.png``).
+    ``round_to="auto"`` picks the multiple that times fastest here. The recovery methods
+    (``run.recover``; ``bn`` by default when data is given) then bring the pruned model's
+    kept weights closer to the dense model on ``calibration_batches`` training batches,
+    before anything is saved. With ``run.steps``
     > 1 the ratio is reached in that many steps, each removing the same share of what is
     left, with ``run.finetune_epochs`` of fine-tuning on ``data`` (distilled from the dense
-    model with ``run.distill``) after each; the steps compose into one plan in dense
-    indices, checked by applying it to the dense model, which the final weights load onto.
+    model with ``run.distill``, and always on data without labels) after each; the steps
+    compose into one plan in dense indices, checked by applying it to the dense model, which
+    the final weights load onto.
     With a ``target``, widths are chosen from its runtime's measured latency table and the
     pruned model is timed against the dense one there before anything is written
     (:func:`structprune.deploy.speed.prune_for_target`).
@@ -97,7 +120,7 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
             plot_sensitivity(sensitivity, staging / "sensitivity.png")
         if run.steps > 1:
             result = _iterative(model, example_inputs, config, run, data, progress, registry,
-                                leaf_modules)
+                                leaf_modules, source=yolo_source(record or {}))
         elif plan is not None:
             result = prune(model, example_inputs, config=config, plan=plan, registry=registry,
                            leaf_modules=leaf_modules)
@@ -113,28 +136,54 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
         else:
             result = prune(model, example_inputs, config=config, data=train, registry=registry,
                            leaf_modules=leaf_modules)
+        detection_yaml = data.dataset_yaml if data is not None and \
+            is_ultralytics_model(model) else None
+        map_figures = {}
+        if detection_yaml:  # ultralytics' own validator, before recovery changes the model
+            progress("mAP of the dense and the pruned model")
+            imgsz = int(max(example_inputs[0].shape[-2:]))
+            map_figures = {"dense": yolo_metrics(model, detection_yaml, imgsz),
+                           "pruned": yolo_metrics(result.model, detection_yaml, imgsz)}
         recover_with = run.recovery(data is not None)
         recovery = None
         if recover_with:
             progress("recover")
             batches = calibration(data.train, config.calibration_batches)
             recovery = recover(result.model, model, result.plan, result.analysis, batches,
-                               list(recover_with))
+                               list(recover_with), memory_budget=run.memory_budget,
+                               progress=sys.stderr.isatty())
+        if detection_yaml and recovery is not None:
+            map_figures["recovered"] = yolo_metrics(result.model, detection_yaml, imgsz)
         save(result.model, staging, result.plan)
+        if is_ultralytics_model(result.model):  # back into ultralytics: YOLO("pruned.pt")
+            save_ultralytics_checkpoint(result.model, yolo_source(record or {}),
+                                        staging / CHECKPOINT,
+                                        imgsz=int(max(example_inputs[0].shape[-2:])))
         plot_widths(result.plan, result.analysis.sizes, staging / "widths.png")
         figures = dict(result.figures)
         figures["verification"] = result.verification.to_json() if result.verification else None
         figures["recovery"] = recovery
+        if map_figures:
+            figures["map"] = map_figures
         if run.onnx:
             progress("export dense.onnx and pruned.onnx")
             figures.update(export_pair(model, result.model, example_inputs,
                                        staging / "dense.onnx", staging / "pruned.onnx",
                                        exporter, simplify=run.simplify))
+        if run.quantize is not None:  # INT8 twins of both files, measured beside them
+            progress("quantize dense.onnx and pruned.onnx")
+            figures["quantize"] = quantize_dir(
+                staging, data, run.quantize, [list(x.shape) for x in example_inputs],
+                threads=target.threads if target is not None else None)
         if data is not None:
             progress("evaluate")
-            scores = {"dense": evaluate(model, data.val), "pruned": evaluate(result.model, data.val)}
-            plot_confusion(scores, staging / "confusion.png", data.classes)
-            figures["metrics"] = {name: m.to_json() for name, m in scores.items()}
+            if data.labelled:
+                scores = {"dense": evaluate(model, data.val),
+                          "pruned": evaluate(result.model, data.val)}
+                plot_confusion(scores, staging / "confusion.png", data.classes)
+                figures["metrics"] = {name: m.to_json() for name, m in scores.items()}
+            else:
+                figures["fidelity"] = fidelity(result.model, model, data.val)
             figures["data"] = data.summary()
         figures.update(record or {})
         figures["input_shapes"] = [list(x.shape) for x in example_inputs]
@@ -145,48 +194,78 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
 
 def _iterative(model: nn.Module, example_inputs: Sequence[Any], config: PruneConfig,
                run: RunConfig, data: DataSplits | None, progress: Callable[[str], None],
-               registry: RuleRegistry | None, leaf_modules: Sequence[type]) -> PruneResult:
-    """Prune by ``config.ratio`` in ``run.steps`` steps with fine-tuning between; one
-    composed plan."""
+               registry: RuleRegistry | None, leaf_modules: Sequence[type],
+               source: str | None = None) -> PruneResult:
+    """Prune by ``config.ratio`` in ``run.steps`` steps with fine-tuning between (for an
+    ultralytics model given a dataset yaml, ultralytics' own trainer; ``source`` is its
+    checkpoint or config); one composed plan."""
     train = data.train if data is not None else None
     per_step = 1 - (1 - config.removal_ratio) ** (1 / run.steps)
     current, composed, history = model, None, []
+    distill = run.distill or (data is not None and not data.labelled)  # no labels: distil
     for step in range(run.steps):
         progress(f"step {step + 1}/{run.steps}")
         result = prune(current, example_inputs, config=config.replace(ratio=per_step),
                        data=train, registry=registry, leaf_modules=leaf_modules)
         composed = result.plan if composed is None else compose(composed, result.plan)
         current = result.model
-        if run.finetune_epochs:
+        if run.finetune_epochs and data.dataset_yaml and is_ultralytics_model(current):
+            # ultralytics' own trainer on its dataset yaml, keeping the pruned widths
+            with tempfile.TemporaryDirectory() as runs:
+                trained = train_pruned(current, data.dataset_yaml, run.finetune_epochs,
+                                       project=runs, name=f"step{step + 1}",
+                                       teacher=model if run.distill else None,
+                                       imgsz=int(max(example_inputs[0].shape[-2:])),
+                                       seed=step, source=source)
+            history.append({"step": step + 1, "metrics": trained["metrics"]})
+            current.eval()
+        elif run.finetune_epochs:
             history += fit(current, data.train, run.finetune_epochs, seed=step,
-                           teacher=model if run.distill else None)
+                           teacher=model if distill else None)
             current.eval()
     final = prune(model, example_inputs, config=config, plan=composed, registry=registry,
                   leaf_modules=leaf_modules)
     final.model.load_state_dict(current.state_dict())  # the tuned weights fit the plan
     final.figures["steps"] = {"steps": run.steps, "ratio_per_step": per_step,
-                              "finetune_epochs": run.finetune_epochs, "distill": run.distill,
+                              "finetune_epochs": run.finetune_epochs, "distill": distill,
                               "history": history}
     return final
 
 
 def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplits, epochs: int,
                  *, distill: bool = False, temperature: float = 4.0,
-                 distill_weight: float = 0.5, lr: float = 1e-3, resume: bool = False,
-                 exporter: str = "auto", seed: int = 0, progress: bool = True,
-                 ) -> dict[str, Any]:
+                 distill_weight: float = 0.5, feature_weight: float = 0.0,
+                 features: str | Sequence[str] = "auto", lr: float = 1e-3,
+                 resume: bool = False, exporter: str = "auto", seed: int = 0,
+                 progress: bool = True) -> dict[str, Any]:
     """Fine-tune the pruned model saved in ``directory`` (plan.json + safetensors) on
     ``data``'s training split, optionally distilled from ``dense``; save a checkpoint after
     every epoch (``resume`` continues from it), then write the weights, re-export
     ``pruned.onnx`` with its parity check when the folder has one, and record accuracy,
-    per-class recall and macro F1 before and after in ``report.json``. Returns that record."""
+    per-class recall and macro F1 before and after in ``report.json``. Returns that record.
+
+    Data without labels needs ``distill``: the pruned model then learns to match the dense
+    one on every output tensor (label-free, :func:`~structprune.accuracy.train.fit`), and
+    the record holds its ``fidelity`` to the dense model before and after
+    (:func:`~structprune.accuracy.evaluate.fidelity`) in place of the metrics. With
+    ``feature_weight`` > 0 the feature maps of ``features`` (module names, or ``"auto"``
+    for every convolution) are matched too, on the channels the folder's plan kept."""
+    if not data.labelled and not distill:
+        raise StructPruneError("no labels: pass --distill to train against the dense model")
     directory = Path(directory)
     report = read_report(directory)
     plan = Plan.load(directory / PLAN)
     pruned = pruned_model(directory, dense)
     writer = distributed.rank() == 0  # under torchrun, rank 0 alone writes
-    before = evaluate_everywhere(pruned, data.val, data.num_classes)
-    dense_metrics = evaluate_everywhere(dense, data.val, data.num_classes)
+
+    def measure(model: nn.Module) -> dict[str, Any]:
+        if data.labelled:
+            return evaluate_everywhere(model, data.val, data.num_classes).to_json()
+        return fidelity_everywhere(model, dense, data.val)
+
+    before = measure(pruned)
+    dense_metrics = evaluate_everywhere(dense, data.val, data.num_classes).to_json() \
+        if data.labelled else None
     start, optimizer_state = 0, None
     if resume:
         start, optimizer_state = read_checkpoint(directory, pruned)
@@ -201,17 +280,20 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
     history = fit(pruned, distributed.shard(data.train, seed), epochs, lr=lr, seed=seed,
                   progress=progress and writer,
                   teacher=dense if distill else None, temperature=temperature,
-                  distill_weight=distill_weight, start_epoch=start,
+                  distill_weight=distill_weight, feature_weight=feature_weight,
+                  features=features, plan=plan, start_epoch=start,
                   optimizer_state=optimizer_state, on_epoch_end=checkpoint)
     distributed.sync_buffers(pruned)
     pruned.eval()
-    after = evaluate_everywhere(pruned, data.val, data.num_classes)
+    after = measure(pruned)
     record: dict[str, Any] = {
         "epochs": epochs, "resumed_from_epoch": start, "distill": distill, "lr": lr,
         "temperature": temperature if distill else None,
-        "distill_weight": distill_weight if distill else None, "history": history,
-        "data": data.summary(), "dense": dense_metrics.to_json(),
-        "before": before.to_json(), "after": after.to_json(),
+        "distill_weight": distill_weight if distill and data.labelled else None,
+        "feature_weight": feature_weight if distill else None, "history": history,
+        "data": data.summary(), "labelled": data.labelled,
+        **({"dense": dense_metrics, "before": before, "after": after} if data.labelled
+           else {"fidelity": {"before": before, "after": after}}),
         "world_size": distributed.world_size()}
     if not writer:
         return record
@@ -274,4 +356,14 @@ def evaluate_everywhere(model: nn.Module, batches: Iterable[Any], num_classes: i
     return metrics(y_true, y_pred, num_classes)
 
 
-__all__ = ["SPARSITY", "evaluate_everywhere", "finetune_dir", "prune_to_dir", "train_to_dir"]
+def fidelity_everywhere(model: nn.Module, reference: nn.Module,
+                        batches: Iterable[Any]) -> dict[str, Any]:
+    """:func:`~structprune.accuracy.evaluate.fidelity` of ``model`` to ``reference`` (the
+    dense model) on ``batches``; under torchrun each rank measures its share and the tallies
+    of all ranks are pooled."""
+    shares = distributed.gather(fidelity_tally(model, reference, distributed.shard(batches)))
+    return FidelityTally.merge(shares).result()
+
+
+__all__ = ["SPARSITY", "evaluate_everywhere", "fidelity_everywhere", "finetune_dir",
+           "prune_to_dir", "train_to_dir"]

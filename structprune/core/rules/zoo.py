@@ -1,8 +1,10 @@
-"""Rules for layers of model zoos (torchvision, timm) whose traced form would hide them.
+"""Rules for layers of model zoos (torchvision, timm, ultralytics) whose traced form would
+hide them.
 
 A LayerNorm over channels written as permute -> F.layer_norm -> permute bakes the channel
 count into the traced code; as a leaf with its own rule it stays resizable. A mixed conv
-splits by sizes it keeps as an attribute; its resizer recomputes them.
+splits by sizes it keeps as an attribute; its resizer recomputes them, as ultralytics'
+C2f's resizer recomputes the half width another of its forwards reads.
 """
 
 from __future__ import annotations
@@ -81,6 +83,21 @@ def _register_timm(registry) -> None:
     for name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
         if hasattr(std_conv, name):
             registry.op(getattr(std_conv, name), rule=standardized_conv)
+
+
+def _resize_c2f(module) -> None:
+    """ultralytics' C2f family (C2f, C3k2, C2fAttn, ...) chunks ``cv1``'s output in halves,
+    whose width its ``forward_split`` (what ultralytics' exporter runs) reads from ``c``."""
+    module.c = module.cv1.conv.out_channels // 2
+
+
+def _register_ultralytics(registry) -> None:
+    from ultralytics.nn.modules.block import C2f
+
+    registry.op(C2f, resize=_resize_c2f)
+
+
+R.when_imported("ultralytics", _register_ultralytics)
 
 
 # timm is optional, and importing it adds some 700 module classes, which slow every fx trace

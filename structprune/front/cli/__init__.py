@@ -1,8 +1,8 @@
 """The command line: :func:`build_parser` and :func:`main`.
 
-One module per command (prune, bench, sweep, eval, demo, train, finetune, analyze), each
-with its ``add_parser`` and ``handle``; the argument groups they share and what those build
-are in :mod:`~structprune.front.cli.arguments`, the printing in
+One module per command (prune, bench, quantize, sweep, eval, demo, train, finetune,
+analyze), each with its ``add_parser`` and ``handle``; the argument groups they share and what
+those build are in :mod:`~structprune.front.cli.arguments`, the printing in
 :mod:`~structprune.front.cli.output`. :func:`main` is the one place an error a user can cause
 (:class:`~structprune.errors.StructPruneError`) becomes one line and exit code 2.
 """
@@ -14,13 +14,13 @@ import sys
 import traceback
 
 from structprune.errors import StructPruneError
-from structprune.front.cli import analyze, bench, demo, finetune, prune, sweep, train
+from structprune.front.cli import analyze, bench, demo, finetune, prune, quantize, sweep, train
 from structprune.front.cli import eval as eval_command
 
 DESCRIPTION = ("structprune: structured channel pruning. Commands: prune, eval, train, "
-               "finetune, bench, sweep, analyze, demo.")
+               "finetune, bench, quantize, sweep, analyze, demo.")
 # in the order `structprune --help` lists them
-COMMANDS = (prune, bench, sweep, eval_command, demo, train, finetune, analyze)
+COMMANDS = (prune, bench, quantize, sweep, eval_command, demo, train, finetune, analyze)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 

@@ -4,15 +4,18 @@ example inputs, the data splits, the timing settings of a benchmark."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
-from structprune.accuracy.data import DataSplits, load_data
-from structprune.accuracy.evaluate import predict
+from structprune.accuracy.data import DataSplits, image_splits, load_data
+from structprune.accuracy.evaluate import classifier_width, predict
 from structprune.config import CAPTURE_METHODS
 from structprune.errors import StructPruneError
 from structprune.front.models import build_model, default_input_shape, load_weights, parse_shape
+from structprune.front.yolo import is_ultralytics_model
 from structprune.tree import random_inputs
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -36,8 +39,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
 def data_args(p: argparse.ArgumentParser) -> None:
     """The data a command reads (``--data``) and its batch size."""
     p.add_argument("--data", metavar="SOURCE",
-                   help="digits, an ImageFolder directory, or file.py:FACTORY returning "
-                        "(train_loader, val_loader)")
+                   help="digits, a folder of images (class sub-folders give labels; a flat "
+                        "folder or any nesting, none), or file.py:FACTORY returning "
+                        "(train_loader, val_loader) of batches with or without targets")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of --data")
     p.add_argument("--calibration-batches", type=int, default=8,
                    help="training batches the data-driven criteria read")
@@ -88,23 +92,60 @@ def model_and_inputs(args: argparse.Namespace) -> tuple[nn.Module, tuple]:
 def require_data(args: argparse.Namespace, command: str) -> None:
     """A command that cannot go without --data says so before any work."""
     if not args.data:
-        raise StructPruneError(f"{command} needs --data: digits, an ImageFolder directory or "
+        raise StructPruneError(f"{command} needs --data: digits, a folder of images or "
                                "file.py:FACTORY")
 
 
 def data_splits(args: argparse.Namespace, model: nn.Module, inputs: tuple,
                 seed: int = 0) -> DataSplits | None:
     """The --data splits (None without --data), shaped like the model's input, checked
-    against its outputs; ``seed`` shuffles them."""
+    against its outputs on one batch; ``seed`` shuffles them. Labels are used only by a
+    classifier (N,K outputs), whose K must be the class count; for any other model the
+    splits come back without their labels."""
     if not args.data:
         return None
-    splits = load_data(args.data, tuple(inputs[0].shape), seed=seed,
-                       batch_size=args.batch_size)
+    splits = _detection_data(args, model, inputs, seed) or \
+        load_data(args.data, tuple(inputs[0].shape), seed=seed, batch_size=args.batch_size,
+                  normalize=not is_ultralytics_model(model))
     first = next(iter(splits.val), None)
     if first is None:
         raise StructPruneError(f"--data {args.data} has no validation samples")
-    predict(model, [first], num_classes=splits.num_classes)  # one batch: class count agrees
+    width = classifier_width(model, first)  # and the inputs fit the model
+    if not splits.labelled:
+        return splits
+    if width is None:
+        return splits.without_labels("labels unused: the model does not output class scores")
+    if width != splits.num_classes:
+        raise StructPruneError(
+            f"the model has {width} outputs but the data has {splits.num_classes} "
+            "classes: give the model a classifier with one output per class, or the images "
+            "without class sub-folders to use them unlabeled")
+    predict(model, [first], num_classes=splits.num_classes)  # targets are class indices
     return splits
+
+
+def _detection_data(args: argparse.Namespace, model: nn.Module, inputs: tuple,
+                    seed: int) -> DataSplits | None:
+    """An ultralytics dataset yaml given to an ultralytics model: its train and val images,
+    unlabeled, in [0, 1] as ultralytics feeds them (its own validator reads the labels for
+    mAP); None for any other --data."""
+    if not str(args.data).lower().endswith((".yaml", ".yml")):
+        return None
+    if not is_ultralytics_model(model):
+        raise StructPruneError(f"--data {args.data}: a dataset yaml is read for ultralytics "
+                               "models; give other models a folder of images or "
+                               "file.py:FACTORY")
+    from structprune.front.yolo import dataset
+
+    found = dataset(args.data)
+    for split in ("train", "val"):
+        if not isinstance(found.get(split), Path):
+            raise StructPruneError(f"{args.data} names no {split}: folder of images")
+    splits = image_splits(found["train"], found["val"], tuple(inputs[0].shape), seed,
+                          args.batch_size or 16, normalize=False, source=str(args.data))
+    if splits.labelled:  # images in class sub-folders: the yaml's labels are elsewhere
+        splits = splits.without_labels("labels read by ultralytics' validator")
+    return dataclasses.replace(splits, dataset_yaml=str(Path(args.data).resolve()))
 
 
 def timing(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,6 +159,13 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     return {"repeats": args.repeats, "warmup": args.warmup, "max_seconds": args.max_seconds}
 
 
+def is_yolo_dataset(report: dict[str, Any], data: str | None) -> bool:
+    """Whether a run's model came from ultralytics and ``data`` is a dataset yaml: then
+    ultralytics' own trainer and validator are used (:mod:`structprune.front.yolo`)."""
+    return str(report.get("spec") or "").startswith("ultralytics:") and \
+        str(data or "").lower().endswith((".yaml", ".yml"))
+
+
 __all__ = ["DEFAULT_BENCH_BATCHES", "EXPORTERS", "data_args", "data_splits", "exporter_arg",
-           "model_and_inputs", "model_args", "require_data", "round_to", "timing",
+           "is_yolo_dataset", "model_and_inputs", "model_args", "require_data", "round_to", "timing",
            "timing_args"]

@@ -1,5 +1,6 @@
 """``structprune bench``: latency of dense.onnx against pruned.onnx in a run folder, on
-every runtime present."""
+every runtime present, with dense.int8.onnx and pruned.int8.onnx when `structprune quantize`
+wrote them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from structprune.deploy import bench
 from structprune.errors import StructPruneError
 from structprune.front.cli.arguments import DEFAULT_BENCH_BATCHES, timing, timing_args
+from structprune.front.quantize import int8_files
 from structprune.front.runs import dense_and_pruned, read_report
 
 HELP = "latency of dense.onnx against pruned.onnx in DIR"
@@ -30,7 +32,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def bench_dir(directory: Path, args: argparse.Namespace, bar: tqdm | None = None
               ) -> dict[str, Any]:
     """Time the ONNX files of the run folder ``directory`` as ``timing_args`` say (torch on
-    CUDA too, when there is a GPU); ``bar`` advances once per cell."""
+    CUDA too, when there is a GPU), with its INT8 files when they are there (and not older
+    than their FP32 files); ``bar`` advances once per cell."""
     report = read_report(directory)
     for name in ("dense.onnx", "pruned.onnx"):
         if not (directory / name).is_file():
@@ -48,7 +51,8 @@ def bench_dir(directory: Path, args: argparse.Namespace, bar: tqdm | None = None
                        report["input_shapes"], report.get("macs_ratio"),
                        batches=args.batch or DEFAULT_BENCH_BATCHES, threads=args.threads,
                        torch_models=torch_models, progress=progress,
-                       openvino=not args.no_openvino, **timing(args))
+                       openvino=not args.no_openvino, int8=int8_files(directory)[0],
+                       **timing(args))
 
 
 def _cells_expected(args: argparse.Namespace) -> int:
@@ -71,6 +75,8 @@ def handle(args: argparse.Namespace) -> int:
     bar.close()
     bench.write(result, directory)
     print(bench.markdown(result), end="")
+    for line in int8_files(directory)[1]:
+        print(line)
     print(f"wrote {directory}/bench.json, bench.md, bench.png")
     return 0
 

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from structprune.config import IF_SLOWER, PruneConfig, RunConfig, TargetConfig
 from structprune.core.api import PruneResult
 from structprune.core.plan import Plan
-from structprune.core.score import IMPORTANCE, NORMALIZE
+from structprune.core.score import IMPORTANCE, NEEDS_DATA, NORMALIZE
+from structprune.deploy.quantize import check as check_quantize
 from structprune.deploy.runtimes import RUNTIMES, make_target
 from structprune.errors import StructPruneError
 from structprune.front.cli.arguments import (
@@ -30,7 +31,9 @@ from structprune.front.cli.arguments import (
     model_args,
     round_to,
 )
-from structprune.front.cli.output import human, metric_rows, table
+from structprune.front.cli.output import fidelity_line, human, metric_rows, table
+from structprune.front.cli.quantize import quantize_args, quantize_config
+from structprune.front.quantize import summary_lines
 from structprune.front.runs import model_record, writable_parent
 from structprune.front.workflow import prune_to_dir
 
@@ -56,7 +59,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across all groups instead of per group")
     p.add_argument("--criterion", default="l2",
-                   help="importance of a channel: " + ", ".join(IMPORTANCE))
+                   help="importance of a channel: " + ", ".join(IMPORTANCE) + " ("
+                        + ", ".join(NEEDS_DATA) + " need --data, labels or not; obs: the "
+                        "error left once consumers are refitted by least squares)")
     p.add_argument("--normalize", default="mean",
                    help="scale of each group's scores for --global, --threshold and budgets: "
                         + ", ".join(NORMALIZE))
@@ -80,9 +85,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="after surgery, without training: re-estimate BN statistics (bn), fold "
                         "removed channels' mean into biases (bias) or refit consumers by least "
                         "squares (lsq); default bn with --data, none without")
+    p.add_argument("--memory-budget", metavar="BYTES|8G",
+                   help="most memory recovery may allocate (lsq solves or skips the layers "
+                        "that do not fit); default half of the memory available")
     p.add_argument("--min-width", type=int, default=1, help="fewest channels a group keeps")
     exporter_arg(p)
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX files")
+    quantize_args(p, with_switch=True)
     t = p.add_argument_group("speed on a target runtime")
     t.add_argument("--target", metavar="RUNTIME",
                    help="measure every latency decision on this runtime: " + ", ".join(RUNTIMES)
@@ -133,14 +142,18 @@ def configs(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig, TargetCon
         calibration_batches=args.calibration_batches, seed=args.seed,
         capture_method=args.capture)
     target = TargetConfig(args.target, args.threads, batch, args.target_speedup,
-                          args.target_latency, args.if_slower) if args.target else None
+                          args.target_latency, args.if_slower,
+                          quantize=args.quantize is not None) if args.target else None
     run = RunConfig(steps=args.steps, finetune_epochs=args.finetune_epochs,
                     distill=args.distill, auto=args.auto, recover=args.recover,
+                    memory_budget=args.memory_budget,
                     tune_batch=batch, exporter=args.exporter, simplify=args.simplify,
-                    onnx=not args.no_onnx)
+                    onnx=not args.no_onnx, quantize=quantize_config(args, args.quantize))
     run.check(config, target, plan_given=bool(args.plan), data_given=bool(args.data))
+    if run.quantize is not None:  # an unknown quantize runtime before the model is built
+        check_quantize(run.quantize)
     if target is not None:  # an unavailable runtime is refused before the model is built
-        make_target(target.runtime, target.threads, target.batch)
+        make_target(target.runtime, target.threads, target.batch, target.quantize)
     return config, run, target
 
 
@@ -150,7 +163,7 @@ def handle(args: argparse.Namespace) -> int:
     writable_parent(out)
     model, inputs = model_and_inputs(args)
     data = data_splits(args, model, inputs, seed=args.seed)
-    steps = (1 if args.no_onnx else 3) + (data is not None)
+    steps = (1 if args.no_onnx else 3) + (data is not None) + (run.quantize is not None)
     with tqdm(total=steps, desc="structprune", unit="step", file=sys.stderr,
               disable=not sys.stderr.isatty()) as bar:
         def progress(step: str) -> None:  # called as each step starts
@@ -178,6 +191,10 @@ def _print_report(spec: str, f: dict[str, Any], result: PruneResult, out: Path) 
         rows += metric_rows(f["metrics"])[1:]
     print(f"structprune: {spec} (captured with {f['capture']})")
     print(table(rows))
+    if "fidelity" in f:
+        print(fidelity_line(f["fidelity"]))
+    if "quantize" in f:
+        print("\n".join(summary_lines(f["quantize"])))
     if "rounding" in f:
         r = f["rounding"]
         cands = ", ".join(f"{c['round_to']}: {c['speedup']:.2f}x" for c in r["candidates"])
@@ -187,8 +204,11 @@ def _print_report(spec: str, f: dict[str, Any], result: PruneResult, out: Path) 
         print(_target_lines(f["target"]))
     if f.get("recovery"):
         r = f["recovery"]
-        print(f"recovery: {', '.join(r['method'])} (output MSE against the dense model "
-              f"{r['output_mse_before']:.3g} -> {r['output_mse_after']:.3g})")
+        undone = [s["method"] for s in r.get("steps", ()) if "undone" in s]
+        print(f"recovery: {', '.join(r['method'])} (output MSE against the dense model on "
+              f"{r['check']['samples']} held-out samples {r['output_mse_before']:.3g} -> "
+              f"{r['output_mse_after']:.3g}" + (f"; undone, as it made it worse: "
+                                                 f"{', '.join(undone)}" if undone else "") + ")")
     v = result.verification
     scope = "whole plan" if v and v.exact_units_only else "exact part of the plan"
     if v:
@@ -208,7 +228,8 @@ def _target_lines(t: dict[str, Any]) -> str:
     m, lm = t["measured"], t["latency_model"]
     target = t["target"]
     where = (f"{target['runtime']}" + (f", {target['threads']} threads" if target["threads"]
-                                       else "") + f", batch {target['batch']}")
+                                       else "") + f", batch {target['batch']}"
+             + (", pruned in INT8 against dense in FP32" if target.get("int8") else ""))
     goal = (f"goal {t['goal_speedup']:g}x {'met' if t['met'] else 'NOT met'}"
             if t["goal_speedup"] else
             f"goal {t['goal_latency_ms']:g} ms {'met' if t['met'] else 'NOT met'}"
