@@ -38,6 +38,19 @@ def test_train_under_torchrun_keeps_the_ranks_in_step_and_writes_once(tmp_path):
     assert summary["metrics"]["confusion"] == direct.confusion
 
 
+def finetune_on_two_ranks(out, data: str) -> dict:
+    """`structprune finetune OUT --data DATA --epochs 1 --distill` under torchrun with two
+    ranks; its finetune record, checked to come from both ranks with a checkpoint written."""
+    done = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "structprune",
+         "finetune", str(out), "--data", data, "--epochs", "1", "--distill"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "report.json").read_text())["finetune"]
+    assert record["world_size"] == 2 and (out / "checkpoint.safetensors").is_file()
+    return record
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_finetune_under_torchrun_reports_what_the_saved_model_scores(tmp_path):
     import structprune as sp
@@ -47,13 +60,7 @@ def test_finetune_under_torchrun_reports_what_the_saved_model_scores(tmp_path):
     out = tmp_path / "out"
     assert main(["prune", "structprune:digits_cnn", "--data", data, "--ratio", "0.5",
                  "--out", str(out), "--no-onnx"]) == 0
-    done = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "structprune",
-         "finetune", str(out), "--data", data, "--epochs", "1", "--distill"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((out / "report.json").read_text())["finetune"]
-    assert record["world_size"] == 2 and (out / "checkpoint.safetensors").is_file()
+    record = finetune_on_two_ranks(out, data)
     tuned = sp.load(out, "structprune:digits_cnn")
     direct = evaluate(tuned, from_factory(data).val)
     assert record["after"]["accuracy"] == pytest.approx(direct.accuracy)
@@ -72,13 +79,7 @@ def test_label_free_finetune_under_torchrun_reports_the_saved_models_fidelity(tm
     out = tmp_path / "out"
     assert main(["prune", spec, "--input-shape", "1,1,16,16", "--ratio", "0.5",
                  "--out", str(out), "--no-onnx"]) == 0
-    done = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "structprune",
-         "finetune", str(out), "--data", data, "--epochs", "1", "--distill"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((out / "report.json").read_text())["finetune"]
-    assert record["world_size"] == 2 and (out / "checkpoint.safetensors").is_file()
+    record = finetune_on_two_ranks(out, data)
     # the pooled fidelity is that of the saved model on the whole validation split
     direct = fidelity(sp.load(out, spec), build_model(spec), from_factory(data).val)
     assert record["fidelity"]["after"]["samples"] == direct["samples"] == 16

@@ -138,10 +138,10 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
                            leaf_modules=leaf_modules)
         detection_yaml = data.dataset_yaml if data is not None and \
             is_ultralytics_model(model) else None
+        imgsz = int(max(example_inputs[0].shape[-2:]))  # ultralytics' square image size
         map_figures = {}
         if detection_yaml:  # ultralytics' own validator, before recovery changes the model
             progress("mAP of the dense and the pruned model")
-            imgsz = int(max(example_inputs[0].shape[-2:]))
             map_figures = {"dense": yolo_metrics(model, detection_yaml, imgsz),
                            "pruned": yolo_metrics(result.model, detection_yaml, imgsz)}
         recover_with = run.recovery(data is not None)
@@ -157,8 +157,7 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
         save(result.model, staging, result.plan)
         if is_ultralytics_model(result.model):  # back into ultralytics: YOLO("pruned.pt")
             save_ultralytics_checkpoint(result.model, yolo_source(record or {}),
-                                        staging / CHECKPOINT,
-                                        imgsz=int(max(example_inputs[0].shape[-2:])))
+                                        staging / CHECKPOINT, imgsz=imgsz)
         plot_widths(result.plan, result.analysis.sizes, staging / "widths.png")
         figures = dict(result.figures)
         figures["verification"] = result.verification.to_json() if result.verification else None

@@ -502,7 +502,8 @@ def train_pruned(pruned: nn.Module, data_yaml: str | os.PathLike, epochs: int, *
     return {"run": str(run), "checkpoint": str(found), "epochs": epochs, "metrics": metrics}
 
 
-def _imgsz(report: dict[str, Any]) -> int:
+def image_size(report: dict[str, Any]) -> int:
+    """The square image size ultralytics is given for a run: its input's larger side."""
     shape = report.get("input_shapes", [[1, 3, 640, 640]])[0]
     return int(max(shape[-2:]))
 
@@ -527,7 +528,7 @@ def finetune_yolo(directory: str | os.PathLike, data_yaml: str | os.PathLike, ep
         raise StructPruneError(f"{directory} holds no ultralytics model: fine-tune it with "
                                "class folders or a data factory")
     pruned = pruned_model(directory, dense)
-    imgsz = imgsz or _imgsz(report)
+    imgsz = imgsz or image_size(report)
     measure = {"imgsz": imgsz, "batch": batch, "device": device, "workers": workers}
     dense_metrics = yolo_metrics(dense, data_yaml, **measure)
     before = yolo_metrics(pruned, data_yaml, **measure)
@@ -559,6 +560,6 @@ def finetune_yolo(directory: str | os.PathLike, data_yaml: str | os.PathLike, ep
 
 
 __all__ = ["CHECKPOINT", "FINETUNE_RUN", "DistilledLoss", "dataset", "finetune_yolo",
-           "head_distillation", "image_folder", "is_ultralytics_model", "offline_args",
+           "head_distillation", "image_folder", "image_size", "is_ultralytics_model", "offline_args",
            "pruned_trainer", "save_ultralytics_checkpoint", "train_pruned", "yolo_metrics",
            "yolo_source"]

@@ -129,7 +129,7 @@ def _detection_data(args: argparse.Namespace, model: nn.Module, inputs: tuple,
     """An ultralytics dataset yaml given to an ultralytics model: its train and val images,
     unlabeled, in [0, 1] as ultralytics feeds them (its own validator reads the labels for
     mAP); None for any other --data."""
-    if not str(args.data).lower().endswith((".yaml", ".yml")):
+    if not _is_dataset_yaml(args.data):
         return None
     if not is_ultralytics_model(model):
         raise StructPruneError(f"--data {args.data}: a dataset yaml is read for ultralytics "
@@ -162,8 +162,11 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
 def is_yolo_dataset(report: dict[str, Any], data: str | None) -> bool:
     """Whether a run's model came from ultralytics and ``data`` is a dataset yaml: then
     ultralytics' own trainer and validator are used (:mod:`structprune.front.yolo`)."""
-    return str(report.get("spec") or "").startswith("ultralytics:") and \
-        str(data or "").lower().endswith((".yaml", ".yml"))
+    return str(report.get("spec") or "").startswith("ultralytics:") and _is_dataset_yaml(data)
+
+
+def _is_dataset_yaml(data: str | None) -> bool:
+    return str(data or "").lower().endswith((".yaml", ".yml"))
 
 
 __all__ = ["DEFAULT_BENCH_BATCHES", "EXPORTERS", "data_args", "data_splits", "exporter_arg",

@@ -68,10 +68,10 @@ def handle(args: argparse.Namespace) -> int:
 def _eval_yolo(directory: Path, report: dict[str, Any], data_yaml: str) -> int:
     """ultralytics' own validation (mAP) of the dense and the pruned model on a dataset
     yaml."""
-    from structprune.front.yolo import yolo_metrics
+    from structprune.front.yolo import image_size, yolo_metrics
 
     dense, pruned = dense_and_pruned(directory, report)
-    imgsz = int(max(report["input_shapes"][0][-2:]))
+    imgsz = image_size(report)
     result = {"data": str(Path(data_yaml).resolve()), "imgsz": imgsz,
               "dense": yolo_metrics(dense, data_yaml, imgsz),
               "pruned": yolo_metrics(pruned, data_yaml, imgsz)}
