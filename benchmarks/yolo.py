@@ -269,6 +269,14 @@ def main() -> int:
         calibration = images(work / "shapes" / "images" / "train", args.size,
                              args.calibration, args.batch)
         exported: dict[int, Path] = {}
+
+        def save(final: bool) -> None:
+            # written after every row, so a run cut short keeps what it measured
+            result["complete"] = final
+            result["wall_seconds"] = time.perf_counter() - started
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
         for ratio in (float(r) for r in args.ratios.split(",")):
             for criterion in args.criteria.split(","):
                 try:
@@ -281,14 +289,14 @@ def main() -> int:
                 print(json.dumps({k: v for k, v in row.items()
                                   if k not in ("recovery", "latency", "finetune")}),
                       flush=True)
+                save(final=False)
             if not args.no_torch_pruning:
                 row = torch_pruning_row(dense, dense_pt, data, ratio, args, work, exported)
                 result["rows"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "traceback"}),
                       flush=True)
-        result["wall_seconds"] = time.perf_counter() - started
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+                save(final=False)
+        save(final=True)
     print(f"wrote {out} ({result['wall_seconds'] / 60:.1f} min)")
     return 0
 
