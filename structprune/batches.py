@@ -177,11 +177,27 @@ def device_of(model: nn.Module) -> torch.device | None:
     return None
 
 
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (nested in tuples, named tuples,
+    lists and dicts); everything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        mapped = [map_tensors(v, fn) for v in value]
+        return type(value)(*mapped) if hasattr(value, "_fields") else tuple(mapped)
+    if isinstance(value, list):
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, Mapping):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
 def to_device(value: Any, device: torch.device | str | None) -> Any:
     """``value`` with every tensor in it (nested in tuples, named tuples, lists and dicts) on
     ``device``; None leaves it as it is."""
     if device is None:
         return value
+    return map_tensors(value, lambda tensor: tensor.to(device))
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple):

@@ -15,10 +15,11 @@ from structprune.accuracy.train import (
     distillation_loss,
     eval_structure,
     fit,
+    mixed,
     output_loss,
     relative_mse,
 )
-from structprune.batches import flatten_outputs, split
+from structprune.batches import Inputs, flatten_outputs, split
 from structprune.errors import StructPruneError
 
 from .oracles import randomize
@@ -150,6 +151,39 @@ def test_output_loss_sums_kl_for_logits_and_relative_error_for_the_rest():
     assert float(output_loss(student, teacher, 3.0)) == pytest.approx(float(want), rel=1e-6)
     with pytest.raises(StructPruneError, match="do not match"):
         output_loss(student[0], teacher, 3.0)
+
+
+def test_mixup_blends_every_float_input_alike_and_leaves_integers():
+    gen = torch.Generator().manual_seed(5)
+    image, extra = torch.randn(6, 3, 4, 4, generator=gen), torch.randn(6, 2, generator=gen)
+    ids, scale = torch.arange(6), torch.tensor(2.0)
+    torch.manual_seed(7)
+    out = mixed(Inputs((image,), {"extra": extra, "ids": ids, "scale": scale}), 1.0)
+    torch.manual_seed(7)  # the same draws, in the same order, give the reference
+    order = torch.randperm(6).numpy()
+    lam = torch.distributions.Beta(1.0, 1.0).sample((6,)).double().numpy()
+    for got, x in ((out.args[0], image), (out.kwargs["extra"], extra)):
+        xn = x.double().numpy()
+        shares = lam.reshape(-1, *[1] * (xn.ndim - 1))
+        np.testing.assert_allclose(got.double().numpy(),
+                                   shares * xn + (1 - shares) * xn[order], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out.args[0].numpy(), image.numpy())  # it did blend
+    assert out.kwargs["ids"] is ids and out.kwargs["scale"] is scale
+    same, single = Inputs((image,)), Inputs((image[:1],))
+    assert mixed(same, 0.0) is same and mixed(single, 1.0) is single  # nothing to blend
+    with pytest.raises(StructPruneError, match="mix"):
+        fit(nn.Linear(2, 2), [torch.randn(4, 2)], 1, teacher=nn.Linear(2, 2), mix=-1.0,
+            progress=False)
+
+
+def test_label_free_fit_with_mixup_brings_a_pruned_cnn_closer_too():
+    train, held_out = _inputs(12, seed=0), _inputs(4, seed=1)
+    teacher = _trained_like(Segmenter(), train)
+    student = sp.prune(teacher, (train[0],), 0.5).model
+    before = _relative_errors(student, teacher, held_out)[0]
+    fit(student, train, 3, lr=1e-2, teacher=teacher, progress=False, mix=1.0)
+    after = _relative_errors(student, teacher, held_out)[0]
+    assert before > 0.2 and after < 0.7 * before, (before, after)
 
 
 def test_label_free_fit_brings_a_pruned_cnn_closer_to_the_dense_one():

@@ -181,6 +181,25 @@ def test_finetune_without_labels_distils_and_reports_fidelity(tmp_path, capsys):
     assert record["resumed_from_epoch"] == 3 and [h["epoch"] for h in record["history"]] == [4]
 
 
+def test_label_free_finetune_that_ends_further_from_the_dense_model_keeps_its_start(
+        tmp_path, capsys):
+    """A learning rate of 5 throws the weights far off: the fidelity after is worse than
+    before, so the weights it started from stay, byte for byte, and the record says so."""
+    spec, data = _tiny(tmp_path)
+    out = tmp_path / "out"
+    assert run("prune", spec, "--input-shape", "1,1,16,16", "--ratio", "0.7", "--out", out,
+               "--no-onnx") == 0
+    start = sp.load(out, spec).state_dict()
+    assert run("finetune", out, "--data", data, "--epochs", "2", "--lr", "5", "--distill",
+               "--mix", "0") == 0
+    record = json.loads((out / "report.json").read_text())["finetune"]
+    assert "did not improve" in record["kept"] and record["mix"] == 0
+    assert record["fidelity"]["after"] == record["fidelity"]["before"]
+    for name, tensor in sp.load(out, spec).state_dict().items():
+        assert torch.equal(tensor, start[name]), name
+    assert "kept the weights it started from" in capsys.readouterr().out
+
+
 def test_iterative_prune_without_labels_distils_between_steps(tmp_path):
     spec, data = _tiny(tmp_path)
     out = tmp_path / "out"

@@ -14,8 +14,14 @@ import torch.nn.functional as F
 
 import structprune as sp
 from structprune.accuracy.data import digits
-from structprune.accuracy.recover import output_mse, recover
-from structprune.batches import take
+from structprune.accuracy.recover import (
+    LSQ_FORWARD_MACS,
+    LSQ_MIN_SAMPLES,
+    lsq_sample_count,
+    output_mse,
+    recover,
+)
+from structprune.batches import Inputs, take
 from structprune.errors import StructPruneError
 
 from .oracles import randomize
@@ -334,3 +340,17 @@ def test_refuses_unknown_methods_and_no_batches(setup):
                 ["bias", "finetune"])
     with pytest.raises(StructPruneError, match="batch"):
         recover(copy.deepcopy(result.model), dense, result.plan, result.analysis, [], "bn")
+
+
+def test_lsq_takes_as_many_samples_as_a_bounded_dense_forward():
+    """MACs per sample from the capture, scaled by the calibration inputs' size: a 3->8 3x3
+    conv at 16x16 costs 8*3*9*256 multiply-adds a sample, 4x that at 32x32."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    analysis = sp.analyse(sp.capture(model, (torch.randn(2, 3, 16, 16),)))
+    per_sample = 8 * 3 * 9 * 256 + 4 * 8 * 256
+    small, large = Inputs((torch.randn(5, 3, 16, 16),)), Inputs((torch.randn(5, 3, 32, 32),))
+    assert lsq_sample_count(analysis, [small]) == int(LSQ_FORWARD_MACS // per_sample)
+    assert lsq_sample_count(analysis, [large]) == int(LSQ_FORWARD_MACS // (4 * per_sample))
+    wide = nn.Sequential(nn.Conv2d(3, 2048, 7, padding=3), nn.Conv2d(2048, 2048, 7, padding=3))
+    huge = sp.analyse(sp.capture(wide, (torch.randn(1, 3, 64, 64),)))
+    assert lsq_sample_count(huge, [Inputs((torch.randn(1, 3, 64, 64),))]) == LSQ_MIN_SAMPLES

@@ -41,8 +41,10 @@ Methods (one, or a list applied in order):
   by one in the order the model calls them: the pruned model's input to the layer (with the
   earlier layers already refitted) is regressed on the dense model's output of the same
   layer (its kept outputs), each group of a grouped conv on its own. At most
-  ``lsq_samples`` fit samples are used; at most ``max_rows`` rows (output positions) are
-  drawn from them with a seeded generator, and ``max_rows / 4`` from the check samples. A
+  ``lsq_samples`` fit samples are used (by default every fit sample, up to a dense forward
+  of 1e12 multiply-adds: a few hundred small images, 64 of VGG16 at 224); at most
+  ``max_rows`` rows (output positions) are drawn from them with a seeded generator, and
+  ``max_rows / 4`` from the check samples. A
   conv's rows are its receptive fields, gathered at the drawn positions with the layer's
   kernel, stride, dilation and zero padding (``padding_mode="zeros"`` only). The problem
   ``[X, 1] [W, b]^T = Y`` is ridge-regularised (``ridge * mean(diag(X^T X))`` on the
@@ -110,6 +112,7 @@ from tqdm import tqdm
 from structprune.batches import Batch, Inputs, call, flatten_outputs, split
 from structprune.config import memory_size
 from structprune.core.analyse import Analysis
+from structprune.core.counts import count_macs
 from structprune.core.plan import Plan
 from structprune.errors import StructPruneError
 from structprune.tree import evaluation, resolve_target, tensor_index, training_mode
@@ -124,6 +127,11 @@ CHUNK_BYTES = 1 << 26  # rows gathered at once: 64 MiB of float32
 LIVE_ACTIVATIONS = 4  # a forward holds about this many of its largest activations at once
 CG_ITERATIONS = 50  # from the pruned weights; the check rows judge where they stop
 CG_TOLERANCE = 1e-5  # relative residual of the normal equations, per output
+# lsq's default sample count: every fit sample, as long as one dense forward of them stays
+# under this many multiply-adds (10-20 s on two CPU cores); more samples fit the layers fed
+# one row per sample (a classifier) far better, 32 always
+LSQ_FORWARD_MACS = 1e12
+LSQ_MIN_SAMPLES = 32
 
 
 @dataclass
@@ -147,7 +155,7 @@ class _Consumer:
 def recover(pruned: nn.Module, dense: nn.Module, plan: Plan, analysis: Analysis,
             batches: Sequence[Batch], method: str | Sequence[str] = "bn", *,
             max_rows: int = 20_000, ridge: float = 1e-4, seed: int = 0,
-            lsq_samples: int = 32, check_samples: int = 16,
+            lsq_samples: int | None = None, check_samples: int = 16,
             memory_budget: int | str | None = None, progress: bool = False,
             ) -> dict[str, Any]:
     """Bring ``pruned`` (changed in place) closer to ``dense`` on ``batches``; see the module
@@ -157,8 +165,8 @@ def recover(pruned: nn.Module, dense: nn.Module, plan: Plan, analysis: Analysis,
     analysis the plan was made from, ``batches`` a list of batches in any form of
     :mod:`structprune.batches` (targets, if any, are not used). ``method`` is one of
     ``"none"``, ``"bn"``, ``"bias"``, ``"lsq"`` or a list of them applied in order.
-    ``max_rows``, ``ridge``, ``seed`` and ``lsq_samples`` (fit samples it uses, at most) tune
-    ``lsq``; ``check_samples`` caps the samples every step is checked on;
+    ``max_rows``, ``ridge``, ``seed`` and ``lsq_samples`` (fit samples it uses, at most;
+    None: as many as :func:`lsq_sample_count` allows) tune ``lsq``; ``check_samples`` caps the samples every step is checked on;
     ``memory_budget`` (bytes or a string such as ``"8G"``; None: half of the memory available
     now) bounds what ``lsq`` allocates; ``progress`` shows a bar per layer (lsq) and per batch
     (bn) on stderr. ``dense`` is never changed.
@@ -175,6 +183,8 @@ def recover(pruned: nn.Module, dense: nn.Module, plan: Plan, analysis: Analysis,
     if pruned is dense:
         raise StructPruneError("recover() changes the pruned model and compares it with the "
                                "dense one: pass two different models")
+    if lsq_samples is None:
+        lsq_samples = lsq_sample_count(analysis, inputs)
     if max_rows < 1 or ridge < 0 or lsq_samples < 1 or check_samples < 1:
         raise StructPruneError(f"max_rows ({max_rows}), lsq_samples ({lsq_samples}) and "
                                f"check_samples ({check_samples}) must be 1 or more and ridge "
@@ -234,6 +244,22 @@ def recover(pruned: nn.Module, dense: nn.Module, plan: Plan, analysis: Analysis,
                        "fit_batches": len(fit)}
     report["memory"] = memory
     return report
+
+
+def lsq_sample_count(analysis: Analysis, inputs: Sequence[Inputs]) -> int:
+    """lsq's default number of fit samples: as many as keep one dense forward of them under
+    :data:`LSQ_FORWARD_MACS` multiply-adds (the capture's count, scaled by the calibration
+    inputs' size per sample against the example's), at least :data:`LSQ_MIN_SAMPLES`."""
+    example = flatten_outputs(analysis.capture.example_inputs)
+    given = flatten_outputs((inputs[0].args, inputs[0].kwargs))
+    if not example or not given or not example[0].dim() or not given[0].dim():
+        return LSQ_MIN_SAMPLES
+    per_example = count_macs(analysis.capture) / example[0].shape[0]
+    scale = (given[0][0].numel() / max(1, example[0][0].numel()))
+    per_sample = per_example * scale
+    if per_sample <= 0:
+        return sys.maxsize
+    return max(LSQ_MIN_SAMPLES, int(LSQ_FORWARD_MACS // per_sample))
 
 
 def available_memory() -> int:

@@ -13,7 +13,9 @@ learning-rate schedule over the epochs. Optional terms make it serve the pruning
   scale (:func:`output_loss`), so a detector, a segmenter or an audio model distils as a
   classifier does;
 - ``feature_weight``: the student also matches the teacher's intermediate feature maps, layer
-  by layer of the same name, on the channels the pruning plan kept (:func:`relative_mse`).
+  by layer of the same name, on the channels the pruning plan kept (:func:`relative_mse`);
+- ``mix``: label-free batches are blended sample with sample (:func:`mixed`) before both
+  models see them, so a few hundred calibration samples teach more than their own points.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from structprune.accuracy import distributed
-from structprune.batches import Inputs, first_tensor, flatten_outputs, labelled, split, to_device
+from structprune.batches import (
+    Inputs,
+    first_tensor,
+    flatten_outputs,
+    labelled,
+    map_tensors,
+    split,
+    to_device,
+)
 from structprune.core.plan import Plan
 from structprune.errors import StructPruneError
 
@@ -101,6 +111,29 @@ def output_loss(student_output: Any, teacher_output: Any, temperature: float) ->
         raise StructPruneError("the model has no float output tensor to distil: return the "
                                "scores or maps as float tensors")
     return torch.stack(terms).sum()
+
+
+def mixed(inputs: Inputs, alpha: float) -> Inputs:
+    """Mixup of a batch of inputs (Zhang et al. 2018), for label-free distillation: each sample
+    blended with another of the batch, ``lam * x + (1 - lam) * x[perm]`` with ``lam ~
+    Beta(alpha, alpha)`` drawn per sample from the global generator, the same blend for every
+    floating-point input tensor whose first axis is the batch (integer inputs, such as token
+    ids, stay as they are). Teacher and student see the same blend, so the outputs of any
+    model (classifier, detector, segmenter) stay comparable without labels."""
+    tensors = [t for t in flatten_outputs((inputs.args, inputs.kwargs)) if t.dim()]
+    if alpha <= 0 or not tensors or tensors[0].shape[0] < 2:
+        return inputs
+    count = tensors[0].shape[0]
+    order = torch.randperm(count)
+    share = torch.distributions.Beta(alpha, alpha).sample((count,))
+
+    def blend(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point() or not tensor.dim() or tensor.shape[0] != count:
+            return tensor
+        lam = share.to(tensor.device, tensor.dtype).view(-1, *[1] * (tensor.dim() - 1))
+        return lam * tensor + (1 - lam) * tensor[order.to(tensor.device)]
+
+    return Inputs(map_tensors(inputs.args, blend), map_tensors(inputs.kwargs, blend))
 
 
 def cosine_lr(lr: float, epoch: int, epochs: int) -> float:
@@ -201,8 +234,8 @@ class _Teacher:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, temperature: float,
                  distill_weight: float, feature_weight: float, features: str | Sequence[str],
-                 plan: Plan | None) -> None:
-        self.teacher, self.student = teacher, student
+                 plan: Plan | None, mix: float = 0.0) -> None:
+        self.teacher, self.student, self.mix = teacher, student, mix
         self.temperature, self.distill_weight = temperature, distill_weight
         self.feature_weight, self.plan = feature_weight, plan
         self.switched: list[str] | None = None  # set on the first batch without targets
@@ -235,6 +268,8 @@ class _Teacher:
         """The batch's distillation loss (with the label loss when it has targets)."""
         if targets is None and self.switched is None:
             self.switched = eval_structure(self.student, inputs)
+        if targets is None:
+            inputs = mixed(inputs, self.mix)
         output = inputs.call(forward)
         with torch.no_grad():
             reference = inputs.call(self.teacher)
@@ -333,6 +368,7 @@ def fit(
     feature_weight: float = 0.0,
     features: str | Sequence[str] = "auto",
     plan: Plan | None = None,
+    mix: float = 0.0,
     progress: bool = True,
     device: str | torch.device = "cpu",
     start_epoch: int = 0,
@@ -359,6 +395,8 @@ def fit(
     convolution) is added; where the student's layer has fewer channels, the teacher's are
     cut to the ones ``plan`` (the pruning plan, in dense indices) kept, and a layer that
     still does not match is left out and named in the record, with the reason.
+    With ``mix`` > 0, each batch without targets is blended by :func:`mixed` (Beta(``mix``,
+    ``mix``) shares) before the teacher and the student see it.
     ``regularizer(model)`` is added when given; then one AdamW step. The learning rate
     follows :func:`cosine_lr`, set at the start of each epoch.
 
@@ -378,6 +416,9 @@ def fit(
     ``features`` and ``features_skipped`` where they apply.
     """
     _check(epochs, lr, weight_decay, temperature, distill_weight, feature_weight)
+    if mix < 0:
+        raise StructPruneError(f"mix ({mix}) must be 0 (off) or more: e.g. 1.0 blends samples "
+                               "by shares drawn uniformly")
     if feature_weight > 0 and teacher is None:
         raise StructPruneError("feature maps are matched against a teacher's: pass the dense "
                                "model as teacher (--distill) with a feature weight")
@@ -387,7 +428,7 @@ def fit(
     if teacher is not None:
         teacher.to(device).eval()
         distiller = _Teacher(teacher, model, temperature, distill_weight, feature_weight,
-                             features, plan)
+                             features, plan, mix)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise StructPruneError("the model has no trainable parameters (requires_grad=True)")

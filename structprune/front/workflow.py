@@ -235,7 +235,7 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
                  *, distill: bool = False, temperature: float = 4.0,
                  distill_weight: float = 0.5, feature_weight: float = 0.0,
                  features: str | Sequence[str] = "auto", lr: float = 1e-3,
-                 resume: bool = False, exporter: str = "auto", seed: int = 0,
+                 mix: float = 1.0, resume: bool = False, exporter: str = "auto", seed: int = 0,
                  progress: bool = True) -> dict[str, Any]:
     """Fine-tune the pruned model saved in ``directory`` (plan.json + safetensors) on
     ``data``'s training split, optionally distilled from ``dense``; save a checkpoint after
@@ -248,7 +248,11 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
     the record holds its ``fidelity`` to the dense model before and after
     (:func:`~structprune.accuracy.evaluate.fidelity`) in place of the metrics. With
     ``feature_weight`` > 0 the feature maps of ``features`` (module names, or ``"auto"``
-    for every convolution) are matched too, on the channels the folder's plan kept."""
+    for every convolution) are matched too, on the channels the folder's plan kept. Its
+    batches are blended by mixup (``mix``, the Beta parameter; 0 turns it off), and when
+    the fidelity on the validation split ends worse than it began, the weights it started
+    from are kept and the record's ``kept`` says why: a few hundred unlabeled samples can
+    overfit, and nothing then tells the user."""
     if not data.labelled and not distill:
         raise StructPruneError("no labels: pass --distill to train against the dense model")
     directory = Path(directory)
@@ -263,6 +267,7 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
         return fidelity_everywhere(model, dense, data.val)
 
     before = measure(pruned)
+    start_state = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
     dense_metrics = evaluate_everywhere(dense, data.val, data.num_classes).to_json() \
         if data.labelled else None
     start, optimizer_state = 0, None
@@ -280,20 +285,27 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
                   progress=progress and writer,
                   teacher=dense if distill else None, temperature=temperature,
                   distill_weight=distill_weight, feature_weight=feature_weight,
-                  features=features, plan=plan, start_epoch=start,
+                  features=features, plan=plan, mix=mix, start_epoch=start,
                   optimizer_state=optimizer_state, on_epoch_end=checkpoint)
     distributed.sync_buffers(pruned)
     pruned.eval()
     after = measure(pruned)
+    kept = None
+    if not data.labelled and not closer(after, before):
+        pruned.load_state_dict(start_state)
+        kept = ("the weights it started from: the fidelity to the dense model on the "
+                "validation split did not improve")
+        after = before
     record: dict[str, Any] = {
         "epochs": epochs, "resumed_from_epoch": start, "distill": distill, "lr": lr,
         "temperature": temperature if distill else None,
         "distill_weight": distill_weight if distill and data.labelled else None,
-        "feature_weight": feature_weight if distill else None, "history": history,
+        "feature_weight": feature_weight if distill else None,
+        "mix": mix if distill and not data.labelled else None, "history": history,
         "data": data.summary(), "labelled": data.labelled,
         **({"dense": dense_metrics, "before": before, "after": after} if data.labelled
            else {"fidelity": {"before": before, "after": after}}),
-        "world_size": distributed.world_size()}
+        "world_size": distributed.world_size(), **({"kept": kept} if kept else {})}
     if not writer:
         return record
     save(pruned, directory, plan)
@@ -306,6 +318,20 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
     report["finetune"] = record
     write_report(directory, report)
     return record
+
+
+def closer(after: dict[str, Any], before: dict[str, Any]) -> bool:
+    """Whether fidelity ``after`` is closer to the dense model than ``before``: by top-1
+    agreement where both have it (a classifier), else by the mean relative output error."""
+    if after.get("top1_agreement") is not None and before.get("top1_agreement") is not None:
+        if after["top1_agreement"] != before["top1_agreement"]:
+            return after["top1_agreement"] > before["top1_agreement"]
+
+    def mean_error(found: dict[str, Any]) -> float:
+        errors = list((found.get("rel_error") or {}).values())
+        return sum(errors) / len(errors) if errors else float("inf")
+
+    return mean_error(after) < mean_error(before)
 
 
 SPARSITY = ("none", "bn", "group")

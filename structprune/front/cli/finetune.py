@@ -45,6 +45,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--features", default="auto",
                    help="with --feature-weight: comma-separated module names, or auto for "
                         "every convolution")
+    p.add_argument("--mix", type=float, default=1.0,
+                   help="with --distill on data without labels: mixup of the samples before "
+                        "both models see them (Beta parameter; 0: off)")
     p.add_argument("--resume", action="store_true",
                    help="continue from DIR/checkpoint.safetensors (written after every epoch)")
     exporter_arg(p)
@@ -66,7 +69,8 @@ def handle(args: argparse.Namespace) -> int:
     record = finetune_dir(directory, dense, data, args.epochs, distill=args.distill,
                           temperature=args.temperature, distill_weight=args.distill_weight,
                           feature_weight=args.feature_weight, features=features,
-                          lr=args.lr, resume=args.resume, exporter=args.exporter, seed=seed)
+                          lr=args.lr, mix=args.mix, resume=args.resume,
+                          exporter=args.exporter, seed=seed)
     if distributed.rank() != 0:
         return 0
     print(f"structprune: fine-tuned {directory} for {args.epochs} epochs"
@@ -81,6 +85,8 @@ def handle(args: argparse.Namespace) -> int:
     else:
         for when in ("before", "after"):
             print(f"{when}: {fidelity_line(record['fidelity'][when])}")
+        if "kept" in record:
+            print(f"kept {record['kept']}")
     skipped = record["history"][-1].get("features_skipped") if record["history"] else None
     if skipped:
         print("feature maps not matched: " + "; ".join(f"{name} ({why})"
