@@ -3,19 +3,24 @@
 Two networks are trained here to convergence on a seeded synthetic set of ten shapes on
 textured, cluttered ground (``synthetic_shapes.py``; nothing downloaded): a residual network
 (ResNet-20, CIFAR-style) and a depthwise one (MobileNetV2-style inverted residual blocks),
-plus the digits CNN. Each is pruned at several channel ratios, and its validation
-accuracy is measured
+plus the digits CNN, and YOLOv8n as ``benchmarks/yolo.py`` trains it on the synthetic
+detection set (its rows measure fidelity: the mAP50-95 of the pruned model's boxes against
+the dense model's, x 100, on 100 validation images; 256 unlabeled training images
+calibrate). Each is pruned at several channel ratios, and its validation accuracy is
+measured
 
 - right after pruning (L2 selection), and after each calibration-only recovery method
   (``bn``, ``bias+bn``, ``lsq+bn``), on 512 *unlabeled* calibration samples;
 - with the reconstruction-aware selection (``obs``) followed by ``lsq+bn``;
-- after label-free distillation from the dense model on the same 512 unlabeled samples;
+- after label-free distillation from the dense model on the same unlabeled samples, blended
+  by mixup;
 - for Torch-Pruning's L2 pruning of the same weights, with BatchNorm re-estimation.
 
 Labels are used only to measure accuracy. Each method's wall time and peak resident memory
 (sampled) are recorded. Usage::
 
-    python benchmarks/label_free.py [--models resnet20 mobilenetv2s digits] [--ratios 0.3 0.5 0.7]
+    python benchmarks/label_free.py [--models resnet20 mobilenetv2s digits yolov8n]
+        [--ratios 0.3 0.5 0.7] [--distill-epochs 20] [--mix 1.0]
 """
 
 from __future__ import annotations
@@ -240,10 +245,13 @@ def bn_reestimate(model: nn.Module, batches) -> None:
     model.eval()
 
 
-def run_model(name: str, dense: nn.Module, x: torch.Tensor, val, calib, ratios, rows,
-              distill_epochs: int) -> None:
+def run_model(name: str, dense: nn.Module, x: torch.Tensor, score: Callable[[nn.Module], float],
+              calib, ratios, rows, distill_epochs: int, mix: float,
+              ignored: Callable[[nn.Module], list[nn.Module]] | None = None) -> None:
+    """Every method on one model; ``score`` is validation accuracy for a classifier, and
+    for YOLO the fidelity to the dense model's boxes (mAP50-95 x 100, dense = 100)."""
     dense.eval()
-    dense_acc = accuracy(dense, val)
+    dense_acc = score(dense)
 
     def row(**fields):
         fields = {"model": name, "dense_accuracy": dense_acc, **fields}
@@ -266,27 +274,34 @@ def run_model(name: str, dense: nn.Module, x: torch.Tensor, val, calib, ratios, 
                                  methods)
             row(tool="structprune", ratio=ratio, selection=criterion,
                 recovery="+".join(methods), step="calibration only",
-                accuracy=accuracy(result.model, val), macs_kept=result.figures["macs_ratio"],
+                accuracy=score(result.model), macs_kept=result.figures["macs_ratio"],
                 seconds=cost.seconds, peak_rss_mb=cost.peak_mb, extra_rss_mb=cost.extra_mb,
                 undone=[e["module"] for e in report["layers"] if e.get("undone")])
             kept_best = (criterion, methods, result)
         criterion, methods, result = kept_best
+        for parameter in result.model.parameters():  # ultralytics loads them frozen
+            parameter.requires_grad_(True)
         with Peak() as cost:
-            fit(result.model, [b for _ in range(1) for b in calib], distill_epochs, lr=1e-3,
-                seed=1, teacher=dense, progress=False)
+            fit(result.model, list(calib), distill_epochs, lr=1e-3, seed=1, teacher=dense,
+                progress=False, mix=mix)
+            result.model.eval()
+        samples = sum(len(b) for b in calib)
         row(tool="structprune", ratio=ratio, selection=criterion, recovery="+".join(methods),
-            step=f"label-free distillation, {distill_epochs} epochs on the {CALIBRATION} "
-                 "calibration samples",
-            accuracy=accuracy(result.model, val), macs_kept=result.figures["macs_ratio"],
+            step=f"label-free distillation, {distill_epochs} epochs on the {samples} "
+                 f"calibration samples" + (f", mixup {mix}" if mix else ""),
+            accuracy=score(result.model), macs_kept=result.figures["macs_ratio"],
             seconds=cost.seconds, peak_rss_mb=cost.peak_mb, extra_rss_mb=cost.extra_mb)
         import torch_pruning as tp
 
         model = copy.deepcopy(dense)
+        for parameter in model.parameters():  # its graph is traced through autograd
+            parameter.requires_grad_(True)
         with Peak() as cost:
             try:
                 pruner = tp.pruner.MagnitudePruner(
                     model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                    pruning_ratio=ratio, ignored_layers=[classifier_of(model)])
+                    pruning_ratio=ratio,
+                    ignored_layers=(ignored or (lambda m: [classifier_of(m)]))(model))
                 pruner.step()
                 bn_reestimate(model, calib)
                 failed = None
@@ -299,15 +314,51 @@ def run_model(name: str, dense: nn.Module, x: torch.Tensor, val, calib, ratios, 
         kept = tp.utils.count_ops_and_params(model, x)[0] / \
             tp.utils.count_ops_and_params(dense, x)[0]
         row(tool="torch_pruning", ratio=ratio, selection="l2", recovery="bn",
-            step="calibration only", accuracy=accuracy(model, val), macs_kept=kept,
+            step="calibration only", accuracy=score(model), macs_kept=kept,
             seconds=cost.seconds, peak_rss_mb=cost.peak_mb, extra_rss_mb=cost.extra_mb)
+
+
+def run_yolo(weights: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """YOLOv8n as ``benchmarks/yolo.py`` trained it on the synthetic detection set: 256 of
+    its training images unlabeled for calibration, its 100 validation images for the
+    fidelity of the pruned model's boxes to the dense model's (mAP50-95 x 100)."""
+    if not weights.is_file():
+        print(f"skip yolov8n: no {weights} (run benchmarks/yolo.py --work "
+              f"{weights.parents[2]} first)")
+        return
+    from yolo import images  # benchmarks/yolo.py
+
+    from structprune.accuracy.evaluate import fidelity
+    from structprune.front.models import build_model
+
+    dense = build_model(f"ultralytics:{weights}").eval()
+    size = 192
+    root = weights.parents[2] / "shapes" / "images"
+    calib = images(root / "train", size, 256, 32)
+    val = images(root / "val", size, 100, 25)
+
+    def score(model: nn.Module) -> float:
+        found = fidelity(model, dense, val)
+        return 100.0 * (found["box_map50_95"] or 0.0)
+
+    def detect_head(model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules() if type(m).__name__ == "Detect"]
+
+    run_model("yolov8n", dense, torch.randn(1, 3, size, size), score, calib, args.ratios, rows,
+              args.distill_epochs, args.mix, ignored=detect_head)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2s", "digits"])
+    parser.add_argument("--models", nargs="+",
+                        default=["resnet20", "mobilenetv2s", "digits", "yolov8n"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--distill-epochs", type=int, default=20)
+    parser.add_argument("--mix", type=float, default=1.0,
+                        help="mixup of the calibration samples in distillation (0: off)")
+    parser.add_argument("--yolo", default=str(CACHE / "yolo_bench" / "dense" / "weights" /
+                                              "best.pt"),
+                        help="YOLOv8n trained by benchmarks/yolo.py (its --work folder)")
     parser.add_argument("--out", default=str(ROOT / "results" / "label_free_issue24.json"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -315,6 +366,9 @@ def main() -> int:
     rows: list[dict] = []
     shapes = None
     for name in args.models:
+        if name == "yolov8n":
+            run_yolo(Path(args.yolo), args, rows)
+            continue
         if name == "digits":
             from structprune.front.models import digits_cnn
 
@@ -329,12 +383,13 @@ def main() -> int:
             x = torch.randn(1, 3, 32, 32)
         # the calibration samples: the first 512 training images, without their labels
         calib = [b for b in loader(train[0][:CALIBRATION], None, 64, False)]
-        run_model(name, dense, x, val, calib, args.ratios, rows, args.distill_epochs)
+        run_model(name, dense, x, lambda m, val=val: accuracy(m, val), calib, args.ratios,
+                  rows, args.distill_epochs, args.mix)
     out = {"what": "accuracy without labels: calibration-only recovery, reconstruction-aware "
                    "selection and label-free distillation on 512 unlabeled samples",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": bench.machine(), "load_average": os.getloadavg(),
-           "epochs": EPOCHS, "distill_epochs": args.distill_epochs,
+           "epochs": EPOCHS, "distill_epochs": args.distill_epochs, "mix": args.mix,
            "calibration_samples": CALIBRATION, "seconds": time.perf_counter() - start,
            "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

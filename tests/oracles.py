@@ -81,17 +81,20 @@ def export_and_check(model: nn.Module, inputs, path) -> float:
     return onnx_parity(path, model, inputs)
 
 
-def digits_factory(directory, train_batches: int, val_batches: int, batch_size: int = 32) -> str:
+def digits_factory(directory, train_batches: int, val_batches: int, batch_size: int = 32,
+                   labels: bool = True) -> str:
     """A ``--data file.py:make`` spec for a small, fast slice of scikit-learn's digits: the
-    first ``train_batches`` training and ``val_batches`` validation batches."""
+    first ``train_batches`` training and ``val_batches`` validation batches (their images
+    alone without ``labels``)."""
     from pathlib import Path
 
-    path = Path(directory) / "small_digits.py"
+    path = Path(directory) / ("small_digits.py" if labels else "small_digits_unlabeled.py")
+    keep = "batch" if labels else "batch[0]"
     path.write_text(
         "import itertools\n"
         "from structprune.accuracy.data import digits\n\n\n"
         "def make():\n"
         f"    splits = digits(batch_size={batch_size})\n"
-        f"    return (list(itertools.islice(splits.train, {train_batches})),\n"
-        f"            list(itertools.islice(splits.val, {val_batches})))\n")
+        f"    return ([{keep} for batch in itertools.islice(splits.train, {train_batches})],\n"
+        f"            [{keep} for batch in itertools.islice(splits.val, {val_batches})])\n")
     return f"{path}:make"

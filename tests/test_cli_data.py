@@ -81,6 +81,36 @@ def test_auto_meets_the_budget_from_measured_sensitivity(factory, tmp_path):
     assert np.isclose(report["macs_ratio"], sensitivity["macs_ratio_predicted"])
 
 
+def test_auto_without_labels_measures_sensitivity_as_agreement_with_the_dense_model(
+        tmp_path):
+    images = digits_factory(tmp_path, 4, 3, batch_size=40, labels=False)
+    out = tmp_path / "auto"
+    assert run("prune", "structprune:digits_cnn", "--data", images, "--macs-budget", "0.5",
+               "--auto", "--out", out, "--no-onnx") == 0
+    report = json.loads((out / "report.json").read_text())
+    sensitivity = json.loads((out / "sensitivity.json").read_text())
+    assert report["macs_ratio"] <= 0.5 and "fidelity" in report
+    assert sensitivity["measured"] == "top-1 agreement with the dense model"
+    assert sensitivity["dense_accuracy"] == 1.0
+    # one measured point, recomputed: that group alone pruned at that ratio, its argmax
+    # compared with the dense model's on the validation images
+    model = build_model("structprune:digits_cnn")
+    analysis = sp.analyse(sp.capture(model, (torch.randn(1, 1, 32, 32),)))
+    scores = sp.score(analysis, "l2", [g for g in analysis.groups if (~g.blocked).any()])
+    row, at = sensitivity["groups"][0], sensitivity["ratios"].index(0.5)
+    group = next(g for g in analysis.groups if g.index == row["group"])
+    units = np.flatnonzero(~group.blocked)
+    gone = units[np.argsort(scores[group.index][units], kind="stable")][:len(units) // 2]
+    removed = np.zeros(analysis.n_components, bool)
+    removed[group.units[gone]] = True
+    alone = sp.apply_plan(model, sp.Plan(sliced_params(analysis, removed),
+                                         attributes=sized_attributes(analysis, removed)))
+    val = torch.cat(list(from_factory(images).val))
+    with torch.no_grad():
+        same = (alone.eval()(val).argmax(1) == model.eval()(val).argmax(1)).double().mean()
+    assert row["accuracy"][at] == pytest.approx(float(same))
+
+
 @pytest.mark.parametrize("case", [
     (["--criterion", "magic", "--ratio", "0.5"], "unknown criterion 'magic'"),
     (["--criterion", "taylor", "--ratio", "0.5"], "needs calibration data"),

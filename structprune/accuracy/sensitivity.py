@@ -18,7 +18,8 @@ import numpy as np
 import torch.nn as nn
 from tqdm import tqdm
 
-from structprune.accuracy.evaluate import evaluate
+from structprune.accuracy.evaluate import evaluate, fidelity
+from structprune.batches import split
 from structprune.config import PruneConfig, make_config
 from structprune.core.analyse import Analysis
 from structprune.core.apply import apply_plan
@@ -68,11 +69,26 @@ class GroupRatios:
         return plan_from_keep(self.analysis, self.keep(ratios), self.ranked, self.config)
 
 
+def quality(model: nn.Module, dense: nn.Module, batches: list[Any]) -> tuple[float, str]:
+    """How good ``model`` is on ``batches``, and what that number is: accuracy when the
+    batches carry labels; without labels its fidelity to ``dense``, the top-1 agreement for a
+    classifier, else one minus the mean relative output error (1.0 for ``dense`` itself)."""
+    if batches and split(batches[0])[1] is not None:
+        return evaluate(model, batches).accuracy, "accuracy"
+    found = fidelity(model, dense, batches)
+    if found["top1_agreement"] is not None:
+        return found["top1_agreement"], "top-1 agreement with the dense model"
+    errors = list(found["rel_error"].values())
+    return 1.0 - sum(errors) / max(1, len(errors)), "1 - relative output error"
+
+
 def measure(model: nn.Module, selection: GroupRatios, batches: Iterable[Any],
             ratios: Sequence[float] = RATIOS, progress: bool = True) -> dict[str, Any]:
-    """Accuracy on ``batches`` with each prunable group alone pruned at each ratio."""
+    """Accuracy on ``batches`` with each prunable group alone pruned at each ratio (on
+    batches without labels, fidelity to the dense model: :func:`quality`; ``measured``
+    says which)."""
     batches = list(batches)
-    dense = evaluate(model, batches).accuracy
+    dense, what = quality(model, model, batches)
     groups = [g for g in selection.analysis.groups if g.index in selection.candidates]
     rows = []
     steps = tqdm(total=len(groups) * len(ratios), desc="sensitivity", unit="trial",
@@ -82,12 +98,13 @@ def measure(model: nn.Module, selection: GroupRatios, batches: Iterable[Any],
             accuracy = []
             for ratio in ratios:
                 pruned = apply_plan(model, selection.plan({group.index: ratio}))
-                accuracy.append(evaluate(pruned, batches).accuracy)
+                accuracy.append(quality(pruned, model, batches)[0])
                 steps.update()
             rows.append({"group": group.index, "units": int(group.size),
                          "members": [f"{n}:{d}" for n, d in group.members[:3]],
                          "accuracy": accuracy})
-    return {"dense_accuracy": dense, "ratios": list(ratios), "groups": rows}
+    return {"dense_accuracy": dense, "measured": what, "ratios": list(ratios),
+            "groups": rows}
 
 
 def allocate(sensitivity: Mapping[str, Any], selection: GroupRatios,
