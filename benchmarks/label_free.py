@@ -348,6 +348,18 @@ def run_yolo(weights: Path, args: argparse.Namespace, rows: list[dict]) -> None:
               args.distill_epochs, args.mix, ignored=detect_head)
 
 
+def save(args: argparse.Namespace, rows: list[dict], start: float, complete: bool) -> None:
+    """The result file, written after every model so that a run cut short keeps its rows."""
+    out = {"what": "accuracy without labels: calibration-only recovery, reconstruction-aware "
+                   "selection and label-free distillation on unlabeled samples",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": bench.machine(), "load_average": os.getloadavg(),
+           "epochs": EPOCHS, "distill_epochs": args.distill_epochs, "mix": args.mix,
+           "calibration_samples": CALIBRATION, "seconds": time.perf_counter() - start,
+           "complete": complete, "models": args.models, "rows": rows}
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+",
@@ -368,6 +380,7 @@ def main() -> int:
     for name in args.models:
         if name == "yolov8n":
             run_yolo(Path(args.yolo), args, rows)
+            save(args, rows, start, complete=False)
             continue
         if name == "digits":
             from structprune.front.models import digits_cnn
@@ -385,14 +398,8 @@ def main() -> int:
         calib = [b for b in loader(train[0][:CALIBRATION], None, 64, False)]
         run_model(name, dense, x, lambda m, val=val: accuracy(m, val), calib, args.ratios,
                   rows, args.distill_epochs, args.mix)
-    out = {"what": "accuracy without labels: calibration-only recovery, reconstruction-aware "
-                   "selection and label-free distillation on 512 unlabeled samples",
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": bench.machine(), "load_average": os.getloadavg(),
-           "epochs": EPOCHS, "distill_epochs": args.distill_epochs, "mix": args.mix,
-           "calibration_samples": CALIBRATION, "seconds": time.perf_counter() - start,
-           "rows": rows}
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        save(args, rows, start, complete=False)
+    save(args, rows, start, complete=True)
     print(f"wrote {args.out}")
     return 0
 
