@@ -29,6 +29,7 @@ import contextlib
 import io
 import logging
 import math
+import platform
 import shutil
 import tempfile
 import time
@@ -254,7 +255,21 @@ def _ort(model: Path, out: Path, feeds: list[dict[str, np.ndarray]], config: Qua
     quantize_static(str(model), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ,
                     per_channel=config.per_channel, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=method,
+                    reduce_range=saturating_int8(),
                     nodes_to_exclude=list(excluded), calibration_cache_path=str(cache))
+
+
+def saturating_int8() -> bool:
+    """Whether this CPU multiplies u8 by s8 with AVX2 alone (x86 without VNNI), whose 16-bit
+    intermediate sums saturate: ONNX Runtime's guidance is then to quantize weights to 7 bits
+    (``reduce_range``); with VNNI, AMX, or on other CPUs, all 8 are exact."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def _nncf(model: Path, out: Path, feeds: list[dict[str, np.ndarray]], config: QuantizeConfig,
