@@ -289,6 +289,47 @@ class TargetConfig(_Config):
                             "--ratio, or drop --round-to auto to search widths per group")
 
 
+@dataclass(frozen=True)
+class OnnxSignature(_Config):
+    """How the ONNX files of a model are written when it came from an ONNX file: the
+    original graph's ``input_names`` and ``output_names``, its ``opset`` and its
+    ``dynamic_axes`` (tensor name -> {axis: axis name}, as ``torch.onnx.export`` takes
+    them). ``structprune.front.models.export_signature`` reads them from the source."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    opset: int
+    dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_names", tuple(self.input_names))
+        object.__setattr__(self, "output_names", tuple(self.output_names))
+        axes = {str(name): {int(axis): str(dim) for axis, dim in dims.items()}
+                for name, dims in self.dynamic_axes.items()}
+        object.__setattr__(self, "dynamic_axes", axes)
+        names = [*self.input_names, *self.output_names]
+        if not self.input_names or not self.output_names or len(set(names)) != len(names):
+            raise PlanError(f"an ONNX signature needs distinct input and output names, not "
+                            f"{names}")
+        if not _is_count(self.opset, 1):
+            raise PlanError(f"opset {self.opset!r} must be an integer >= 1")
+        unknown = sorted(set(axes) - set(names))
+        if unknown:
+            raise PlanError(f"dynamic axes name {unknown[0]!r}, which is no input or output")
+
+    def batch_dynamic(self) -> bool:
+        """Whether every input's first axis is dynamic (a file that runs at any batch)."""
+        return all(0 in self.dynamic_axes.get(name, {}) for name in self.input_names)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> OnnxSignature | None:
+        """The signature :meth:`to_json` wrote (None stays None)."""
+        if data is None:
+            return None
+        return cls(data["input_names"], data["output_names"], data["opset"],
+                   data.get("dynamic_axes", {}))
+
+
 QUANTIZE_PRECISIONS = ("int8",)
 
 
@@ -336,7 +377,9 @@ class RunConfig(_Config):
     (and whether) ``dense.onnx`` and ``pruned.onnx`` are written; ``quantize`` (a
     :class:`QuantizeConfig`) writes their INT8 twins, calibrated on the data.
     ``memory_budget`` bounds what recovery allocates (bytes, or a string such as ``"8G"``;
-    None: half of the memory available when it starts).
+    None: half of the memory available when it starts). ``signature`` (an
+    :class:`OnnxSignature`, for a model that came from an ONNX file) gives the ONNX files
+    that file's input and output names, opset and dynamic axes.
     """
 
     steps: int = 1
@@ -350,6 +393,7 @@ class RunConfig(_Config):
     onnx: bool = True
     quantize: QuantizeConfig | None = None
     memory_budget: int | None = None
+    signature: OnnxSignature | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_budget", memory_size(self.memory_budget))
@@ -409,5 +453,6 @@ class RunConfig(_Config):
             raise PlanError("--quantize int8 calibrates on the data's inputs: pass --data")
 
 
-__all__ = ["CAPTURE_METHODS", "DEFAULT_RATIO", "IF_SLOWER", "QUANTIZE_PRECISIONS", "PruneConfig",
+__all__ = ["CAPTURE_METHODS", "DEFAULT_RATIO", "IF_SLOWER", "QUANTIZE_PRECISIONS", "OnnxSignature",
+           "PruneConfig",
            "QuantizeConfig", "RunConfig", "TargetConfig", "make_config", "memory_size"]

@@ -152,7 +152,7 @@ def test_the_front_half_settles_literals_for_every_caller(capsys, monkeypatch):
         return next(g.status for g in analysis.groups if ("conv.weight", 0) in g.members)
 
     assert status(bare) != "blocked" and status(settled) == "blocked"
-    monkeypatch.setattr(arguments, "build_model", lambda spec, seed: SizeInCode())
+    monkeypatch.setattr(arguments, "build_model", lambda spec, seed, shapes=None: SizeInCode())
     assert cli.main(["analyze", "any:thing", "--input-shape", "1,3,8,8", "--capture",
                      "export"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines()

@@ -140,4 +140,4 @@ def test_readme_is_short_and_keeps_the_two_commands():
     assert len(text.splitlines()) <= 200
     assert ("pip install -e . && structprune prune torchvision:vgg16 --ratio 0.5 --out "
             "out/vgg16 && structprune bench out/vgg16 --batch 1") in text
-    assert 'pip install -e ".[test,timm]" && python -m pytest' in text
+    assert 'pip install -e ".[test,timm,onnx]" && python -m pytest' in text

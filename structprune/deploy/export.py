@@ -26,11 +26,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from structprune.config import OnnxSignature
 from structprune.core.capture import module_state_kept
 from structprune.core.verify import compare, flatten_outputs
 from structprune.errors import StructPruneError, first_line
 from structprune.tree import evaluation, random_inputs
 
+# the newest opset the TorchScript exporter writes (newer ones are converted from it)
+TORCHSCRIPT_MAX_OPSET = 20
 # a pruned file may differ from torch by this multiple of the dense file's own error: the
 # pruned model runs the same ops on fewer channels, so it may round differently, not worse
 ERROR_MULTIPLE = 4.0
@@ -71,55 +74,104 @@ def _quiet():
             logger.setLevel(level)
 
 
-def _export_dynamo(model: nn.Module, inputs: tuple, path: Path, opset: int) -> None:
+def _names_and_axes(inputs: tuple, signature: OnnxSignature | None,
+                    ) -> tuple[list[str], dict[str, dict[int, str]]]:
+    """The input names and dynamic axes a file gets: the signature's, else ``input`` (or
+    ``input_0``, ...) with a dynamic batch axis each."""
+    if signature is not None:
+        return list(signature.input_names), dict(signature.dynamic_axes)
+    names = _names(inputs)
+    return names, {n: {0: "batch"} for n in names}
+
+
+def _export_dynamo(model: nn.Module, inputs: tuple, path: Path, opset: int,
+                   signature: OnnxSignature | None = None) -> None:
+    names, axes = _names_and_axes(inputs, signature)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.ndim > 0 else None
-                   for x in inputs)
+    shapes = []
+    for name, x in zip(names, inputs, strict=False):
+        dynamic = {axis: batch if dim == "batch" else torch.export.Dim.DYNAMIC
+                   for axis, dim in axes.get(name, {}).items()}
+        shapes.append(dynamic if isinstance(x, torch.Tensor) and x.ndim > 0 and dynamic
+                      else None)
     with module_state_kept(model):  # RT-DETR caches anchors on its head while traced
-        program = torch.onnx.export(model, inputs, dynamic_shapes=shapes, dynamo=True,
-                                    input_names=_names(inputs), opset_version=max(opset, 18),
-                                    verbose=False, report=False)
+        program = torch.onnx.export(
+            model, inputs, dynamic_shapes=tuple(shapes), dynamo=True, input_names=names,
+            output_names=None if signature is None else list(signature.output_names),
+            opset_version=max(opset, 18), verbose=False, report=False)
     program.save(str(path))
 
 
-def _export_torchscript(model: nn.Module, inputs: tuple, path: Path, opset: int) -> None:
-    names = _names(inputs)
+def _export_torchscript(model: nn.Module, inputs: tuple, path: Path, opset: int,
+                        signature: OnnxSignature | None = None) -> None:
+    names, axes = _names_and_axes(inputs, signature)
+    # given no output name, the exporter takes a GraphModule's fx graph for a TorchScript one
+    # and fails; the first output is then named as torch.export names it
+    outputs = list(signature.output_names) if signature is not None else \
+        ["output"] if isinstance(model, torch.fx.GraphModule) else None
     torch.onnx.export(model, inputs, str(path), dynamo=False, input_names=names,
-                      dynamic_axes={n: {0: "batch"} for n in names}, opset_version=opset,
+                      output_names=outputs, dynamic_axes=axes,
+                      opset_version=opset if signature is None else
+                      min(max(opset, 7), TORCHSCRIPT_MAX_OPSET),  # _signed converts the rest
                       do_constant_folding=True)
+
+
+def _signed(path: Path, signature: OnnxSignature) -> None:
+    """Give the written file the signature's opset and dynamic axis names: the exporters
+    write opsets in their own ranges and name the axes of torch.export themselves."""
+    import onnx
+    from onnx import version_converter
+
+    proto = onnx.load(str(path))
+    for value in [*proto.graph.input, *proto.graph.output]:
+        for axis, name in signature.dynamic_axes.get(value.name, {}).items():
+            dims = value.type.tensor_type.shape.dim
+            if axis < len(dims):
+                dims[axis].dim_param = name
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset != signature.opset:
+        proto = version_converter.convert_version(proto, signature.opset)
+    onnx.save(proto, str(path))
 
 
 def export_onnx(model: nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike,
                 exporter: str = "auto", opset: int = 18, simplify: bool = False, *,
-                tolerance: float = 1e-4, dense_error: float | None = None) -> str:
+                tolerance: float = 1e-4, dense_error: float | None = None,
+                signature: OnnxSignature | None = None) -> str:
     """Write ``model`` to ``path`` as ONNX with a dynamic batch axis; returns the exporter used.
 
     ``exporter`` is ``"dynamo"``, ``"torchscript"`` or ``"auto"`` (dynamo, then TorchScript).
     ``simplify`` folds constants (BN into conv, ...) with onnxscript's optimizer. The file
     must run at another batch size within ``tolerance`` of torch, or, given the dense file's
-    own error ``dense_error``, within :func:`allowed_error` of it.
+    own error ``dense_error``, within :func:`allowed_error` of it. A ``signature`` (a model
+    from an ONNX file) replaces the names, the opset and the dynamic axes by its own; the
+    file then runs at another batch size only where its batch axis is dynamic.
     """
     return _export(model, example_inputs, Path(path), exporter, opset, simplify, tolerance,
-                   dense_error)[0]
+                   dense_error, signature=signature)[0]
 
 
 def export_pair(dense: nn.Module, pruned: nn.Module, example_inputs: Sequence[Any],
                 dense_path: str | os.PathLike, pruned_path: str | os.PathLike,
                 exporter: str = "auto", simplify: bool = False, opset: int = 18,
-                tolerance: float = 1e-4) -> dict[str, Any]:
+                tolerance: float = 1e-4, signature: OnnxSignature | None = None,
+                ) -> dict[str, Any]:
     """Write the dense and the pruned model as ONNX, and hold the pruned file to the error the
     dense one already has in ONNX Runtime (:func:`allowed_error`): the dense file is the
     model as the exporter gives it, so its error is measured and recorded, not refused.
+    ``signature``: both files carry it (see :func:`export_onnx`).
 
     Returns the figures: ``exporter_dense``, ``exporter_pruned``, ``onnx_dense_rel_error``,
     ``onnx_rel_error`` (the pruned file's), ``onnx_allowed_rel_error`` and
     ``onnx_error_multiple``; both errors on the same random inputs.
     """
     dense_exporter, dense_error = _export(dense, example_inputs, Path(dense_path), exporter,
-                                          opset, simplify, tolerance, None, keep_closest=True)
+                                          opset, simplify, tolerance, None, keep_closest=True,
+                                          signature=signature)
     allowed = allowed_error(tolerance, dense_error)
     pruned_exporter, pruned_error = _export(pruned, example_inputs, Path(pruned_path), exporter,
-                                            opset, simplify, tolerance, dense_error)
+                                            opset, simplify, tolerance, dense_error,
+                                            signature=signature)
     return {"exporter_dense": dense_exporter, "exporter_pruned": pruned_exporter,
             "onnx_dense_rel_error": dense_error, "onnx_rel_error": pruned_error,
             "onnx_allowed_rel_error": allowed, "onnx_error_multiple": ERROR_MULTIPLE}
@@ -127,26 +179,38 @@ def export_pair(dense: nn.Module, pruned: nn.Module, example_inputs: Sequence[An
 
 def _export(model: nn.Module, example_inputs: Sequence[Any], path: Path, exporter: str,
             opset: int, simplify: bool, tolerance: float, dense_error: float | None,
-            keep_closest: bool = False) -> tuple[str, float]:
+            keep_closest: bool = False, signature: OnnxSignature | None = None,
+            ) -> tuple[str, float]:
     """Write ``model`` with the first exporter whose file is within ``tolerance`` of torch,
     else with the closest one within :func:`allowed_error` (``keep_closest``: whatever its
     error); (exporter, its error)."""
     import onnx
 
-    inputs = random_inputs(example_inputs, batch=2)  # batch 1 would be specialised by torch.export
-    order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"],
+    check = parity_batch(signature)
+    # batch 1 would be specialised by torch.export; a fixed batch axis stays as it is
+    inputs = random_inputs(example_inputs, batch=2 if check else None)
+    # onnx2torch's modules export themselves through the TorchScript exporter
+    order = {"auto": ["dynamo", "torchscript"] if signature is None else
+             ["torchscript", "dynamo"], "dynamo": ["dynamo"],
              "torchscript": ["torchscript"]}[exporter]
+    opset = opset if signature is None else signature.opset
+
+    def write(name: str) -> None:
+        (_export_dynamo if name == "dynamo" else _export_torchscript)(model, inputs, path, opset,
+                                                                      signature)
+        if signature is not None:
+            _signed(path, signature)
+
     errors, measured = [], {}
     with torch.no_grad(), evaluation(model), _quiet():
         for name in order:
-            fn = _export_dynamo if name == "dynamo" else _export_torchscript
             try:
-                fn(model, inputs, path, opset)
+                write(name)
             except Exception as exc:  # noqa: BLE001 - try the next exporter
                 errors.append(f"{name}: {type(exc).__name__}: {first_line(exc, 120)}")
                 continue
             try:  # the file must run at another batch size: dynamo can fix the batch axis
-                measured[name] = parity_error(path, model, example_inputs, batch=3)
+                measured[name] = parity_error(path, model, example_inputs, batch=check)
             except ExportError as exc:
                 errors.append(f"{name}: {exc}")
                 continue
@@ -159,19 +223,24 @@ def _export(model: nn.Module, example_inputs: Sequence[Any], path: Path, exporte
                 measured[best] > allowed_error(tolerance, dense_error) and not keep_closest):
             raise ExportError(f"ONNX export failed ({'; '.join(errors)})")
         if best != name:  # a later exporter wrote the file: write the closest one again
-            (_export_dynamo if best == "dynamo" else _export_torchscript)(model, inputs, path,
-                                                                           opset)
+            write(best)
     error = measured[best]
     if simplify:  # the file written is measured again
         import onnxscript.optimizer
         proto = onnxscript.optimizer.optimize(onnx.load(str(path)))
         onnx.save(proto, str(path))
-        error = parity_error(path, model, example_inputs)
+        error = parity_error(path, model, example_inputs, batch=check)
         if error > allowed_error(tolerance, dense_error) and not keep_closest:
             raise ExportError(f"{path}: ONNX Runtime differs from torch once simplified "
                               f"(relative error {error:.2e} > {_bound(tolerance, dense_error)})")
     onnx.checker.check_model(str(path), full_check=True)
     return best, error
+
+
+def parity_batch(signature: OnnxSignature | None) -> int | None:
+    """The batch a file is checked at: 3, another than the example inputs', where its batch
+    axis is dynamic; else (a fixed batch in the ``signature``) the example inputs' own."""
+    return 3 if signature is None or signature.batch_dynamic() else None
 
 
 def run_onnx(path: str | os.PathLike, inputs: Sequence[Any], threads: int | None = None,
@@ -189,9 +258,10 @@ def run_onnx(path: str | os.PathLike, inputs: Sequence[Any], threads: int | None
 
 
 def parity_error(path: str | os.PathLike, model: nn.Module, example_inputs: Sequence[Any],
-                 batch: int = 3) -> float:
-    """Relative error of ONNX Runtime against torch on random inputs (batch ``batch``); an
-    :class:`ExportError` when the file cannot run there or its outputs have other shapes."""
+                 batch: int | None = 3) -> float:
+    """Relative error of ONNX Runtime against torch on random inputs (batch ``batch``; None:
+    the example inputs' own); an :class:`ExportError` when the file cannot run there or its
+    outputs have other shapes."""
     inputs = random_inputs(example_inputs, batch=batch)
     with torch.no_grad(), evaluation(model):
         expected = flatten_outputs(model(*inputs))
@@ -210,9 +280,10 @@ def parity_error(path: str | os.PathLike, model: nn.Module, example_inputs: Sequ
 
 
 def onnx_parity(path: str | os.PathLike, model: nn.Module, example_inputs: Sequence[Any],
-                batch: int = 3, tolerance: float = 1e-4, dense_error: float | None = None,
+                batch: int | None = 3, tolerance: float = 1e-4, dense_error: float | None = None,
                 ) -> float:
-    """Relative error of ONNX Runtime against torch on random inputs (batch ``batch``); an
+    """Relative error of ONNX Runtime against torch on random inputs (batch ``batch``; None:
+    the example inputs' own); an
     :class:`ExportError` beyond ``tolerance``, or, given the dense file's own error
     ``dense_error``, beyond :func:`allowed_error`."""
     error = parity_error(path, model, example_inputs, batch)

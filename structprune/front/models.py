@@ -1,5 +1,6 @@
 """Model specs on the command line: ``torchvision:NAME``, ``timm:NAME``,
-``ultralytics:yolov8n.yaml`` (or a ``.pt`` checkpoint), ``file.py:FACTORY`` and
+``ultralytics:yolov8n.yaml`` (or a ``.pt`` checkpoint), ``onnx:model.onnx`` (or a bare
+``model.onnx``; :mod:`structprune.front.onnx_in`), ``file.py:FACTORY`` and
 ``structprune:NAME`` for the small models defined here (:data:`OWN_MODELS`)."""
 
 from __future__ import annotations
@@ -16,15 +17,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from structprune.config import OnnxSignature
 from structprune.errors import StructPruneError
+from structprune.front import onnx_in
+from structprune.tree import random_inputs
 
 
-def build_model(spec: str, seed: int = 0) -> nn.Module:
-    """Build the model a spec names, with random weights (seeded) for zoo models."""
+def build_model(spec: str, seed: int = 0,
+                input_shapes: list[tuple[int, ...]] | None = None) -> nn.Module:
+    """Build the model a spec names, with random weights (seeded) for zoo models. An ONNX
+    file's model is converted and checked on inputs of ``input_shapes`` (default: its
+    graph's own, :func:`default_input_shapes`)."""
+    if onnx_in.is_onnx_spec(spec):
+        shapes = input_shapes or onnx_in.input_shapes(spec)
+        return onnx_in.load_onnx(spec, random_inputs(shapes, seed=seed))
     kind, sep, name = spec.partition(":")
     if not sep or not name:
         raise StructPruneError(f"model spec {spec!r} must look like torchvision:resnet18, "
-                               "timm:resnet18 or path/to/file.py:factory")
+                               "timm:resnet18, model.onnx or path/to/file.py:factory")
     if kind == "torchvision":
         return _torchvision(name, seed)
     if kind == "timm":
@@ -38,12 +48,27 @@ def build_model(spec: str, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)  # factories that initialise randomly are reproducible too
         return _factory(Path(path), factory)
     raise StructPruneError(f"unknown model source {kind!r} in {spec!r}: use torchvision:, timm:, "
-                           f"ultralytics:, structprune: ({', '.join(OWN_MODELS)}) or a path to "
-                           "a .py file")
+                           f"ultralytics:, onnx:, structprune: ({', '.join(OWN_MODELS)}) or a "
+                           "path to a .py or .onnx file")
+
+
+def default_input_shapes(spec: str) -> list[tuple[int, ...]]:
+    """The shapes of a spec's model's inputs when none are given: an ONNX graph's own (its
+    batch axis 1 where dynamic), else the one :func:`default_input_shape`."""
+    return onnx_in.input_shapes(spec) if onnx_in.is_onnx_spec(spec) \
+        else [default_input_shape(spec)]
+
+
+def export_signature(spec: str) -> OnnxSignature | None:
+    """The input and output names, opset and dynamic axes the ONNX files of a spec's model
+    carry: an ONNX file's own; None (structprune's defaults) for every other source."""
+    return onnx_in.signature(spec) if onnx_in.is_onnx_spec(spec) else None
 
 
 def default_input_shape(spec: str) -> tuple[int, ...]:
     """The input shape a spec's model takes when none is given."""
+    if onnx_in.is_onnx_spec(spec):
+        return onnx_in.input_shapes(spec)[0]
     if spec == "structprune:digits_cnn":
         return (1, 1, 32, 32)
     if spec.startswith("ultralytics:") and "-cls" not in spec:

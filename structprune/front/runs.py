@@ -28,6 +28,8 @@ from structprune.errors import StructPruneError
 from structprune.files import atomic_write, atomic_write_text
 from structprune.front.io import load
 from structprune.front.models import build_model, load_weights
+from structprune.front.onnx_in import PREFIX as ONNX_PREFIX
+from structprune.front.onnx_in import is_onnx_spec, onnx_path
 
 REPORT = "report.json"
 CHECKPOINT = "checkpoint.safetensors"
@@ -99,14 +101,18 @@ def read_report(directory: Path) -> dict[str, Any]:
 
 def model_record(spec: str, seed: int = 0, weights: str | None = None) -> dict[str, Any]:
     """What a report records of the dense model, so that :func:`dense_model` can rebuild it:
-    its spec, seed and weights file (by absolute path)."""
+    its spec (an ONNX file by absolute path), seed and weights file (by absolute path)."""
+    if is_onnx_spec(spec):
+        spec = f"{ONNX_PREFIX}{onnx_path(spec).resolve()}"
     return {"spec": spec, "seed": seed,
             "weights": str(Path(weights).resolve()) if weights else None}
 
 
 def dense_model(report: dict[str, Any]) -> nn.Module:
-    """The dense model a report names, rebuilt with its seed and weights."""
-    dense = build_model(report["spec"], report.get("seed", 0))
+    """The dense model a report names, rebuilt with its seed and weights (an ONNX file's
+    converted and checked on inputs of the report's shapes)."""
+    dense = build_model(report["spec"], report.get("seed", 0),
+                        [tuple(shape) for shape in report.get("input_shapes") or []] or None)
     if report.get("weights"):
         load_weights(dense, report["weights"])
     return dense

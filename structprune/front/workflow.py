@@ -39,13 +39,13 @@ from structprune.accuracy.sensitivity import auto_plan
 from structprune.accuracy.sensitivity import plot as plot_sensitivity
 from structprune.accuracy.sparsity import BNL1, GroupLasso
 from structprune.accuracy.train import fit
-from structprune.config import PruneConfig, RunConfig, TargetConfig
+from structprune.config import OnnxSignature, PruneConfig, RunConfig, TargetConfig
 from structprune.core.api import PruneResult, prune
 from structprune.core.plan import Plan, compose
 from structprune.core.prepare import prepare
 from structprune.core.registry import RuleRegistry
 from structprune.core.score import calibration
-from structprune.deploy.export import export_onnx, export_pair, onnx_parity
+from structprune.deploy.export import export_onnx, export_pair, onnx_parity, parity_batch
 from structprune.deploy.speed import prune_for_target
 from structprune.deploy.tune import fastest_rounding
 from structprune.errors import StructPruneError
@@ -168,7 +168,8 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
             progress("export dense.onnx and pruned.onnx")
             figures.update(export_pair(model, result.model, example_inputs,
                                        staging / "dense.onnx", staging / "pruned.onnx",
-                                       exporter, simplify=run.simplify))
+                                       exporter, simplify=run.simplify,
+                                       signature=run.signature))
         if run.quantize is not None:  # INT8 twins of both files, measured beside them
             progress("quantize dense.onnx and pruned.onnx")
             figures["quantize"] = quantize_dir(
@@ -186,6 +187,8 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
             figures["data"] = data.summary()
         figures.update(record or {})
         figures["input_shapes"] = [list(x.shape) for x in example_inputs]
+        if run.signature is not None:  # what a later export of the folder's files keeps
+            figures["onnx_signature"] = run.signature.to_json()
         figures["wall_seconds"] = time.perf_counter() - start
         write_report(staging, figures)
     return result, figures
@@ -311,10 +314,13 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
     save(pruned, directory, plan)
     if (directory / "pruned.onnx").exists():
         inputs = random_inputs(report["input_shapes"])
+        signature = OnnxSignature.from_json(report.get("onnx_signature"))
         atomic_write(directory / "pruned.onnx",
                      lambda path: export_onnx(pruned, inputs, path, exporter,
-                                              dense_error=report.get("onnx_dense_rel_error")))
-        record["onnx_rel_error"] = onnx_parity(directory / "pruned.onnx", pruned, inputs)
+                                              dense_error=report.get("onnx_dense_rel_error"),
+                                              signature=signature))
+        record["onnx_rel_error"] = onnx_parity(directory / "pruned.onnx", pruned, inputs,
+                                               batch=parity_batch(signature))
     report["finetune"] = record
     write_report(directory, report)
     return record

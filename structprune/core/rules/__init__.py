@@ -17,6 +17,7 @@ from structprune.core.rules import (  # noqa: F401 - the declarations
     aten,
     elementwise,
     layers,
+    onnx2torch,
     reduce,
     shape,
     zoo,

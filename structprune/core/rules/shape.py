@@ -64,11 +64,13 @@ def _varying_axes(ids: np.ndarray) -> list[int]:
     return axes
 
 
-def reshape(ctx: RuleContext, x: TensorInfo, literal_dims: set[int]) -> TensorInfo:
+def reshape(ctx: RuleContext, x: TensorInfo, literal_dims: set[int],
+            why: str = HARD_CODED) -> TensorInfo:
     """Carry maps through a row-major reshape to ``ctx.out_shape``.
 
     ``literal_dims`` are output dims whose size is a literal in the traced code: they cannot
-    shrink, so atoms along them are merged. A map left with no free dim to shrink is blocked.
+    shrink, so atoms along them are merged. A map left with no free dim to shrink is blocked
+    (``why``: where the literal comes from).
     """
     out_shape = ctx.out_shape
     groups = reshape_groups(x.shape, out_shape)
@@ -87,7 +89,7 @@ def reshape(ctx: RuleContext, x: TensorInfo, literal_dims: set[int]) -> TensorIn
         varying = _varying_axes(ids)
         free = [a for a in varying if a not in literal_axes]
         if not free:
-            ctx.block(m, HARD_CODED)
+            ctx.block(m, why)
             continue
         if len(free) > 1:
             ctx.block(m, "reshape scatters channels over several axes")

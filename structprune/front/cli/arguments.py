@@ -14,7 +14,7 @@ from structprune.accuracy.data import DataSplits, image_splits, load_data
 from structprune.accuracy.evaluate import classifier_width, predict
 from structprune.config import CAPTURE_METHODS
 from structprune.errors import StructPruneError
-from structprune.front.models import build_model, default_input_shape, load_weights, parse_shape
+from structprune.front.models import build_model, default_input_shapes, load_weights, parse_shape
 from structprune.front.yolo import is_ultralytics_model
 from structprune.tree import random_inputs
 
@@ -26,10 +26,12 @@ def model_args(p: argparse.ArgumentParser) -> None:
     """The model a command builds: its spec, input shapes, weights, seed and capture."""
     p.add_argument("spec", metavar="SPEC",
                    help="torchvision:NAME, timm:NAME, ultralytics:yolov8n.yaml (or a .pt "
-                        "checkpoint), structprune:NAME or path/to/file.py:FACTORY")
+                        "checkpoint), model.onnx (or onnx:PATH), structprune:NAME or "
+                        "path/to/file.py:FACTORY")
     p.add_argument("--input-shape", action="append", default=None, metavar="N,C,H,W",
                    help="shape of one forward() input; repeat for several (default "
-                        "1,3,224,224; 1,3,640,640 for ultralytics detectors)")
+                        "1,3,224,224; 1,3,640,640 for ultralytics detectors; an ONNX "
+                        "graph's own)")
     p.add_argument("--weights", help="state_dict file to load (read with weights_only=True)")
     p.add_argument("--seed", type=int, default=0, help="seed for zoo models' random weights")
     p.add_argument("--capture", choices=CAPTURE_METHODS, default="auto",
@@ -81,8 +83,8 @@ def round_to(text: str) -> int | str:
 def model_and_inputs(args: argparse.Namespace) -> tuple[nn.Module, tuple]:
     """The model ``model_args`` name, in eval mode, and seeded random example inputs."""
     shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape \
-        else [default_input_shape(args.spec)]
-    model = build_model(args.spec, args.seed)
+        else default_input_shapes(args.spec)
+    model = build_model(args.spec, args.seed, shapes)
     if args.weights:
         load_weights(model, args.weights)
     model.eval()

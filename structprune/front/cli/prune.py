@@ -33,6 +33,7 @@ from structprune.front.cli.arguments import (
 )
 from structprune.front.cli.output import fidelity_line, human, metric_rows, table
 from structprune.front.cli.quantize import quantize_args, quantize_config
+from structprune.front.models import export_signature
 from structprune.front.quantize import summary_lines
 from structprune.front.runs import model_record, writable_parent
 from structprune.front.workflow import prune_to_dir
@@ -148,7 +149,8 @@ def configs(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig, TargetCon
                     distill=args.distill, auto=args.auto, recover=args.recover,
                     memory_budget=args.memory_budget,
                     tune_batch=batch, exporter=args.exporter, simplify=args.simplify,
-                    onnx=not args.no_onnx, quantize=quantize_config(args, args.quantize))
+                    onnx=not args.no_onnx, quantize=quantize_config(args, args.quantize),
+                    signature=export_signature(args.spec))
     run.check(config, target, plan_given=bool(args.plan), data_given=bool(args.data))
     if run.quantize is not None:  # an unknown quantize runtime before the model is built
         check_quantize(run.quantize)

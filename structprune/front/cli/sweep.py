@@ -24,6 +24,7 @@ from structprune.front.cli.arguments import (
     timing_args,
 )
 from structprune.front.cli.bench import bench_dir
+from structprune.front.models import export_signature
 from structprune.front.runs import model_record, writable_parent
 from structprune.front.workflow import prune_to_dir
 
@@ -57,7 +58,8 @@ def configs(args: argparse.Namespace) -> tuple[list[tuple[float, PruneConfig]], 
         raise StructPruneError(f"--ratios {args.ratios!r} must be comma-separated numbers") from exc
     base = PruneConfig(round_to=args.round_to, exact_only=args.exact_only,
                        capture_method=args.capture)
-    run = RunConfig(exporter=args.exporter, tune_batch=(args.batch or [1])[0])
+    run = RunConfig(exporter=args.exporter, tune_batch=(args.batch or [1])[0],
+                    signature=export_signature(args.spec))
     return [(ratio, base.replace(ratio=ratio)) for ratio in ratios], run
 
 
