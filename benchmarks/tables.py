@@ -578,7 +578,10 @@ def label_free() -> str:
               "obs + lsq+bn model, matching the dense model's outputs. Torch-Pruning: L2 "
               "magnitude, classifier (YOLO: Detect head) ignored, BatchNorm statistics "
               "re-estimated on the same samples. Peak memory per row is in the JSON. "
-              "`python benchmarks/label_free.py`."]
+              "The distillation column calls `fit` directly; `structprune finetune` keeps the "
+              "calibrated model where distillation moves it away from the dense one (the "
+              "digits rows). `python benchmarks/label_free.py`."
+              + (f" {data['note'][0].upper()}{data['note'][1:]}." if data.get("note") else "")]
     return "\n".join(lines)
 
 
