@@ -198,16 +198,6 @@ def to_device(value: Any, device: torch.device | str | None) -> Any:
     if device is None:
         return value
     return map_tensors(value, lambda tensor: tensor.to(device))
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        moved = [to_device(v, device) for v in value]
-        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
-    if isinstance(value, list):
-        return [to_device(v, device) for v in value]
-    if isinstance(value, Mapping):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
 
 
 def call(model: nn.Module, batch: Batch) -> Any:

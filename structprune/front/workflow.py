@@ -270,7 +270,9 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
         return fidelity_everywhere(model, dense, data.val)
 
     before = measure(pruned)
-    start_state = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
+    # without labels, the weights to go back to if distillation ends further from dense
+    start_state = None if data.labelled else \
+        {k: v.detach().clone() for k, v in pruned.state_dict().items()}
     dense_metrics = evaluate_everywhere(dense, data.val, data.num_classes).to_json() \
         if data.labelled else None
     start, optimizer_state = 0, None
@@ -294,7 +296,7 @@ def finetune_dir(directory: str | os.PathLike, dense: nn.Module, data: DataSplit
     pruned.eval()
     after = measure(pruned)
     kept = None
-    if not data.labelled and not closer(after, before):
+    if start_state is not None and not closer(after, before):
         pruned.load_state_dict(start_state)
         kept = ("the weights it started from: the fidelity to the dense model on the "
                 "validation split did not improve")
