@@ -257,6 +257,33 @@ def test_lsq_equals_an_independent_least_squares_solve(setup):
     assert [layer["module"] for layer in report["layers"]] == ["conv2", "conv3", "fc"]
 
 
+def test_lsq_folds_the_intercept_of_a_bias_free_conv_into_its_batchnorm(setup):
+    dense, result, fit, _ = setup
+    # conv3 has no bias and feeds bn3 alone: it is regressed with a ones column (its input
+    # is the pruned model's, conv2 already refitted), the weights written to conv3 and the
+    # intercept subtracted from bn3's running mean
+    pruned, report = _recovered(setup, "lsq", max_rows=10 ** 9, ridge=0.0, lsq_samples=10 ** 6)
+    x = torch.cat([b[0] for b in _fitted(fit)])
+    keep_out = _keep(result.plan, "conv3.weight", 0)
+    with torch.no_grad():
+        pruned.eval()
+        dense.eval()
+        inputs = pruned.block2(x)
+        target = dense.conv3(dense.block2(x))[:, keep_out]
+    a = _patches(inputs).double().numpy()
+    a = np.concatenate([a, np.ones((a.shape[0], 1))], 1)
+    y = target.permute(0, 2, 3, 1).reshape(-1, len(keep_out)).double().numpy()
+    solution = np.linalg.lstsq(a, y, rcond=None)[0]
+    weight = torch.from_numpy(solution[:-1].T).float().reshape(pruned.conv3.weight.shape)
+    intercept = torch.from_numpy(solution[-1]).float()
+    assert pruned.conv3.bias is None
+    torch.testing.assert_close(pruned.conv3.weight, weight, rtol=1e-3, atol=1e-4)
+    shift = result.model.bn3.running_mean - pruned.bn3.running_mean
+    torch.testing.assert_close(shift, intercept, rtol=1e-3, atol=1e-4)
+    assert intercept.abs().max() > 1e-2  # the removed channels' mean is worth fitting
+    assert next(e for e in report["layers"] if e["module"] == "conv3").get("undone") is None
+
+
 def test_lsq_reduces_the_error_on_held_out_batches(setup):
     dense, result, _, held_out = setup
     pruned, report = _recovered(setup, "lsq", lsq_samples=320)  # all the fit samples

@@ -48,8 +48,10 @@ Methods (one, or a list applied in order):
   conv's rows are its receptive fields, gathered at the drawn positions with the layer's
   kernel, stride, dilation and zero padding (``padding_mode="zeros"`` only). The problem
   ``[X, 1] [W, b]^T = Y`` is ridge-regularised (``ridge * mean(diag(X^T X))`` on the
-  weights, not on the bias; without a bias, no ones column) and solved in float64, the rows
-  streamed in chunks, never all at once. The memory each layer needs is planned before
+  weights, not on the bias) and solved in float64, the rows streamed in chunks, never all
+  at once. A layer without a bias keeps none: when its output goes to a BatchNorm alone, the
+  intercept ``b`` is subtracted from that BatchNorm's ``running_mean`` (the same function;
+  ResNet-20 at 0.5: 80.1% -> 81.2%), otherwise there is no ones column. The memory each layer needs is planned before
   anything is allocated, against ``memory_budget``, and of the solvers that fit, the one
   with the fewest multiply-adds is chosen: the normal equations (``gram``: each chunk's
   ``X^T X`` and ``X^T Y`` multiplied in float32, summed in float64), their dual form for
@@ -907,14 +909,17 @@ class _Layout:
     ``cols`` columns (inputs per group x kernel taps, and a ones column for the bias) and
     ``outs`` outputs; rows are gathered from the layer's input at drawn output positions."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, folded: torch.Tensor | None = None):
         self.module = module
+        # a layer without a bias whose output goes to a BatchNorm alone still gets an
+        # intercept: it is written into that BatchNorm's running_mean (subtracted)
+        self.folded = folded if module.bias is None else None
         weight = module.weight
         self.conv = isinstance(module, CONVS)
         self.groups = module.groups if self.conv else 1
         self.outs = weight.shape[0] // self.groups
         self.width = weight[0].numel()  # inputs per group x taps
-        self.has_bias = module.bias is not None
+        self.has_bias = module.bias is not None or self.folded is not None
         self.cols = self.width + self.has_bias
         self.inputs = weight.shape[1] * self.groups  # the layer's input channels
         self.taps = math.prod(weight.shape[2:])
@@ -977,7 +982,9 @@ class _Layout:
         w = w.reshape(self.groups, self.outs, -1, self.taps).permute(0, 3, 2, 1)
         w = w.reshape(self.groups, self.width, self.outs)
         if self.has_bias:
-            b = self.module.bias.detach().double().cpu().reshape(self.groups, 1, self.outs)
+            b = torch.zeros(self.groups, 1, self.outs, dtype=torch.float64) \
+                if self.module.bias is None else \
+                self.module.bias.detach().double().cpu().reshape(self.groups, 1, self.outs)
             w = torch.cat([w, b], 1)
         return w
 
@@ -989,6 +996,9 @@ class _Layout:
         if bias is not None:
             undo.save(bias)
             bias.copy_(solution[:, self.width].reshape(-1))
+        elif self.folded is not None:
+            undo.save(self.folded)
+            self.folded.sub_(solution[:, self.width].reshape(-1).to(self.folded))
 
 
 @dataclass
@@ -1247,6 +1257,7 @@ class _Reconstruction:
         self.pruned, self.dense, self.graph, self.checker = pruned, dense, graph, checker
         self.memory, self.max_rows, self.ridge, self.seed = memory, max_rows, ridge, seed
         self.progress = progress
+        self.modules = dict(pruned.named_modules())
         budget = memory["budget_bytes"]
         # as many fit samples as a forward of them (with the check samples) fits half the
         # budget, at most lsq_samples
@@ -1360,6 +1371,19 @@ class _Reconstruction:
                 entries[c.name] = self._refit(c, parts, undo)
             bar.update()
 
+    def _folded(self, c: _Consumer) -> torch.Tensor | None:
+        """The running mean of the BatchNorm that alone takes a bias-free layer's output
+        (called once, like the layer), where the layer's intercept goes; else None."""
+        user = self.graph.only_user(c.name) or ""
+        norm = self.modules.get(user)
+        if c.pruned.bias is not None or not isinstance(norm, BATCH_NORMS) \
+                or self.graph.call_count(user) != 1 \
+                or not norm.track_running_stats or norm.running_mean is None \
+                or norm.running_mean.numel() != c.pruned.weight.shape[0] \
+                or self.graph.call_count(c.name) != 1:
+            return None
+        return norm.running_mean
+
     def _inputs_of(self, c: _Consumer, inputs: Inputs) -> list[torch.Tensor]:
         """The pruned layer's inputs on one part, the forward stopped after its last call."""
         found: list[torch.Tensor] = []
@@ -1379,7 +1403,7 @@ class _Reconstruction:
         return found
 
     def _refit(self, c: _Consumer, parts: list[_Part], undo: _Undo) -> dict[str, Any]:
-        layout = _Layout(c.pruned)
+        layout = _Layout(c.pruned, self._folded(c))
         fit_rows = sum(len(p.fit.idx) for p in parts if p.fit is not None)
         plan = _memory_plan(layout, fit_rows, self.allowed)
         entry: dict[str, Any] = {"module": c.name, "method": "lsq", "rows": fit_rows,
