@@ -13,7 +13,8 @@ measured
   (``bn``, ``bias+bn``, ``lsq+bn``), on 512 *unlabeled* calibration samples;
 - with the reconstruction-aware selection (``obs``) followed by ``lsq+bn``;
 - after label-free distillation from the dense model on the same unlabeled samples, blended
-  by mixup;
+  by mixup, outputs and the kept channels of every convolution's feature map matched, for as
+  many epochs as ``DISTILL_EPOCHS`` gives the model;
 - for Torch-Pruning's L2 pruning of the same weights, with BatchNorm re-estimation.
 
 Labels are used only to measure accuracy. Each method's wall time and peak resident memory
