@@ -253,6 +253,7 @@ def bn_reestimate(model: nn.Module, batches) -> None:
 
 def run_model(name: str, dense: nn.Module, x: torch.Tensor, score: Callable[[nn.Module], float],
               calib, ratios, rows, distill_epochs: int, mix: float, feature_weight: float,
+              written: Callable[[], None],
               ignored: Callable[[nn.Module], list[nn.Module]] | None = None) -> None:
     """Every method on one model; ``score`` is validation accuracy for a classifier, and
     for YOLO the fidelity to the dense model's boxes (mAP50-95 x 100, dense = 100)."""
@@ -264,6 +265,7 @@ def run_model(name: str, dense: nn.Module, x: torch.Tensor, score: Callable[[nn.
         fields["relative"] = fields["accuracy"] / dense_acc
         rows.append(fields)
         print(json.dumps(fields), flush=True)
+        written()  # a run cut short keeps every row it measured
 
     for ratio in ratios:
         kept_best = None
@@ -325,7 +327,8 @@ def run_model(name: str, dense: nn.Module, x: torch.Tensor, score: Callable[[nn.
             seconds=cost.seconds, peak_rss_mb=cost.peak_mb, extra_rss_mb=cost.extra_mb)
 
 
-def run_yolo(weights: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+def run_yolo(weights: Path, args: argparse.Namespace, rows: list[dict],
+             written: Callable[[], None]) -> None:
     """YOLOv8n as ``benchmarks/yolo.py`` trained it on the synthetic detection set: 256 of
     its training images unlabeled for calibration, its 100 validation images for the
     fidelity of the pruned model's boxes to the dense model's (mAP50-95 x 100)."""
@@ -352,7 +355,7 @@ def run_yolo(weights: Path, args: argparse.Namespace, rows: list[dict]) -> None:
         return [m for m in model.modules() if type(m).__name__ == "Detect"]
 
     run_model("yolov8n", dense, torch.randn(1, 3, size, size), score, calib, args.ratios, rows,
-              distill_epochs_of(args, "yolov8n"), args.mix, args.feature_weight,
+              distill_epochs_of(args, "yolov8n"), args.mix, args.feature_weight, written,
               ignored=detect_head)
 
 
@@ -395,9 +398,13 @@ def main() -> int:
     start = time.perf_counter()
     rows: list[dict] = []
     shapes = None
+
+    def written() -> None:
+        save(args, rows, start, complete=False)
+
     for name in args.models:
         if name == "yolov8n":
-            run_yolo(Path(args.yolo), args, rows)
+            run_yolo(Path(args.yolo), args, rows, written)
             save(args, rows, start, complete=False)
             continue
         if name == "digits":
@@ -415,7 +422,7 @@ def main() -> int:
         # the calibration samples: the first 512 training images, without their labels
         calib = [b for b in loader(train[0][:CALIBRATION], None, 64, False)]
         run_model(name, dense, x, lambda m, val=val: accuracy(m, val), calib, args.ratios,
-                  rows, distill_epochs_of(args, name), args.mix, args.feature_weight)
+                  rows, distill_epochs_of(args, name), args.mix, args.feature_weight, written)
         save(args, rows, start, complete=False)
     save(args, rows, start, complete=True)
     print(f"wrote {args.out}")
