@@ -56,6 +56,10 @@ def test_iterative_prune_with_fine_tuning_writes_one_plan_the_weights_load_onto(
                  "--no-onnx"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["steps"]["steps"] == 2 and len(report["steps"]["history"]) == 2
+    # each step recovered (bn, the default with data) before its fine-tuning, none after
+    recoveries = report["steps"]["recovery"]
+    assert [r["method"] for r in recoveries] == [["bn"], ["bn"]]
+    assert report["recovery"] is None
     plan = sp.Plan.load(out / "plan.json")
     assert len(plan.settings["steps"]) == 2
     loaded = sp.load(out, "structprune:digits_cnn")  # fresh dense + composed plan + weights

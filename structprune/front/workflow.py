@@ -96,8 +96,8 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
     kept weights closer to the dense model on ``calibration_batches`` training batches,
     before anything is saved. With ``run.steps``
     > 1 the ratio is reached in that many steps, each removing the same share of what is
-    left, with ``run.finetune_epochs`` of fine-tuning on ``data`` (distilled from the dense
-    model with ``run.distill``, and always on data without labels) after each; the steps
+    left, recovered and then fine-tuned for ``run.finetune_epochs`` on ``data`` (distilled
+    from the dense model with ``run.distill``, and always on data without labels); the steps
     compose into one plan in dense indices, checked by applying it to the dense model, which
     the final weights load onto.
     With a ``target``, widths are chosen from its runtime's measured latency table and the
@@ -144,7 +144,9 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
             progress("mAP of the dense and the pruned model")
             map_figures = {"dense": yolo_metrics(model, detection_yaml, imgsz),
                            "pruned": yolo_metrics(result.model, detection_yaml, imgsz)}
-        recover_with = run.recovery(data is not None)
+        # steps recover each step before its fine-tuning (_iterative); recovering the
+        # fine-tuned model toward the dense one afterwards would work against the tuning
+        recover_with = run.recovery(data is not None) if run.steps == 1 else ()
         recovery = None
         if recover_with:
             progress("recover")
@@ -200,16 +202,24 @@ def _iterative(model: nn.Module, example_inputs: Sequence[Any], config: PruneCon
                source: str | None = None) -> PruneResult:
     """Prune by ``config.ratio`` in ``run.steps`` steps with fine-tuning between (for an
     ultralytics model given a dataset yaml, ultralytics' own trainer; ``source`` is its
-    checkpoint or config); one composed plan."""
+    checkpoint or config); each step's pruned model is recovered (``run.recovery``) toward
+    the model the step began from before it is fine-tuned. One composed plan."""
     train = data.train if data is not None else None
     per_step = 1 - (1 - config.removal_ratio) ** (1 / run.steps)
-    current, composed, history = model, None, []
+    current, composed, history, recoveries = model, None, [], []
     distill = run.distill or (data is not None and not data.labelled)  # no labels: distil
+    recover_with = list(run.recovery(data is not None))
     for step in range(run.steps):
         progress(f"step {step + 1}/{run.steps}")
         result = prune(current, example_inputs, config=config.replace(ratio=per_step),
                        data=train, registry=registry, leaf_modules=leaf_modules)
         composed = result.plan if composed is None else compose(composed, result.plan)
+        if recover_with:  # toward the step's starting model, before it is fine-tuned
+            progress(f"step {step + 1}/{run.steps}: recover")
+            recoveries.append(recover(
+                result.model, current, result.plan, result.analysis,
+                calibration(data.train, config.calibration_batches), recover_with,
+                memory_budget=run.memory_budget, progress=sys.stderr.isatty()))
         current = result.model
         if run.finetune_epochs and data.dataset_yaml and is_ultralytics_model(current):
             # ultralytics' own trainer on its dataset yaml, keeping the pruned widths
@@ -230,7 +240,7 @@ def _iterative(model: nn.Module, example_inputs: Sequence[Any], config: PruneCon
     final.model.load_state_dict(current.state_dict())  # the tuned weights fit the plan
     final.figures["steps"] = {"steps": run.steps, "ratio_per_step": per_step,
                               "finetune_epochs": run.finetune_epochs, "distill": distill,
-                              "history": history}
+                              "history": history, "recovery": recoveries}
     return final
 
 

@@ -211,6 +211,10 @@ def _print_report(spec: str, f: dict[str, Any], result: PruneResult, out: Path) 
               f"{r['check']['samples']} held-out samples {r['output_mse_before']:.3g} -> "
               f"{r['output_mse_after']:.3g}" + (f"; undone, as it made it worse: "
                                                  f"{', '.join(undone)}" if undone else "") + ")")
+    for step, r in enumerate(f.get("steps", {}).get("recovery", ()), 1):
+        print(f"step {step} recovery: {', '.join(r['method'])} (output MSE against the "
+              f"step's starting model {r['output_mse_before']:.3g} -> "
+              f"{r['output_mse_after']:.3g})")
     v = result.verification
     scope = "whole plan" if v and v.exact_units_only else "exact part of the plan"
     if v:
