@@ -524,8 +524,9 @@ def recovery() -> str:
 
 
 
-def label_free() -> str:
-    data = load("label_free_issue24.json")
+def label_free(file: str = "label_free_issue24.json",
+               heading: str = "Accuracy without labels") -> str:
+    data = load(file)
     if not data:
         return ""
     rows = data["rows"]
@@ -549,7 +550,7 @@ def label_free() -> str:
                 return r
         return None
 
-    lines = [f"## Accuracy without labels ({data['machine'].get('cpu', '?')}, "
+    lines = [f"## {heading} ({data['machine'].get('cpu', '?')}, "
              f"{data['calibration_samples']} unlabeled calibration samples; 256 images for "
              "YOLOv8n)", "",
              "| model (dense) | ratio (MACs kept) | " + " | ".join(n for n, _ in columns)
@@ -568,13 +569,18 @@ def label_free() -> str:
                     cells.append(f"{found['accuracy']:.1f}% ({found['seconds']:.0f} s)")
             lines.append(f"| {model} ({dense:.1f}%) | {head} | " + " | ".join(cells) + " |")
     mix = f", each batch blended by mixup (Beta {data['mix']})" if data.get("mix") else ""
+    if data.get("feature_weight"):
+        mix += f", feature maps matched (weight {data['feature_weight']})"
+    epochs = data["distill_epochs"]
+    epochs = ", ".join(f"{n} epochs for {model}" for model, n in epochs.items()) \
+        if isinstance(epochs, dict) else f"{epochs} epochs"  # per model, or one for all
     lines += ["", "Validation accuracy (labels used only to measure it) and, in brackets, the "
               "wall time of selection plus recovery (of distillation in its column); for "
               "YOLOv8n the fidelity of the pruned model's boxes to the dense model's (mAP50-95 "
               "x 100 on 100 validation images, the dense model's boxes at confidence 0.25 as "
               "ground truth; the dense model scores itself just under 100). "
               "Calibration only: no gradient step. Distillation: "
-              f"{data['distill_epochs']} epochs on the same unlabeled samples{mix}, from the "
+              f"{epochs}, on the same unlabeled samples{mix}, from the "
               "obs + lsq+bn model, matching the dense model's outputs. Torch-Pruning: L2 "
               "magnitude, classifier (YOLO: Detect head) ignored, BatchNorm statistics "
               "re-estimated on the same samples. Peak memory per row is in the JSON. "
@@ -860,7 +866,11 @@ PAGES = [
         ("speed-targets", speed_section), ("yolo-latency", yolo_latency)]),
     ("accuracy.md", "Accuracy", [
         ("criteria", criteria_table), ("macs-budgets", budget), ("demo", demo),
-        ("recovery", recovery), ("label-free", label_free), ("yolo-map", yolo_map),
+        ("recovery", recovery), ("label-free", label_free),
+        ("label-free-patient", lambda: label_free(
+            "label_free_patient_issue24.json",
+            "Accuracy without labels, with patient distillation")),
+        ("yolo-map", yolo_map),
         ("recovery-time", recover_time),
         ("int8", quantize)]),
 ]
