@@ -364,7 +364,7 @@ def distill_epochs_of(args: argparse.Namespace, name: str) -> int:
 
 
 def save(args: argparse.Namespace, rows: list[dict], start: float, complete: bool) -> None:
-    """The result file, written after every model so that a run cut short keeps its rows."""
+    """The result file, written after every row so that a run cut short keeps them."""
     out = {"what": "accuracy without labels: calibration-only recovery, reconstruction-aware "
                    "selection and label-free distillation on unlabeled samples",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -405,7 +405,6 @@ def main() -> int:
     for name in args.models:
         if name == "yolov8n":
             run_yolo(Path(args.yolo), args, rows, written)
-            save(args, rows, start, complete=False)
             continue
         if name == "digits":
             from structprune.front.models import digits_cnn
@@ -423,7 +422,6 @@ def main() -> int:
         calib = [b for b in loader(train[0][:CALIBRATION], None, 64, False)]
         run_model(name, dense, x, lambda m, val=val: accuracy(m, val), calib, args.ratios,
                   rows, distill_epochs_of(args, name), args.mix, args.feature_weight, written)
-        save(args, rows, start, complete=False)
     save(args, rows, start, complete=True)
     print(f"wrote {args.out}")
     return 0

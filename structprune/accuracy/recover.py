@@ -51,8 +51,8 @@ Methods (one, or a list applied in order):
   weights, not on the bias) and solved in float64, the rows streamed in chunks, never all
   at once. A layer without a bias keeps none: when its output goes to a BatchNorm alone, the
   intercept ``b`` is subtracted from that BatchNorm's ``running_mean`` (the same function;
-  ResNet-20 at 0.5: 80.1% -> 81.2%), otherwise there is no ones column. The memory each layer needs is planned before
-  anything is allocated, against ``memory_budget``, and of the solvers that fit, the one
+  ResNet-20 at 0.5: 80.1% -> 81.2%), otherwise there is no ones column. The memory each
+  layer needs is planned before anything is allocated, against ``memory_budget``, and of the solvers that fit, the one
   with the fewest multiply-adds is chosen: the normal equations (``gram``: each chunk's
   ``X^T X`` and ``X^T Y`` multiplied in float32, summed in float64), their dual form for
   fewer rows than columns (``kernel``: ``X X^T``, from all the rows at once), or conjugate
@@ -742,6 +742,18 @@ class _Graph:
         """How many times a forward calls the module (1 when the graph does not say)."""
         return max(1, len(self.calls.get(name, ())))
 
+    def norm_after(self, name: str, modules: dict[str, nn.Module],
+                   size: int) -> tuple[str, nn.Module] | None:
+        """The BatchNorm (name and module of ``modules``) that alone takes ``name``'s only
+        call's output and tracks running statistics of ``size`` channels: where a bias-free
+        layer's bias goes, subtracted from its ``running_mean``."""
+        user = self.only_user(name)
+        norm = modules.get(user or "")
+        if isinstance(norm, BATCH_NORMS) and norm.track_running_stats \
+                and norm.running_mean is not None and norm.running_mean.numel() == size:
+            return user, norm
+        return None
+
 
 def _skipped(c: _Consumer, method: str, reason: str) -> dict[str, Any]:
     return {"module": c.name, "method": method, "rows": 0, "mse_before": None,
@@ -841,14 +853,12 @@ def _compensate(pruned: nn.Module, dense: nn.Module, plan: Plan, graph: _Graph,
         if c.pruned.bias is not None:
             todo.append((c, c.name, c.pruned.bias, c.keep_out))
             continue
-        user = graph.only_user(c.name)
-        norm, dense_norm = pruned_modules.get(user), dense_modules.get(user)
         size = len(c.keep_out) if c.keep_out is not None else c.dense.weight.shape[0]
-        if isinstance(norm, BATCH_NORMS) and isinstance(dense_norm, BATCH_NORMS) \
-                and norm.track_running_stats and norm.running_mean is not None \
-                and norm.running_mean.numel() == size:
+        found = graph.norm_after(c.name, pruned_modules, size)
+        dense_norm = dense_modules.get(found[0]) if found else None
+        if found and isinstance(dense_norm, BATCH_NORMS):
             keep = _kept(entries.get((canonical.get(id(dense_norm.running_mean)), 0)))
-            todo.append((c, user, norm.running_mean, keep))
+            todo.append((c, found[0], found[1].running_mean, keep))
             continue
         layers.append(_skipped(c, "bias", "no bias, and its output does not go to a "
                                "BatchNorm alone"))
@@ -1374,15 +1384,11 @@ class _Reconstruction:
     def _folded(self, c: _Consumer) -> torch.Tensor | None:
         """The running mean of the BatchNorm that alone takes a bias-free layer's output
         (called once, like the layer), where the layer's intercept goes; else None."""
-        user = self.graph.only_user(c.name) or ""
-        norm = self.modules.get(user)
-        if c.pruned.bias is not None or not isinstance(norm, BATCH_NORMS) \
-                or self.graph.call_count(user) != 1 \
-                or not norm.track_running_stats or norm.running_mean is None \
-                or norm.running_mean.numel() != c.pruned.weight.shape[0] \
-                or self.graph.call_count(c.name) != 1:
+        found = None if c.pruned.bias is not None else \
+            self.graph.norm_after(c.name, self.modules, c.pruned.weight.shape[0])
+        if found is None or self.graph.call_count(found[0]) != 1:  # a shared norm: not ours
             return None
-        return norm.running_mean
+        return found[1].running_mean
 
     def _inputs_of(self, c: _Consumer, inputs: Inputs) -> list[torch.Tensor]:
         """The pruned layer's inputs on one part, the forward stopped after its last call."""
