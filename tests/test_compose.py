@@ -9,7 +9,10 @@ import torchvision
 
 import structprune as sp
 from structprune.core.plan import compose
+from structprune.core.prepare import prepare
+from structprune.core.selection import plan_toward
 from structprune.front.cli import main
+from structprune.front.models import digits_cnn
 
 from .oracles import digits_factory, outputs, randomize
 
@@ -63,7 +66,34 @@ def test_iterative_prune_with_fine_tuning_writes_one_plan_the_weights_load_onto(
     plan = sp.Plan.load(out / "plan.json")
     assert len(plan.settings["steps"]) == 2
     loaded = sp.load(out, "structprune:digits_cnn")  # fresh dense + composed plan + weights
-    per_step = 1 - 0.5 ** 0.5  # each step removes the same share of what is left
-    after_one = 64 - int(64 * per_step)
-    assert loaded.features[0].out_channels == after_one - int(after_one * per_step)
-    assert report["macs_ratio"] < 0.3
+    # the steps end on the widths one step gives (64 -> 45 -> 32 channels first)
+    one_step = sp.prune(digits_cnn(), (torch.zeros(1, 1, 32, 32),), 0.5)
+    assert loaded.features[0].out_channels == 32
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == \
+        {k: v.shape for k, v in one_step.model.state_dict().items()}
+    assert report["macs_ratio"] == pytest.approx(one_step.figures["macs_ratio"])
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_steps_toward_a_plan_narrow_geometrically_and_land_on_its_widths(round_to):
+    torch.manual_seed(0)
+    dense = randomize(torchvision.models.resnet18(num_classes=10).eval())
+    x = (torch.randn(1, 3, 32, 32),)
+    config = sp.PruneConfig(ratio=0.6, round_to=round_to)
+    target = sp.prune(dense, x, config=config).plan
+    current, widths = dense, []
+    for step in (1, 2, 3):
+        prepared = prepare(current, x, config)
+        plan = plan_toward(prepared.analysis, prepared.scores, config, target, step / 3)
+        current = sp.prune(current, x, plan=plan).model
+        widths.append(current.layer1[0].conv1.out_channels)
+    # 64 dense channels toward the one-step plan's 26 (64 - int(64 * 0.6); 28 rounded to 4):
+    # 64 * (final / 64) ** (k / 3), rounded up to the multiple
+    final = 28 if round_to == 4 else 26
+    expected = [-(-round(64 * (final / 64) ** (k / 3)) // round_to) * round_to for k in (1, 2)]
+    assert widths == [*expected, final]
+    assert expected == ([52, 40] if round_to == 4 else [47, 35])
+    # every tensor has the one-step plan's shape
+    one_step = sp.apply_plan(dense, target).state_dict()
+    assert {k: v.shape for k, v in current.state_dict().items()} == \
+        {k: v.shape for k, v in one_step.items()}

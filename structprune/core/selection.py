@@ -5,7 +5,7 @@ The units that may go (:func:`prunable_units`) are removed least important first
 :func:`keep_bounds`) follows from the ratio, the threshold, global ranking or a MACs or
 parameter budget (:func:`make_plan`), and :func:`plan_from_keep` writes the plan removing
 them. The speed search and ``--auto`` choose their own kept counts and write their plans
-through the same functions.
+through the same functions, and so do the steps of iterative pruning (:func:`plan_toward`).
 """
 
 from __future__ import annotations
@@ -90,6 +90,33 @@ def prunable_units(analysis: Analysis, scores: Mapping[int, np.ndarray], config:
             if group.matches([pattern]):
                 group_ratio[group.index] = ratio
     return candidates, group_ratio
+
+
+def plan_toward(analysis: Analysis, scores: Mapping[int, np.ndarray], config: PruneConfig,
+                target: Plan, fraction: float) -> Plan:
+    """One step of iterative pruning toward ``target``, the plan made in one step on the dense
+    model: each group that ``target`` narrows from ``n`` dense units to ``K`` keeps
+    ``n * (K / n) ** fraction`` (geometric steps, each removing about the same share of what
+    is left), a multiple of ``round_to``, at most what it has now and at least ``K``; its
+    least important units by ``scores`` go. Groups are matched by their members, so
+    ``analysis`` may be of a model earlier steps pruned. At ``fraction`` 1 every group has
+    the target's width: the steps end where one step would have, whatever the rounding."""
+    if not 0 < fraction <= 1:
+        raise PlanError(f"a step's fraction of the way must be in (0, 1], not {fraction}")
+    final = {tuple(g["members"]): (g["units"], g["kept"]) for g in target.groups
+             if g["kept"] < g["units"]}
+    candidates, _ = prunable_units(analysis, scores, config)
+    keep: dict[int, int] = {}
+    for group in analysis.groups:
+        found = final.get(tuple(f"{n}:{d}" for n, d in group.members))
+        if found is None or group.index not in candidates:
+            continue
+        dense, kept = found
+        step = _step(config.round_to, group.width)
+        wanted = kept if fraction == 1 else \
+            -(-round(dense * (kept / dense) ** fraction) // step) * step
+        keep[group.index] = max(kept, min(group.size, wanted))
+    return plan_from_keep(analysis, keep, removal_order(scores, candidates), config)
 
 
 def removal_order(scores: Mapping[int, np.ndarray], candidates: Mapping[int, np.ndarray],

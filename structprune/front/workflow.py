@@ -45,6 +45,7 @@ from structprune.core.plan import Plan, compose
 from structprune.core.prepare import prepare
 from structprune.core.registry import RuleRegistry
 from structprune.core.score import calibration
+from structprune.core.selection import make_plan, plan_toward
 from structprune.deploy.export import export_onnx, export_pair, onnx_parity, parity_batch
 from structprune.deploy.speed import prune_for_target
 from structprune.deploy.tune import fastest_rounding
@@ -203,16 +204,23 @@ def _iterative(model: nn.Module, example_inputs: Sequence[Any], config: PruneCon
     """Prune by ``config.ratio`` in ``run.steps`` steps with fine-tuning between (for an
     ultralytics model given a dataset yaml, ultralytics' own trainer; ``source`` is its
     checkpoint or config); each step's pruned model is recovered (``run.recovery``) toward
-    the model the step began from before it is fine-tuned. One composed plan."""
+    the model the step began from before it is fine-tuned. Each step narrows every group
+    geometrically toward the widths one step would give (:func:`plan_toward`), scored on
+    the model as it is then, and the last step lands on those widths. One composed plan."""
     train = data.train if data is not None else None
-    per_step = 1 - (1 - config.removal_ratio) ** (1 / run.steps)
-    current, composed, history, recoveries = model, None, [], []
+    current, composed, target, history, recoveries = model, None, None, [], []
     distill = run.distill or (data is not None and not data.labelled)  # no labels: distil
     recover_with = list(run.recovery(data is not None))
     for step in range(run.steps):
         progress(f"step {step + 1}/{run.steps}")
-        result = prune(current, example_inputs, config=config.replace(ratio=per_step),
-                       data=train, registry=registry, leaf_modules=leaf_modules)
+        prepared = prepare(current, example_inputs, config, data=train, registry=registry,
+                           leaf_modules=leaf_modules)
+        if target is None:  # the widths one step would reach; the steps end on them
+            target = make_plan(prepared.analysis, prepared.scores, config)
+        result = prune(current, example_inputs, config=config, registry=registry,
+                       leaf_modules=leaf_modules,
+                       plan=plan_toward(prepared.analysis, prepared.scores, config, target,
+                                        (step + 1) / run.steps))
         composed = result.plan if composed is None else compose(composed, result.plan)
         if recover_with:  # toward the step's starting model, before it is fine-tuned
             progress(f"step {step + 1}/{run.steps}: recover")
@@ -238,7 +246,7 @@ def _iterative(model: nn.Module, example_inputs: Sequence[Any], config: PruneCon
     final = prune(model, example_inputs, config=config, plan=composed, registry=registry,
                   leaf_modules=leaf_modules)
     final.model.load_state_dict(current.state_dict())  # the tuned weights fit the plan
-    final.figures["steps"] = {"steps": run.steps, "ratio_per_step": per_step,
+    final.figures["steps"] = {"steps": run.steps,
                               "finetune_epochs": run.finetune_epochs, "distill": distill,
                               "history": history, "recovery": recoveries}
     return final

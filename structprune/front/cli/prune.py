@@ -77,7 +77,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "sensitivity of each group (writes sensitivity.json and .png)")
     data_args(p)
     p.add_argument("--steps", type=int, default=1,
-                   help="reach --ratio in this many steps, fine-tuning between them")
+                   help="reach --ratio's widths in this many steps, recovering (and with "
+                        "--finetune-epochs fine-tuning) after each")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="epochs of fine-tuning on --data after each step")
     p.add_argument("--distill", action="store_true",
