@@ -37,7 +37,9 @@ import torch
 from PIL import Image
 
 import structprune as sp
+from structprune.accuracy.data import DataSplits
 from structprune.accuracy.recover import recover
+from structprune.config import RunConfig
 from structprune.core.counts import count_macs
 from structprune.deploy import bench
 from structprune.front.models import (
@@ -46,6 +48,7 @@ from structprune.front.models import (
     import_ultralytics,
     native_form,
 )
+from structprune.front.workflow import prune_to_dir
 from structprune.front.yolo import (
     offline_args,
     save_ultralytics_checkpoint,
@@ -101,31 +104,58 @@ def structprune_row(dense: torch.nn.Module, dense_pt: Path, data: Path, criterio
     measure = {"imgsz": args.size, "batch": args.batch, "device": args.device,
                "workers": args.workers}
     x = torch.randn(1, 3, args.latency_size, args.latency_size)
-    row: dict[str, Any] = {"method": "structprune", "criterion": criterion, "ratio": ratio}
-    start = time.perf_counter()
-    result = sp.prune(dense, (x,), ratio, criterion=criterion, data=calibration)
-    row["prune_seconds"] = time.perf_counter() - start
+    row: dict[str, Any] = {"method": "structprune", "criterion": criterion, "ratio": ratio,
+                           "steps": args.steps}
+    if args.steps > 1:
+        result = stepped(dense, x, criterion, ratio, calibration, args, row)
+    else:
+        start = time.perf_counter()
+        result = sp.prune(dense, (x,), ratio, criterion=criterion, data=calibration)
+        row["prune_seconds"] = time.perf_counter() - start
+        row["map_pruned"] = map50_95(yolo_metrics(result.model, data, **measure))
+        start = time.perf_counter()
+        row["recovery"] = recover(result.model, dense, result.plan, result.analysis,
+                                  calibration, args.recover.split(","))
+        row["recovery_seconds"] = time.perf_counter() - start
     row["macs_ratio"], row["params_ratio"] = (result.figures["macs_ratio"],
                                               result.figures["params_ratio"])
-    row["map_pruned"] = map50_95(yolo_metrics(result.model, data, **measure))
-    start = time.perf_counter()
-    row["recovery"] = recover(result.model, dense, result.plan, result.analysis, calibration,
-                              args.recover.split(","))
-    row["recovery_seconds"] = time.perf_counter() - start
     row["map_recovered"] = map50_95(yolo_metrics(result.model, data, **measure))
     epochs = max(1, args.epochs // 4) if args.finetune_epochs is None else args.finetune_epochs
+    batch = args.finetune_batch or args.batch
     trained = train_pruned(result.model, data, epochs, project=work,
                            name=f"finetune_{criterion}_{ratio}", imgsz=args.size,
-                           batch=args.batch, device=args.device, workers=args.workers,
-                           teacher=dense if args.distill else None, source=dense_pt)
+                           batch=batch, device=args.device, workers=args.workers,
+                           teacher=dense if args.distill else None, source=dense_pt,
+                           **json.loads(args.finetune_args))
     result.model.cpu().eval()
-    row["finetune"] = {"epochs": epochs, "distill": args.distill, "run": trained["run"]}
+    row["finetune"] = {"epochs": epochs, "distill": args.distill, "run": trained["run"],
+                       "batch": batch, "args": json.loads(args.finetune_args)}
     row["map_finetuned"] = map50_95(yolo_metrics(result.model, data, **measure))
     save_ultralytics_checkpoint(result.model, dense_pt, work / f"pruned_{criterion}_{ratio}.pt",
                                 imgsz=args.size)
     row["latency"] = latency(dense, result.model, args.latency_size, args.threads,
                              args.repeats, work, exported)
     return row
+
+
+def stepped(dense: torch.nn.Module, x: torch.Tensor, criterion: str, ratio: float,
+            calibration: list[torch.Tensor], args: argparse.Namespace, row: dict[str, Any],
+            ) -> sp.PruneResult:
+    """``prune --steps N --recover ...`` on the calibration images (no labels, no gradient
+    step): N steps toward the widths one step gives, each recovered toward the model it began
+    from. Fills ``row``'s times and per-step recovery; there is no unrecovered model to
+    measure."""
+    config = sp.PruneConfig(ratio=ratio, criterion=criterion)
+    run = RunConfig(steps=args.steps, recover=tuple(args.recover.split(",")), onnx=False)
+    unlabeled = DataSplits(train=calibration, val=calibration[:1], num_classes=None,
+                           classes=[], source=f"{len(calibration)} calibration batches")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        result, figures = prune_to_dir(dense, (x,), out, config, run=run, data=unlabeled)
+    row["prune_seconds"] = row["recovery_seconds"] = time.perf_counter() - start
+    row["map_pruned"] = None
+    row["recovery"] = figures["steps"]["recovery"]
+    return result
 
 
 class C2fV2(torch.nn.Module):
@@ -206,8 +236,9 @@ def torch_pruning_row(dense: torch.nn.Module, dense_pt: Path, data: Path, ratio:
         epochs = max(1, args.epochs // 4) if args.finetune_epochs is None \
             else args.finetune_epochs
         train_pruned(model, data, epochs, project=work, name=f"finetune_tp_{ratio}",
-                     imgsz=args.size, batch=args.batch, device=args.device,
-                     workers=args.workers, source=dense_pt)
+                     imgsz=args.size, batch=args.finetune_batch or args.batch,
+                     device=args.device, workers=args.workers, source=dense_pt,
+                     **json.loads(args.finetune_args))
         model.cpu().eval()
         row["map_finetuned"] = map50_95(yolo_metrics(model, data, **measure))
         step = "export and time"
@@ -233,10 +264,18 @@ def main() -> int:
                         help="fine-tuning epochs (default: a quarter of --epochs)")
     parser.add_argument("--distill", action="store_true",
                         help="fine-tune distilled from the dense model")
+    parser.add_argument("--finetune-batch", type=int,
+                        help="fine-tuning batch size (default: --batch)")
+    parser.add_argument("--finetune-args", default="{}",
+                        help="more ultralytics train arguments for structprune's fine-tuning, "
+                             "as JSON, e.g. '{\"warmup_epochs\": 0}'")
     parser.add_argument("--ratios", default="0.3,0.5")
     parser.add_argument("--criteria", default="l2,obs",
                         help="structprune selection criteria, comma-separated")
     parser.add_argument("--recover", default="lsq,bn", help="label-free recovery methods")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="prune (and recover) in this many steps toward each ratio's "
+                             "widths, as `prune --steps N` does, before fine-tuning")
     parser.add_argument("--calibration", type=int, default=128,
                         help="unlabeled training images for criteria and recovery")
     parser.add_argument("--batch", type=int, default=16)
