@@ -384,6 +384,11 @@ def test_finetune_yolo_distils_keeps_the_plan_and_writes_every_file_again(mini_r
     assert record["onnx_rel_error"] < 1e-3
     distill_log = (Path(record["run"]) / "results.csv").read_text().splitlines()[0]
     assert "distill_loss" in distill_log
+    # ultralytics ran the fine-tuning with SGD at 0.01 (FINETUNE_OPTIMIZER), not "auto"
+    import yaml
+
+    args = yaml.safe_load((Path(record["run"]) / "args.yaml").read_text())
+    assert (args["optimizer"], args["lr0"]) == ("SGD", 0.01)
 
 
 @pytest.mark.zoo  # some 20 s each on a loaded 2-core machine
