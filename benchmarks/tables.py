@@ -611,6 +611,8 @@ def yolo_map() -> str:
             name = f"Torch-Pruning {row['criterion']} (C2f rewritten by hand)"
         else:
             name = f"structprune {row['criterion']} + {settings['recover']}"
+            if row.get("steps", 1) > 1:
+                name += f" in {row['steps']} steps"
         kept = f" ({100 * row['macs_ratio']:.0f}%)" if "macs_ratio" in row else ""
         speed = row.get("latency", {}).get("pruned")
         speed = (f"{speed['speedup']:.2f}x ({speed['speedup_p10']:.2f}-"
@@ -621,13 +623,16 @@ def yolo_map() -> str:
             continue
         lines.append(f"| {name} | {row['ratio']}{kept} | {num(row, 'map_pruned')} | "
                      f"{num(row, 'map_recovered')} | {num(row, 'map_finetuned')} | {speed} |")
-    epochs = next((r["finetune"]["epochs"] for r in data["rows"] if "finetune" in r), None)
+    tuned = next((r["finetune"] for r in data["rows"] if "finetune" in r), {})
+    epochs, recipe = tuned.get("epochs"), tuned.get("args", {})
+    recipe = ", ".join(f"{k} {v}" for k, v in recipe.items())
+    recipe = f" ({recipe}, batch {tuned['batch']})" if recipe else ""
     broke = next((r.get("without_rewrite") for r in data["rows"]
                   if r["method"] == "torch-pruning"), None)
     lines += ["", f"mAP50-95 by ultralytics' validator. Recovery: calibration on "
               f"{settings['calibration']} unlabeled training images, no gradient step. "
               f"Fine-tuning: ultralytics' own trainer on the pruned architecture for {epochs} "
-              f"epochs (a quarter of the dense training's), "
+              f"epochs (a quarter of the dense training's){recipe}, "
               + ("distilled from the dense model" if settings.get("distill") else
                  "without distillation") + ". Speed-up: ONNX Runtime CPU, one thread, "
               f"{settings['latency_size']}x{settings['latency_size']}, median of "

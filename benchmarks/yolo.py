@@ -50,6 +50,7 @@ from structprune.front.models import (
 )
 from structprune.front.workflow import prune_to_dir
 from structprune.front.yolo import (
+    FINETUNE_OPTIMIZER,
     offline_args,
     save_ultralytics_checkpoint,
     train_pruned,
@@ -129,7 +130,8 @@ def structprune_row(dense: torch.nn.Module, dense_pt: Path, data: Path, criterio
                            **json.loads(args.finetune_args))
     result.model.cpu().eval()
     row["finetune"] = {"epochs": epochs, "distill": args.distill, "run": trained["run"],
-                       "batch": batch, "args": json.loads(args.finetune_args)}
+                       "batch": batch,
+                       "args": {**FINETUNE_OPTIMIZER, **json.loads(args.finetune_args)}}
     row["map_finetuned"] = map50_95(yolo_metrics(result.model, data, **measure))
     save_ultralytics_checkpoint(result.model, dense_pt, work / f"pruned_{criterion}_{ratio}.pt",
                                 imgsz=args.size)
