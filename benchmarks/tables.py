@@ -524,12 +524,20 @@ def recovery() -> str:
 
 
 
-def label_free(file: str = "label_free_issue24.json",
+def label_free(file: str | list[str] = "label_free_issue24.json",
                heading: str = "Accuracy without labels") -> str:
-    data = load(file)
-    if not data:
+    """The label-free table of one result file, or of several runs of
+    ``benchmarks/label_free.py`` (for other models or ratios) read as one."""
+    found = [d for d in (load(f) for f in ([file] if isinstance(file, str) else file)) if d]
+    if not found:
         return ""
-    rows = data["rows"]
+    data = dict(found[0])
+    rows = [r for d in found for r in d["rows"]]
+    if len(found) > 1:  # per-model epochs of every run; one note for all
+        epochs = [d["distill_epochs"] for d in found]
+        if all(isinstance(e, dict) for e in epochs):
+            data["distill_epochs"] = {k: v for e in epochs for k, v in e.items()}
+        data["note"] = "; ".join(d["note"] for d in found if d.get("note")) or None
     models = list(dict.fromkeys(r["model"] for r in rows))
     columns = [("L2, none", ("structprune", "l2", "none", "calibration only")),
                ("L2 + bn", ("structprune", "l2", "bn", "calibration only")),
@@ -875,6 +883,10 @@ PAGES = [
         ("label-free-patient", lambda: label_free(
             "label_free_patient_issue24.json",
             "Accuracy without labels, with patient distillation")),
+        ("label-free-patient-more", lambda: label_free(
+            ["label_free_patient_mobilenetv2s_issue24.json",
+             "label_free_patient_yolo_digits_issue24.json"],
+            "Accuracy without labels, with patient distillation: more models and ratios")),
         ("yolo-map", yolo_map),
         ("recovery-time", recover_time),
         ("int8", quantize)]),
