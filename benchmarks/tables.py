@@ -634,20 +634,27 @@ def yolo_map() -> str:
     tuned = next((r["finetune"] for r in data["rows"] if "finetune" in r), {})
     epochs, recipe = tuned.get("epochs"), tuned.get("args", {})
     recipe = ", ".join(f"{k} {v}" for k, v in recipe.items())
-    recipe = f" ({recipe}, batch {tuned['batch']})" if recipe else ""
+    recipe = f"; {recipe}, batch {tuned['batch']}" if recipe else ""
+    steps = next((r["steps"] for r in data["rows"] if r.get("steps", 1) > 1), None)
+    flags = (f" --steps {steps}" if steps else "") + (" --distill" if settings.get("distill")
+                                                      else "")
     broke = next((r.get("without_rewrite") for r in data["rows"]
                   if r["method"] == "torch-pruning"), None)
     lines += ["", f"mAP50-95 by ultralytics' validator. Recovery: calibration on "
               f"{settings['calibration']} unlabeled training images, no gradient step. "
               f"Fine-tuning: ultralytics' own trainer on the pruned architecture for {epochs} "
-              f"epochs (a quarter of the dense training's){recipe}, "
-              + ("distilled from the dense model" if settings.get("distill") else
-                 "without distillation") + ". Speed-up: ONNX Runtime CPU, one thread, "
+              f"epochs (a quarter of the dense training's{recipe}), "
+              + ("structprune's rows distilled from the dense model (Torch-Pruning's "
+                 "recipe has no teacher)" if settings.get("distill") else
+                 "without distillation")
+              + (f". In {steps} steps (`prune --steps {steps}`), each pruned step is "
+                 "recovered before the next: there is no unrecovered model to measure"
+                 if steps else "") + ". Speed-up: ONNX Runtime CPU, one thread, "
               f"{settings['latency_size']}x{settings['latency_size']}, median of "
               f"{settings['repeats']} interleaved rounds."
               + (f" Torch-Pruning without the hand rewrite of C2f: {broke}." if broke else "")
               + (" The run was cut short: rows missing." if not data.get("complete", True)
-                 else "") + " `python benchmarks/yolo.py`."]
+                 else "") + f" `python benchmarks/yolo.py{flags}`."]
     return "\n".join(lines)
 
 

@@ -10,11 +10,11 @@ way), and, without the rewrite, where it breaks.
 
 Writes ``benchmarks/results/yolo_<device>.json`` (``--out``). Nothing is downloaded. The full
 run (400 + 100 images of 192 px, 60 dense epochs, 15 for each fine-tuning, two ratios, two
-criteria and Torch-Pruning) takes some 1.5 to 2.5 hours on 2 CPU cores (an epoch of the
-dense model about a minute on a busy machine); with ``--work DIR`` a dense model trained
-there before is reused.
+criteria and Torch-Pruning) takes some 50 minutes on 2 busy CPU cores with ``--steps 5``
+once the dense model is trained (20 to 40 minutes more); with ``--work DIR`` a dense model
+trained there before is reused. The published table is ``--steps 5 --distill``.
 
-    python benchmarks/yolo.py                                 # the full run (hours on CPU)
+    python benchmarks/yolo.py --steps 5 --distill             # the published run
     python benchmarks/yolo.py --train 16 --val 8 --size 64 --epochs 1 --latency-size 128 \\
         --calibration 8 --repeats 3 --out /tmp/yolo_smoke.json    # a smoke run
 """
