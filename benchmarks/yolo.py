@@ -127,11 +127,11 @@ def structprune_row(dense: torch.nn.Module, dense_pt: Path, data: Path, criterio
                            name=f"finetune_{criterion}_{ratio}", imgsz=args.size,
                            batch=batch, device=args.device, workers=args.workers,
                            teacher=dense if args.distill else None, source=dense_pt,
-                           **json.loads(args.finetune_args))
+                           **args.finetune_args)
     result.model.cpu().eval()
     row["finetune"] = {"epochs": epochs, "distill": args.distill, "run": trained["run"],
                        "batch": batch,
-                       "args": {**FINETUNE_OPTIMIZER, **json.loads(args.finetune_args)}}
+                       "args": {**FINETUNE_OPTIMIZER, **args.finetune_args}}
     row["map_finetuned"] = map50_95(yolo_metrics(result.model, data, **measure))
     save_ultralytics_checkpoint(result.model, dense_pt, work / f"pruned_{criterion}_{ratio}.pt",
                                 imgsz=args.size)
@@ -240,8 +240,11 @@ def torch_pruning_row(dense: torch.nn.Module, dense_pt: Path, data: Path, ratio:
         train_pruned(model, data, epochs, project=work, name=f"finetune_tp_{ratio}",
                      imgsz=args.size, batch=args.finetune_batch or args.batch,
                      device=args.device, workers=args.workers, source=dense_pt,
-                     **json.loads(args.finetune_args))
+                     **args.finetune_args)
         model.cpu().eval()
+        row["finetune"] = {"epochs": epochs, "distill": False,
+                           "batch": args.finetune_batch or args.batch,
+                           "args": {**FINETUNE_OPTIMIZER, **args.finetune_args}}
         row["map_finetuned"] = map50_95(yolo_metrics(model, data, **measure))
         step = "export and time"
         row["latency"] = latency(dense, model, args.latency_size, args.threads,
@@ -268,9 +271,10 @@ def main() -> int:
                         help="fine-tune distilled from the dense model")
     parser.add_argument("--finetune-batch", type=int,
                         help="fine-tuning batch size (default: --batch)")
-    parser.add_argument("--finetune-args", default="{}",
-                        help="more ultralytics train arguments for structprune's fine-tuning, "
-                             "as JSON, e.g. '{\"warmup_epochs\": 0}'")
+    parser.add_argument("--finetune-args", default={}, type=json.loads,
+                        help="more ultralytics train arguments for every fine-tuning "
+                             "(structprune's and Torch-Pruning's), as JSON, e.g. "
+                             "'{\"warmup_epochs\": 0}'")
     parser.add_argument("--ratios", default="0.3,0.5")
     parser.add_argument("--criteria", default="l2,obs",
                         help="structprune selection criteria, comma-separated")

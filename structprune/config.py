@@ -440,6 +440,9 @@ class RunConfig(_Config):
                             "--auto")
         if self.steps > 1 and config.ratio is None:
             raise PlanError("--steps reaches a --ratio step by step: give --ratio")
+        if self.steps > 1 and config.round_to == "auto":
+            raise PlanError("--round-to auto times one plan's widths: it does not combine with "
+                            "--steps; give a number")
         if self.auto and not (data_given and config.macs_budget is not None):
             raise PlanError("--auto measures sensitivity on data to meet a MACs budget: give "
                             "--data and --macs-budget")

@@ -97,3 +97,19 @@ def test_steps_toward_a_plan_narrow_geometrically_and_land_on_its_widths(round_t
     one_step = sp.apply_plan(dense, target).state_dict()
     assert {k: v.shape for k, v in current.state_dict().items()} == \
         {k: v.shape for k, v in one_step.items()}
+    # a step behind where the model already is removes nothing
+    prepared = prepare(current, x, config)
+    again = plan_toward(prepared.analysis, prepared.scores, config, target, 1 / 3)
+    assert all(g["kept"] == g["units"] for g in again.groups)
+    with pytest.raises(sp.PlanError, match="fraction"):
+        plan_toward(prepared.analysis, prepared.scores, config, target, 0)
+
+
+def test_the_last_step_toward_a_plan_refuses_a_model_whose_groups_it_cannot_reach():
+    torch.manual_seed(0)
+    x = (torch.randn(1, 3, 32, 32),)
+    target = sp.prune(randomize(torchvision.models.resnet18(num_classes=10).eval()), x, 0.5).plan
+    other = randomize(torchvision.models.mobilenet_v3_small(num_classes=10).eval())
+    prepared = prepare(other, x, sp.PruneConfig(ratio=0.5))
+    with pytest.raises(sp.PlanError, match="cannot be narrowed on this model"):
+        plan_toward(prepared.analysis, prepared.scores, sp.PruneConfig(ratio=0.5), target, 1)

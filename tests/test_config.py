@@ -95,6 +95,7 @@ def test_target_rules_are_said_once(target, config, says):
     ({"finetune_epochs": 2}, {"ratio": 0.5}, {"data_given": True}, "give --steps 2"),
     ({"steps": 2, "distill": True}, {"ratio": 0.5}, {"data_given": True}, "--finetune-epochs"),
     ({"steps": 2}, {"threshold": 0.5}, {}, "give --ratio"),
+    ({"steps": 2}, {"ratio": 0.5, "round_to": "auto"}, {}, "does not combine with --steps"),
     ({"steps": 2}, {"ratio": 0.5}, {"plan_given": True}, "--plan is applied as it is"),
     ({"auto": True}, {"macs_budget": 0.5}, {}, "--auto measures sensitivity"),
     ({"auto": True}, {"ratio": 0.5}, {"data_given": True}, "--auto measures sensitivity"),

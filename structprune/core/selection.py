@@ -108,14 +108,22 @@ def plan_toward(analysis: Analysis, scores: Mapping[int, np.ndarray], config: Pr
     candidates, _ = prunable_units(analysis, scores, config)
     keep: dict[int, int] = {}
     for group in analysis.groups:
-        found = final.get(tuple(f"{n}:{d}" for n, d in group.members))
+        key = tuple(f"{n}:{d}" for n, d in group.members)
+        found = final.get(key)
         if found is None or group.index not in candidates:
             continue
         dense, kept = found
         step = _step(config.round_to, group.width)
         wanted = kept if fraction == 1 else \
             -(-round(dense * (kept / dense) ** fraction) // step) * step
-        keep[group.index] = max(kept, min(group.size, wanted))
+        # never below the units that may not go, never wider than the group is now
+        fewest = int((~candidates[group.index]).sum())
+        keep[group.index] = min(group.size, max(kept, wanted, fewest))
+        del final[key]
+    if fraction == 1 and final:
+        raise PlanError(f"{len(final)} group(s) of the one-step plan, e.g. "
+                        f"{next(iter(final))[0]}, cannot be narrowed on this model: prune the "
+                        "model the plan was made for, in one step")
     return plan_from_keep(analysis, keep, removal_order(scores, candidates), config)
 
 
@@ -257,4 +265,4 @@ def _budget(analysis: Analysis, candidates: dict[int, np.ndarray],
 
 
 __all__ = ["check_names", "group_keep", "keep_bounds", "make_plan", "plan_from_keep",
-           "prunable_units", "removal_order", "removed_units"]
+           "plan_toward", "prunable_units", "removal_order", "removed_units"]

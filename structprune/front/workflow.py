@@ -97,7 +97,8 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
     kept weights closer to the dense model on ``calibration_batches`` training batches,
     before anything is saved. With ``run.steps``
     > 1 the ratio's widths are reached in that many steps, each narrowing every group by about
-    the same share of what is left, recovered and then fine-tuned for ``run.finetune_epochs`` on ``data`` (distilled
+    the same share of what is left, recovered and then fine-tuned for ``run.finetune_epochs``
+    on ``data`` (distilled
     from the dense model with ``run.distill``, and always on data without labels); the steps
     compose into one plan in dense indices, checked by applying it to the dense model, which
     the final weights load onto.
