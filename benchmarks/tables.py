@@ -571,7 +571,7 @@ def label_free(file: str | list[str] = "label_free_issue24.json",
             cells = []
             for _, key in columns:
                 found = find(model, ratio, key)
-                if found is None or found.get("failed"):
+                if found is None or found.get("failed") or found.get("error"):
                     cells.append("fails" if found else "-")
                 else:
                     cells.append(f"{found['accuracy']:.1f}% ({found['seconds']:.0f} s)")
