@@ -50,7 +50,6 @@ from structprune.front.models import (
 )
 from structprune.front.workflow import prune_to_dir
 from structprune.front.yolo import (
-    FINETUNE_OPTIMIZER,
     offline_args,
     save_ultralytics_checkpoint,
     train_pruned,
@@ -121,23 +120,30 @@ def structprune_row(dense: torch.nn.Module, dense_pt: Path, data: Path, criterio
     row["macs_ratio"], row["params_ratio"] = (result.figures["macs_ratio"],
                                               result.figures["params_ratio"])
     row["map_recovered"] = map50_95(yolo_metrics(result.model, data, **measure))
-    epochs = max(1, args.epochs // 4) if args.finetune_epochs is None else args.finetune_epochs
-    batch = args.finetune_batch or args.batch
-    trained = train_pruned(result.model, data, epochs, project=work,
-                           name=f"finetune_{criterion}_{ratio}", imgsz=args.size,
-                           batch=batch, device=args.device, workers=args.workers,
-                           teacher=dense if args.distill else None, source=dense_pt,
-                           **args.finetune_args)
-    result.model.cpu().eval()
-    row["finetune"] = {"epochs": epochs, "distill": args.distill, "run": trained["run"],
-                       "batch": batch,
-                       "args": {**FINETUNE_OPTIMIZER, **args.finetune_args}}
+    row["finetune"] = finetune(result.model, dense_pt, data, f"finetune_{criterion}_{ratio}",
+                               args, work, teacher=dense if args.distill else None)
     row["map_finetuned"] = map50_95(yolo_metrics(result.model, data, **measure))
     save_ultralytics_checkpoint(result.model, dense_pt, work / f"pruned_{criterion}_{ratio}.pt",
                                 imgsz=args.size)
     row["latency"] = latency(dense, result.model, args.latency_size, args.threads,
                              args.repeats, work, exported)
     return row
+
+
+def finetune(model: torch.nn.Module, dense_pt: Path, data: Path, name: str,
+             args: argparse.Namespace, work: Path,
+             teacher: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Fine-tune ``model`` (in place, left on the CPU in eval mode) with ultralytics' trainer
+    for a quarter of the dense epochs (``--finetune-epochs``), the same recipe for every
+    row; returns what the row records of it."""
+    epochs = max(1, args.epochs // 4) if args.finetune_epochs is None else args.finetune_epochs
+    batch = args.finetune_batch or args.batch
+    trained = train_pruned(model, data, epochs, project=work, name=name, imgsz=args.size,
+                           batch=batch, device=args.device, workers=args.workers,
+                           teacher=teacher, source=dense_pt, **args.finetune_args)
+    model.cpu().eval()
+    return {"epochs": epochs, "distill": teacher is not None, "run": trained["run"],
+            "batch": batch, "args": trained["train_args"]}
 
 
 def stepped(dense: torch.nn.Module, x: torch.Tensor, criterion: str, ratio: float,
@@ -235,16 +241,7 @@ def torch_pruning_row(dense: torch.nn.Module, dense_pt: Path, data: Path, ratio:
         step = "validate"
         row["map_pruned"] = map50_95(yolo_metrics(model, data, **measure))
         step = "fine-tune"
-        epochs = max(1, args.epochs // 4) if args.finetune_epochs is None \
-            else args.finetune_epochs
-        train_pruned(model, data, epochs, project=work, name=f"finetune_tp_{ratio}",
-                     imgsz=args.size, batch=args.finetune_batch or args.batch,
-                     device=args.device, workers=args.workers, source=dense_pt,
-                     **args.finetune_args)
-        model.cpu().eval()
-        row["finetune"] = {"epochs": epochs, "distill": False,
-                           "batch": args.finetune_batch or args.batch,
-                           "args": {**FINETUNE_OPTIMIZER, **args.finetune_args}}
+        row["finetune"] = finetune(model, dense_pt, data, f"finetune_tp_{ratio}", args, work)
         row["map_finetuned"] = map50_95(yolo_metrics(model, data, **measure))
         step = "export and time"
         row["latency"] = latency(dense, model, args.latency_size, args.threads,

@@ -52,8 +52,8 @@ Methods (one, or a list applied in order):
   at once. A layer without a bias keeps none: when its output goes to a BatchNorm alone, the
   intercept ``b`` is subtracted from that BatchNorm's ``running_mean`` (the same function;
   ResNet-20 at 0.5: 80.1% -> 81.2%), otherwise there is no ones column. The memory each
-  layer needs is planned before anything is allocated, against ``memory_budget``, and of the solvers that fit, the one
-  with the fewest multiply-adds is chosen: the normal equations (``gram``: each chunk's
+  layer needs is planned before anything is allocated, against ``memory_budget``, and of
+  the solvers that fit, the one with the fewest multiply-adds is chosen: the normal equations (``gram``: each chunk's
   ``X^T X`` and ``X^T Y`` multiplied in float32, summed in float64), their dual form for
   fewer rows than columns (``kernel``: ``X X^T``, from all the rows at once), or conjugate
   gradients on the normal equations (``cg``: Jacobi-preconditioned, from the pruned

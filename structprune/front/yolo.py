@@ -475,12 +475,14 @@ def train_pruned(pruned: nn.Module, data_yaml: str | os.PathLike, epochs: int, *
     say otherwise, the optimizer is :data:`FINETUNE_OPTIMIZER`.
 
     Returns ``{"run": folder, "checkpoint": the .pt loaded, "epochs", "metrics": its
-    validation metrics (see :func:`yolo_metrics`)}``."""
+    validation metrics (see :func:`yolo_metrics`), "train_args": the arguments given to
+    ultralytics beyond the fixed ones (None when resuming: the run's own)}``."""
     import_ultralytics()
     from ultralytics import YOLO
 
     run = Path(project).resolve() / name
     trainer = pruned_trainer(_task(pruned), teacher, distill_weight)
+    given = None if resume else {**FINETUNE_OPTIMIZER, **train_args}  # resume: the run's own
     with tempfile.TemporaryDirectory() as tmp:
         if resume:
             start = run / "weights" / "last.pt"
@@ -495,7 +497,7 @@ def train_pruned(pruned: nn.Module, data_yaml: str | os.PathLike, epochs: int, *
             settings = {"data": str(data_yaml), "epochs": epochs, "imgsz": imgsz,
                         "batch": batch, "device": device, "workers": workers, "seed": seed,
                         "project": str(run.parent), "name": run.name, "exist_ok": True,
-                        **offline_args(device), **FINETUNE_OPTIMIZER, **train_args}
+                        **offline_args(device), **given}
         yolo.train(trainer=trainer, **settings)
     found = yolo.trainer.best if yolo.trainer.best.exists() else yolo.trainer.last
     trained = _load_checkpoint(found)
@@ -508,7 +510,8 @@ def train_pruned(pruned: nn.Module, data_yaml: str | os.PathLike, epochs: int, *
     results = getattr(validator, "metrics", None)
     metrics = None if results is None else \
         _summary(results.results_dict, _task(pruned), int(getattr(validator, "seen", 0)))
-    return {"run": str(run), "checkpoint": str(found), "epochs": epochs, "metrics": metrics}
+    return {"run": str(run), "checkpoint": str(found), "epochs": epochs, "metrics": metrics,
+            "train_args": given}
 
 
 def image_size(report: dict[str, Any]) -> int:
@@ -550,7 +553,7 @@ def finetune_yolo(directory: str | os.PathLike, data_yaml: str | os.PathLike, ep
     record: dict[str, Any] = {
         "trainer": "ultralytics", "epochs": epochs, "resumed": resume, "distill": distill,
         "distill_weight": distill_weight if distill else None, "imgsz": imgsz,
-        "batch": batch, "train_args": {**FINETUNE_OPTIMIZER, **train_args},
+        "batch": batch, "train_args": trained["train_args"],
         "data": str(Path(data_yaml).resolve()), "run": trained["run"],
         "checkpoint": trained["checkpoint"], "dense": dense_metrics, "before": before,
         "after": after}
