@@ -122,7 +122,10 @@ class PruneConfig(_Config):
     Scoring: ``criterion`` names a criterion of ``structprune.core.score.IMPORTANCE`` or is a
     callable ``(analysis, group) -> scores``; ``normalize`` scales each group's scores;
     ``calibration_batches`` batches of the data feed the data-driven criteria (None: all of a
-    list, 8 of anything else); ``seed`` seeds the ``random`` criterion.
+    list, 8 of anything else); ``seed`` seeds the ``random`` criterion. ``sequential``
+    (``obs`` only): once the widths are chosen, each group's channels are chosen again on the
+    inputs the model pruned so far gives its consumers, group by group in the order the
+    model calls them (:meth:`structprune.core.obs.OBS.rescore`).
 
     Capture and check: ``capture_method`` (fx, torch.export, or fx falling back to export);
     ``check`` compares the pruned model with the masked dense one within ``tolerance``.
@@ -145,6 +148,7 @@ class PruneConfig(_Config):
     normalize: str = "mean"
     calibration_batches: int | None = None
     seed: int = 0
+    sequential: bool = False
     # capture and check
     capture_method: str = "auto"
     check: bool = True
@@ -208,6 +212,10 @@ class PruneConfig(_Config):
             raise PlanError(f"calibration_batches {self.calibration_batches} must be 1 or more")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise PlanError(f"seed {self.seed!r} must be an integer")
+        if self.sequential and self.criterion != "obs":
+            raise PlanError("sequential selection re-measures obs's reconstruction on the "
+                            "pruned inputs: pass criterion 'obs' (--criterion obs) or drop "
+                            "sequential")
         if self.capture_method not in CAPTURE_METHODS:
             raise PlanError(f"unknown capture method {self.capture_method!r}: use one of "
                             + ", ".join(CAPTURE_METHODS))
@@ -438,6 +446,9 @@ class RunConfig(_Config):
         if plan_given and (self.steps > 1 or self.auto):
             raise PlanError("--plan is applied as it is: it does not combine with --steps or "
                             "--auto")
+        if config.sequential and (self.steps > 1 or self.auto or target is not None):
+            raise PlanError("--sequential refines a plan made in one go: it does not combine "
+                            "with --steps, --auto or --target")
         if self.steps > 1 and config.ratio is None:
             raise PlanError("--steps reaches a --ratio step by step: give --ratio")
         if self.steps > 1 and config.round_to == "auto":

@@ -53,6 +53,20 @@ def test_a_data_criterion_with_a_threshold_reports_what_the_pruned_model_scores(
     assert evaluated["dense"]["recall"] == pytest.approx(dense.recall)
 
 
+def test_sequential_obs_keeps_the_widths_of_obs_and_records_the_setting(factory, tmp_path):
+    plain, sequential = tmp_path / "plain", tmp_path / "sequential"
+    common = ("prune", "structprune:digits_cnn", "--criterion", "obs", "--data", factory,
+              "--ratio", "0.6", "--no-onnx")
+    assert run(*common, "--out", plain) == 0
+    assert run(*common, "--sequential", "--out", sequential) == 0
+    plans = [sp.Plan.load(out / "plan.json") for out in (plain, sequential)]
+    assert plans[1].settings["sequential"] and not plans[0].settings["sequential"]
+    assert [g["kept"] for g in plans[0].groups] == [g["kept"] for g in plans[1].groups]
+    report = json.loads((sequential / "report.json").read_text())
+    assert report["criterion"]["name"] == "obs"
+    assert sp.load(sequential, "structprune:digits_cnn") is not None
+
+
 def test_auto_meets_the_budget_from_measured_sensitivity(factory, tmp_path):
     out = tmp_path / "auto"
     assert run("prune", "structprune:digits_cnn", "--data", factory, "--macs-budget", "0.5",
@@ -119,6 +133,7 @@ def test_auto_without_labels_measures_sensitivity_as_agreement_with_the_dense_mo
     (["--ratio", "0.5", "--data", "EMPTY"], "EMPTY"),
     (["--ratio", "0.5", "--data", "digits", "--input-shape", "1,3,32,32", "--auto"],
      "--auto"),
+    (["--ratio", "0.5", "--sequential"], "pass criterion 'obs'"),
 ])
 def test_data_and_settings_errors_exit_2_with_one_line(case, tmp_path, capsys):
     flags, expected = case

@@ -38,6 +38,7 @@ X = (torch.randn(2, 3, 16, 16),)
     ({"capture_method": "jit"}, "unknown capture method 'jit'"),
     ({"tolerance": 0}, "tolerance 0"),
     ({"criterion": 3}, "criterion 3"),
+    ({"sequential": True}, "pass criterion 'obs'"),
 ])
 def test_each_bad_value_is_refused_in_one_line(bad, says):
     with pytest.raises(sp.PlanError) as raised:
@@ -101,6 +102,8 @@ def test_target_rules_are_said_once(target, config, says):
     ({"auto": True}, {"ratio": 0.5}, {"data_given": True}, "--auto measures sensitivity"),
     ({"recover": "bn"}, {"ratio": 0.5}, {}, "--recover needs calibration data"),
     ({"steps": 2, "finetune_epochs": 1}, {"ratio": 0.5}, {}, "--finetune-epochs needs --data"),
+    ({"steps": 2}, {"ratio": 0.5, "criterion": "obs", "sequential": True}, {"data_given": True},
+     "--sequential refines a plan made in one go"),
 ])
 def test_run_rules_are_said_once(run, config, given, says):
     with pytest.raises(sp.PlanError, match=says):

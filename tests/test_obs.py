@@ -269,6 +269,83 @@ def test_a_small_memory_budget_uses_channel_blocks_then_skips_and_falls_back():
                                [group.index])
 
 
+class Chain(nn.Module):
+    """Two groups in a row: ``a``'s six outputs (read by ``b``), ``b``'s five (read by
+    ``c``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def ridge_fit(x, y, w, lam, kept):
+    """``min ||[x_kept 1] B^T - y||^2 + lam ||B_kept - w_kept||^2 + lam ||w_removed||^2`` by
+    lstsq: the refitted weights (removed columns zero), bias and the error."""
+    n = x.shape[1]
+    design = torch.cat([x[:, kept], lam ** 0.5 * torch.eye(n, dtype=x.dtype)[:, kept]])
+    ones = torch.cat([torch.ones(len(x), 1), torch.zeros(n, 1)]).to(x.dtype)
+    design = torch.cat([design, ones], 1)
+    target = torch.cat([y, lam ** 0.5 * w.T])
+    solution = torch.linalg.lstsq(design, target, driver="gelsd").solution
+    weight = torch.zeros_like(w)
+    weight[:, kept] = solution[:-1].T
+    return weight, solution[-1], float(((design @ solution - target) ** 2).sum())
+
+
+def test_sequential_scores_follow_the_pruned_inputs_and_the_dense_outputs():
+    """``rescore``: the first group scores as on the dense model; the second group's scores
+    are the cumulative errors of an independent lstsq greedy on the inputs the model gives
+    once the first group lost its two lowest units and ``b`` was refitted to the dense
+    output (ridge toward the dense weights), with the dense model's output as the target,
+    above the error of the full refit, over the output energy."""
+    torch.manual_seed(0)
+    model = Chain().double().eval()
+    data = [torch.randn(16, 4, dtype=torch.float64) for _ in range(2)]
+    analysis = analyse(capture(model, (data[0],)))
+    first, second = (next(g for g in analysis.groups if (f"{m}.weight", 0) in g.members)
+                     for m in "ab")
+    criterion = OBS(analysis, data, max_rows=10_000, max_steps=None)
+    dense = score(analysis, criterion, [first, second], normalize="none")
+    got = criterion.rescore({first.index: 2, second.index: 2})
+    np.testing.assert_allclose(got[first.index], dense[first.index], rtol=1e-5)
+
+    with torch.no_grad():
+        x = torch.cat(data)
+        xa = torch.tanh(model.a(x))  # b's input, the same pruned or not
+        gone = np.argsort(got[first.index], kind="stable")[:2]
+        kept = np.setdiff1d(np.arange(6), gone)
+        lam = 0.01 * float((xa.T @ xa).diagonal().mean())
+        wb, bb, _ = ridge_fit(xa, model.b(xa), model.b.weight, lam, kept)
+        xp = torch.tanh(xa @ wb.T + bb)  # c's input in the pruned model
+        y = model.c(torch.tanh(model.b(xa)))  # the dense output
+        lam = 0.01 * float((xp.T @ xp).diagonal().mean())
+        w = model.c.weight
+        base = ridge_fit(xp, y, w, lam, np.arange(5))[2]
+        energy = float(((xp @ w.T) ** 2).sum())
+    columns = [np.array([u]) for u in range(5)]
+    want = (lstsq_greedy(xp, y, w, lam, columns, bias=True) - base) / energy
+    np.testing.assert_allclose(got[second.index], want, rtol=1e-5, atol=1e-12)
+    # the dense scores of the second group differ: its inputs changed
+    assert not np.allclose(dense[second.index], got[second.index], rtol=1e-3)
+
+
+@pytest.mark.parametrize("model, settings", [
+    (small_vgg, {"ratio": 0.5}), (small_vgg, {"macs_budget": 0.5}),
+    (small_vgg, {"ratio": 0.7, "global_ranking": True, "normalize": "none"}),
+])
+def test_sequential_plans_keep_the_widths_and_prune_and_verify(model, settings):
+    model = randomize(model())
+    ratio = settings.pop("ratio", None)
+    plain = check_pruned(model, X, ratio, criterion="obs", data=calibration(), **settings)
+    sequential = check_pruned(model, X, ratio, criterion="obs", data=calibration(),
+                              sequential=True, **settings)
+    assert [g["kept"] for g in sequential.plan.groups] == [g["kept"] for g in plain.plan.groups]
+    assert sequential.plan.extra == plain.plan.extra
+
+
 X = (torch.randn(2, 3, 16, 16),)
 
 

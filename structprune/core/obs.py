@@ -42,19 +42,29 @@ blocks do not fit either is skipped; ``notes`` says which and why. A group with 
 consumer with data reads (a functional conv, a transposed conv, a layer never called on the
 batches, ...) falls back to ``l2`` (listed in ``fallbacks``).
 
-Limitation: the issue asks for Hessians layer-wise in graph order on the *pruned* model's
-inputs, so that errors do not accumulate. The plan is chosen before any weight is removed,
-so here every consumer's Hessian is that of the dense model's inputs; upstream removals are
-not seen by downstream consumers (recovery's ``lsq``, which refits on the pruned model's
-inputs, corrects for them afterwards).
+Sequential selection (``sequential=True``, :meth:`OBS.rescore`): the scores above measure
+every consumer on the dense model's inputs, so a group is chosen as if nothing upstream had
+been removed. Once the widths are chosen, ``rescore`` goes through the groups in the order
+the model first calls their consumers; for each it runs the dense model and a working copy
+in which every group before it has lost its units (its consumers' removed columns zero, the
+others refitted by the OBS update), takes the same rows of both, and fits the consumer's
+weights on the pruned inputs ``X`` to the dense output ``X_dense A^T`` (ridge toward the
+dense weights ``A``: ``B = A (X^T X_dense + damp)^T (X^T X + damp)^-1``, so ``B = A``
+while nothing upstream is removed); the greedy then starts from ``B`` with ``X``'s Hessian,
+and the group's units go from the working copy before the next group is measured. Columns an
+earlier group removed (a consumer reading a concatenation of groups) are cut out of the
+Hessian. The widths do not change; which channels go may. It costs one forward of both
+models over the batches per group, stopped once the group's consumers have been called.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -286,10 +296,50 @@ def compensated(hessian: torch.Tensor, weight: torch.Tensor, removed: np.ndarray
                 ) -> torch.Tensor:
     """``W`` after removing the columns ``removed`` with the compensating update
     ``W - W_S ((H^-1)_SS)^-1 (H^-1)_S:`` (the removed columns become 0)."""
+    return compensated_with_inverse(torch.linalg.inv(hessian.detach().double()),
+                                    weight.detach().double(), removed)
+
+
+def _decouple(c: _Consumer, dead: np.ndarray) -> None:
+    """Cut the columns ``dead`` (removed by an earlier group; their weights are zero) out of
+    ``c``'s Hessian: no coupling to the other columns and a typical diagonal, so the inverse
+    neither uses them to compensate nor lets them change the error."""
+    c.dead = dead
+    d = torch.from_numpy(np.flatnonzero(dead)).to(c.gram.device)
+    alive = torch.from_numpy(np.flatnonzero(~dead)).to(c.gram.device)
+    typical = c.gram.diagonal()[alive].mean() if len(alive) else 1.0
+    c.gram[d] = 0
+    c.gram[:, d] = 0
+    c.gram[d, d] = typical
+    if c.sums is not None:
+        c.sums[d] = 0
+    if c.cross is not None:  # nor do they fit the dense output
+        c.cross[d] = 0
+
+
+def _remove_columns(c: _Consumer, columns: np.ndarray) -> None:
+    """Remove ``columns`` of consumer ``c``'s module in place: with its inverse Hessian, the
+    other columns (and the bias) take the OBS update; without, the columns are zeroed."""
+    module = c.module
+    weight = _flat_weight(module)
+    if c.inverse is not None:
+        if c.target is not None:
+            weight = c.target.clone()
+        elif c.bias:
+            weight = torch.cat([weight, module.bias.detach().double().cpu()[:, None]], 1)
+        weight = compensated_with_inverse(c.inverse, weight, columns)
+    weight[:, torch.from_numpy(columns)] = 0
+    with torch.no_grad():
+        module.weight.copy_(weight[:, :c.width].reshape(module.weight.shape))
+        if c.inverse is not None and c.bias:
+            module.bias.copy_(weight[:, c.width])
+
+
+def compensated_with_inverse(inverse: torch.Tensor, weight: torch.Tensor,
+                             removed: np.ndarray) -> torch.Tensor:
+    """``W - W_S ((H^-1)_SS)^-1 (H^-1)_S:`` given ``H^-1`` (float64)."""
     s = torch.from_numpy(np.asarray(removed, np.int64))
-    inverse = torch.linalg.inv(hessian.detach().double())
-    w = weight.detach().double()
-    return w - w[:, s] @ torch.linalg.solve(inverse[s][:, s], inverse[s])
+    return weight - weight[:, s] @ torch.linalg.solve(inverse[s][:, s], inverse[s])
 
 
 # ---------------------------------------------------------------------- the criterion
@@ -298,6 +348,11 @@ def compensated(hessian: torch.Tensor, weight: torch.Tensor, removed: np.ndarray
 def _flat_weight(module: nn.Module) -> torch.Tensor:
     """``W.reshape(out, -1)`` in float64 on the CPU."""
     return module.weight.detach().reshape(module.weight.shape[0], -1).double().cpu()
+
+
+class _Enough(BaseException):
+    """A hook's signal that every consumer wanted has seen its batch (a BaseException, so
+    that the handlers for a model's own failures let it through)."""
 
 
 @dataclass
@@ -317,6 +372,12 @@ class _Consumer:
     energy: float | None = None  # tr(W H W^T), once prepared
     inverse: torch.Tensor | None = None  # full: H^-1 (damped, float64), once prepared
     block_energy: np.ndarray | None = None  # blocks: tr(W_b H_b W_b^T) of each
+    cross: torch.Tensor | None = None  # sequential: X^T X_dense (full mode)
+    dense_sums: torch.Tensor | None = None  # sequential: X_dense's column sums
+    target: torch.Tensor | None = None  # sequential: the weights (and bias) refitted to dense
+    dead: np.ndarray | None = None  # sequential: columns an earlier group removed
+    first_call: int = -1  # when the model first called it in the pass over the batches
+    calls: int = 0  # how often it was called in that pass
 
     @property
     def width(self) -> int:
@@ -410,12 +471,30 @@ class OBS(Criterion):
             return
         new = [self._describe(name) for name in names]
         self._plan_memory(new)
-        active = [c for c in new if c.mode != "skipped"]
-        per_batch = max(1, math.ceil(self.max_rows / len(self.batches)))
-        device = device_of(self.model)
-        handles = []
+        self._gather(self.model, [c for c in new if c.mode != "skipped"], "obs: input Hessians")
+        for c in new:
+            if c.mode != "skipped" and c.rows == 0:
+                c.mode, c.reason = "skipped", "not called on the calibration batches"
+                self.notes["skipped"][c.name] = c.reason
+            self._consumers[c.name] = c
+        self.notes["consumers"] = sum(c.mode != "skipped" for c in self._consumers.values())
 
-        def hook_for(c: _Consumer) -> Any:
+    def _gather(self, model: nn.Module, consumers: list[_Consumer], desc: str,
+                reference: nn.Module | None = None) -> None:
+        """Run ``model`` over the batches with forward pre-hooks on ``consumers`` (their
+        modules are ``model``'s), adding their input rows to their accumulators and counting
+        their calls. With a ``reference`` (the dense model; sequential scoring), each batch
+        runs through it first, the same rows of the same consumers are taken there and
+        ``X^T X_dense`` accumulates too, and both forwards stop once every consumer has been
+        called as often as in the first pass (the rest of the model is not needed)."""
+        per_batch = max(1, math.ceil(self.max_rows / len(self.batches)))
+        device = device_of(model)
+        clock = [0]
+        wanted = {c.name: max(1, c.calls // len(self.batches)) for c in consumers}
+        seen: dict[str, int] = {}
+        dense_rows: dict[str, list[torch.Tensor]] = {}
+
+        def hook_for(c: _Consumer, dense: bool) -> Any:
             generator = torch.Generator().manual_seed(
                 self.seed * 1_000_003 + zlib.crc32(c.name.encode()))
 
@@ -427,34 +506,63 @@ class OBS(Criterion):
                 total = math.prod(lead)
                 rows = torch.randperm(total, generator=generator)[:per_batch].sort().values \
                     if total > per_batch else torch.arange(total)
-                step = max(1, _PATCH_ELEMENTS // c.width)  # never all rows unfolded at once
-                for chunk in rows.split(step):
-                    self._add(c, _pick(source, lead, chunk).float())
+                call = seen.get(c.name, 0)
+                seen[c.name] = call + 1
+                if dense:
+                    dense_rows.setdefault(c.name, []).append(_pick(source, lead, rows).float())
+                else:
+                    if c.first_call < 0:
+                        c.first_call = clock[0]
+                    clock[0] += 1
+                    c.calls += reference is None
+                    step = max(1, _PATCH_ELEMENTS // c.width)  # never all rows at once
+                    paired = dense_rows[c.name][call] if reference is not None else None
+                    for i, chunk in enumerate(rows.split(step)):
+                        self._add(c, _pick(source, lead, chunk).float(),
+                                  None if paired is None else paired[i * step:(i + 1) * step])
+                if reference is not None and all(seen.get(k, 0) >= n
+                                                 for k, n in wanted.items()):
+                    raise _Enough
             return hook
 
+        def forward(on: nn.Module, inputs: Inputs) -> None:
+            seen.clear()
+            try:
+                run_batch(on, inputs)
+            except _Enough:
+                pass
+
+        handles = []
         try:
-            for c in active:
-                handles.append(c.module.register_forward_pre_hook(hook_for(c),
+            for c in consumers:
+                handles.append(c.module.register_forward_pre_hook(hook_for(c, False),
                                                                    with_kwargs=True))
-            with torch.no_grad(), evaluation(self.model):
-                for inputs in tqdm(self.batches, desc="obs: input Hessians", unit="batch",
-                                   leave=False, file=sys.stderr,
-                                   disable=not sys.stderr.isatty()):
-                    run_batch(self.model, inputs.to(device))
+                if reference is not None:
+                    handles.append(reference.get_submodule(c.name).register_forward_pre_hook(
+                        hook_for(c, True), with_kwargs=True))
+            with torch.no_grad(), evaluation(model):
+                for inputs in tqdm(self.batches, desc=desc, unit="batch", leave=False,
+                                   file=sys.stderr, disable=not sys.stderr.isatty()):
+                    inputs = inputs.to(device)
+                    dense_rows.clear()
+                    if reference is not None:
+                        with evaluation(reference):
+                            forward(reference, inputs)
+                    forward(model, inputs)
         finally:
             for handle in handles:
                 handle.remove()
-        for c in new:
-            if c.mode != "skipped" and c.rows == 0:
-                c.mode, c.reason = "skipped", "not called on the calibration batches"
-                self.notes["skipped"][c.name] = c.reason
-            self._consumers[c.name] = c
-        self.notes["consumers"] = sum(c.mode != "skipped" for c in self._consumers.values())
 
-    def _add(self, c: _Consumer, p: torch.Tensor) -> None:
-        """Add the rows ``p`` to ``c``'s accumulators."""
+    def _add(self, c: _Consumer, p: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Add the rows ``p`` to ``c``'s accumulators (and with ``dense``, the same rows of
+        the dense model's input, ``X^T X_dense``)."""
         if c.mode == "full":
             c.gram = p.T @ p if c.gram is None else c.gram.addmm_(p.T, p)
+            if dense is not None:
+                c.cross = p.T @ dense if c.cross is None else c.cross.addmm_(p.T, dense)
+                if c.bias:
+                    sums = dense.sum(dim=0)
+                    c.dense_sums = sums if c.dense_sums is None else c.dense_sums + sums
         else:
             sizes = {len(b) for b in c.blocks}
             if len(sizes) == 1:  # equal blocks (a channel's taps): one batched product
@@ -513,6 +621,23 @@ class OBS(Criterion):
             factor, torch.eye(len(factor), dtype=torch.float64), upper=False)
         del factor
         c.inverse = inverse.T @ inverse
+        if c.cross is not None:  # sequential: refit to the dense model's output first
+            # ridge toward the dense weights: min ||X B^T - X_dense A^T||^2 + damp ||B - A||^2
+            # (so with unpruned inputs B = A); the columns removed before stay zero
+            dense = self.model.get_submodule(c.name)
+            cross, c.cross = c.cross.double().cpu(), None
+            pull = torch.full((n,), self.damp * scale, dtype=torch.float64)
+            if c.dead is not None:
+                pull[torch.from_numpy(c.dead)] = 0
+            cross.diagonal().add_(pull)
+            target = _flat_weight(dense)
+            if c.bias:
+                cross = torch.cat([torch.cat([cross, c.sums.double().cpu()[:, None]], 1),
+                                   torch.cat([c.dense_sums.double().cpu(),
+                                              torch.tensor([float(c.rows)],
+                                                           dtype=torch.float64)])[None]], 0)
+                target = torch.cat([target, dense.bias.detach().double().cpu()[:, None]], 1)
+            c.target = target @ cross.T @ c.inverse
 
     def _state(self, c: _Consumer, group: Group, candidates: np.ndarray,
                ) -> tuple[Reconstruction | np.ndarray, float] | None:
@@ -534,16 +659,21 @@ class OBS(Criterion):
         columns = np.flatnonzero(unit_of_column >= 0)
         t = torch.from_numpy(columns)
         local = unit_of_column[columns]
-        return Reconstruction(c.inverse[t][:, t], _flat_weight(c.module)[:, t],
+        weight = _flat_weight(c.module) if c.target is None else c.target
+        return Reconstruction(c.inverse[t][:, t], weight[:, t],
                               [np.flatnonzero(local == u) for u in range(len(candidates))]), \
             c.energy
 
-    def _measure(self, group: Group) -> np.ndarray:
+    def _measure(self, group: Group, consumers: Mapping[str, _Consumer] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The group's scores and its greedy order of removal (candidate positions; None
+        when it fell back to ``l2``), over ``consumers`` (default: the dense pass's)."""
+        consumers = self._consumers if consumers is None else consumers
         names, others = self.consumers_of(group)
-        usable = [self._consumers[n] for n in names if self._consumers[n].mode != "skipped"]
+        usable = [consumers[n] for n in names if n in consumers and consumers[n].mode != "skipped"]
         candidates = np.flatnonzero(~group.blocked)
         if not candidates.size:
-            return np.zeros(group.size)
+            return np.zeros(group.size), None
         states = [s for s in (self._state(c, group, candidates) for c in usable) if s]
         read = np.unique(np.concatenate([c.components for c in usable])) if usable else []
         if not states or not np.isin(group.units[candidates], read).all():
@@ -551,16 +681,58 @@ class OBS(Criterion):
             self.notes["fallback_reasons"][group.index] = (
                 f"a unit is read by no consumer with data (linear or ungrouped conv layers "
                 f"called on the batches; other readers: {missing})")
-            return self.fall_back(group)
-        _, cumulative = greedy_order(states, len(candidates), self.max_steps)
+            return self.fall_back(group), None
+        order, cumulative = greedy_order(states, len(candidates), self.max_steps)
         out = np.full(group.size, cumulative.max() / len(states))
         out[candidates] = cumulative / len(states)
+        return out, order
+
+    def rescore(self, removals: Mapping[int, int]) -> dict[int, np.ndarray]:
+        """Scores again, sequentially: group by group in the order the model first calls
+        their consumers, each group's consumer Hessians measured on a copy of the model in
+        which every group before it has lost its ``removals[g]`` first units of the
+        (sequential) greedy order, its consumers compensated (their weights refitted by the
+        OBS update, the removed columns zero), so a group is chosen on the inputs the pruned
+        model will give it. One forward over the batches a group, stopped once its consumers
+        have been called. Returns the raw scores of the groups in ``removals`` that remove
+        something and have a consumer with data (the others keep their dense scores)."""
+        groups = [g for g in self.analysis.prunable_groups() if removals.get(g.index, 0) > 0]
+        self._collect(groups)
+        work = copy.deepcopy(self.model)
+        modules = dict(work.named_modules())
+        dead: dict[str, np.ndarray] = {}  # per consumer: columns removed so far
+
+        def usable(group: Group) -> list[_Consumer]:
+            return [self._consumers[n] for n in self.consumers_of(group)[0]
+                    if self._consumers[n].mode != "skipped"]
+
+        ordered = sorted(((min(c.first_call for c in usable(g)), g.index, g)
+                          for g in groups if usable(g)), key=lambda t: t[:2])
+        out: dict[int, np.ndarray] = {}
+        for _, _, group in tqdm(ordered, desc="obs: sequential", unit="group", leave=False,
+                                file=sys.stderr, disable=not sys.stderr.isatty()):
+            fresh = {c.name: replace(c, module=modules[c.name], rows=0, gram=None, sums=None,
+                                     energy=None, inverse=None, block_energy=None)
+                     for c in usable(group)}
+            self._gather(work, list(fresh.values()), "obs: pruned inputs", self.model)
+            for c in fresh.values():
+                if c.name in dead and c.mode == "full":
+                    _decouple(c, dead[c.name])
+            out[group.index], _ = self._measure(group, fresh)
+            candidates = np.flatnonzero(~group.blocked)  # as selection ranks them
+            order = candidates[np.argsort(out[group.index][candidates], kind="stable")]
+            gone = group.units[order[:removals[group.index]]]
+            for c in fresh.values():
+                columns = np.flatnonzero(np.isin(c.components, gone))
+                if columns.size:
+                    _remove_columns(c, columns)
+                    dead.setdefault(c.name, np.zeros(c.width, bool))[columns] = True
         return out
 
     def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
         # every prunable group's consumers at once: one pass over the data, one memory plan
         self._collect([*self.analysis.prunable_groups(), *groups])
-        return {group.index: self._measure(group)
+        return {group.index: self._measure(group)[0]
                 for group in tqdm(groups, desc="obs: greedy", unit="group", leave=False,
                                   file=sys.stderr, disable=not sys.stderr.isatty())}
 

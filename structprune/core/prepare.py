@@ -9,7 +9,7 @@ groups: on a torch.export capture, the literals that do not follow channel count
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from structprune.core.analyse import Analysis, analyse
 from structprune.core.capture import capture
 from structprune.core.literals import settle_literals
 from structprune.core.registry import RuleRegistry
-from structprune.core.score import criterion_report, make_criterion, score
+from structprune.core.score import criterion_report, make_criterion, normalise, score
 
 
 @dataclass
@@ -29,12 +29,14 @@ class Prepared:
     """A model's analysis (literals settled), the scores of its prunable groups (by group
     index; empty when not scored), the seconds each step took and what the report says
     about the criterion (:func:`~structprune.core.score.criterion_report`; empty when not
-    scored)."""
+    scored). With ``sequential``, ``rescore`` maps the units each group loses (by group
+    index) to its scores measured on the pruned inputs, normalised as ``scores`` are."""
 
     analysis: Analysis
     scores: dict[int, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     criterion: dict[str, Any] = field(default_factory=dict)
+    rescore: Callable[[Mapping[int, int]], dict[int, np.ndarray]] | None = None
 
 
 def prepare(model: nn.Module, example_inputs: Sequence[Any] | Any,
@@ -56,7 +58,7 @@ def prepare(model: nn.Module, example_inputs: Sequence[Any] | Any,
     t1 = time.perf_counter()
     analysis = settle_literals(model, analyse(cap, registry), registry)
     t2 = time.perf_counter()
-    scores, report = {}, {}
+    scores, report, rescore = {}, {}, None
     if scored:
         name = config.criterion if isinstance(config.criterion, str) else None
         measure = make_criterion(name, analysis, data=data, seed=config.seed,
@@ -65,9 +67,13 @@ def prepare(model: nn.Module, example_inputs: Sequence[Any] | Any,
         scores = score(analysis, measure, analysis.prunable_groups(),
                        normalize=config.normalize)
         report = criterion_report(measure, name)
+        if config.sequential:
+            def rescore(removals: Mapping[int, int]) -> dict[int, np.ndarray]:
+                return {g: normalise(s, config.normalize)
+                        for g, s in measure.rescore(removals).items()}
     t3 = time.perf_counter()
     return Prepared(analysis, scores, {"capture": t1 - t0, "analyse": t2 - t1,
-                                       "score": t3 - t2}, report)
+                                       "score": t3 - t2}, report, rescore)
 
 
 __all__ = ["Prepared", "prepare"]

@@ -63,6 +63,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="importance of a channel: " + ", ".join(IMPORTANCE) + " ("
                         + ", ".join(NEEDS_DATA) + " need --data, labels or not; obs: the "
                         "error left once consumers are refitted by least squares)")
+    p.add_argument("--sequential", action="store_true",
+                   help="with --criterion obs: choose each group's channels again on the "
+                        "inputs the model pruned so far gives it, in graph order (same widths)")
     p.add_argument("--normalize", default="mean",
                    help="scale of each group's scores for --global, --threshold and budgets: "
                         + ", ".join(NORMALIZE))
@@ -142,6 +145,7 @@ def configs(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig, TargetCon
         round_to=args.round_to, min_width=args.min_width, ignore=tuple(args.ignore),
         exact_only=args.exact_only, criterion=args.criterion, normalize=args.normalize,
         calibration_batches=args.calibration_batches, seed=args.seed,
+        sequential=args.sequential,
         capture_method=args.capture)
     target = TargetConfig(args.target, args.threads, batch, args.target_speedup,
                           args.target_latency, args.if_slower,
