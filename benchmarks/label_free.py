@@ -269,37 +269,29 @@ def run_model(name: str, dense: nn.Module, x: torch.Tensor, score: Callable[[nn.
 
     for ratio in ratios:
         kept_best = None
-        for criterion, methods in (("l2", ["none"]), ("l2", ["bn"]), ("l2", ["bias", "bn"]),
-                                   ("l2", ["lsq", "bn"]), ("obs", ["lsq", "bn"])):
+        for selection, methods in (("l2", ["none"]), ("l2", ["bn"]), ("l2", ["bias", "bn"]),
+                                   ("l2", ["lsq", "bn"]), ("obs", ["lsq", "bn"]),
+                                   ("obs+sequential", ["lsq", "bn"])):
+            criterion = selection.split("+")[0]
             with Peak() as cost:
                 try:
                     result = sp.prune(dense, (x,), ratio, criterion=criterion,
-                                      data=calib if criterion != "l2" else None)
+                                      data=calib if criterion != "l2" else None,
+                                      sequential=selection.endswith("+sequential"))
                 except Exception as exc:  # noqa: BLE001 - a criterion not built yet
                     print(f"skip {criterion}: {exc}")
                     break
                 report = recover(result.model, dense, result.plan, result.analysis, calib,
                                  methods)
-            row(tool="structprune", ratio=ratio, selection=criterion,
+            row(tool="structprune", ratio=ratio, selection=selection,
                 recovery="+".join(methods), step="calibration only",
                 accuracy=score(result.model), macs_kept=result.figures["macs_ratio"],
                 seconds=cost.seconds, peak_rss_mb=cost.peak_mb, extra_rss_mb=cost.extra_mb,
                 undone=[e["module"] for e in report["layers"] if e.get("undone")])
-            kept_best = (criterion, methods, result)
-        criterion, methods, result = kept_best
-        for parameter in result.model.parameters():  # ultralytics loads them frozen
-            parameter.requires_grad_(True)
-        with Peak() as cost:
-            fit(result.model, list(calib), distill_epochs, lr=1e-3, seed=1, teacher=dense,
-                progress=False, mix=mix, feature_weight=feature_weight, plan=result.plan)
-            result.model.eval()
-        samples = sum(len(b) for b in calib)
-        row(tool="structprune", ratio=ratio, selection=criterion, recovery="+".join(methods),
-            step=f"label-free distillation, {distill_epochs} epochs on the {samples} "
-                 f"calibration samples" + (f", mixup {mix}" if mix else "")
-                 + (f", feature maps x {feature_weight}" if feature_weight else ""),
-            accuracy=score(result.model), macs_kept=result.figures["macs_ratio"],
-            seconds=cost.seconds, peak_rss_mb=cost.peak_mb, extra_rss_mb=cost.extra_mb)
+            kept_best = (selection, methods, result)
+        if distill_epochs:
+            distill(row, dense, calib, ratio, *kept_best, score, distill_epochs, mix,
+                    feature_weight)
         import torch_pruning as tp
 
         model = copy.deepcopy(dense)
@@ -325,6 +317,27 @@ def run_model(name: str, dense: nn.Module, x: torch.Tensor, score: Callable[[nn.
         row(tool="torch_pruning", ratio=ratio, selection="l2", recovery="bn",
             step="calibration only", accuracy=score(model), macs_kept=kept,
             seconds=cost.seconds, peak_rss_mb=cost.peak_mb, extra_rss_mb=cost.extra_mb)
+
+
+def distill(row: Callable[..., None], dense: nn.Module, calib, ratio: float, selection: str,
+            methods: list[str], result, score: Callable[[nn.Module], float], epochs: int,
+            mix: float, feature_weight: float) -> None:
+    """Label-free distillation of ``result.model`` from ``dense`` on the calibration samples,
+    and its row."""
+    for parameter in result.model.parameters():  # ultralytics loads them frozen
+        parameter.requires_grad_(True)
+    with Peak() as cost:
+        fit(result.model, list(calib), epochs, lr=1e-3, seed=1, teacher=dense,
+            progress=False, mix=mix, feature_weight=feature_weight, plan=result.plan)
+        result.model.eval()
+    samples = sum(len(b) for b in calib)
+    row(tool="structprune", ratio=ratio, selection=selection,
+        recovery="+".join(methods),
+        step=f"label-free distillation, {epochs} epochs on the {samples} "
+             f"calibration samples" + (f", mixup {mix}" if mix else "")
+             + (f", feature maps x {feature_weight}" if feature_weight else ""),
+        accuracy=score(result.model), macs_kept=result.figures["macs_ratio"],
+        seconds=cost.seconds, peak_rss_mb=cost.peak_mb, extra_rss_mb=cost.extra_mb)
 
 
 def run_yolo(weights: Path, args: argparse.Namespace, rows: list[dict],
@@ -360,7 +373,7 @@ def run_yolo(weights: Path, args: argparse.Namespace, rows: list[dict],
 
 
 def distill_epochs_of(args: argparse.Namespace, name: str) -> int:
-    return args.distill_epochs or DISTILL_EPOCHS[name]
+    return DISTILL_EPOCHS[name] if args.distill_epochs is None else args.distill_epochs
 
 
 def save(args: argparse.Namespace, rows: list[dict], start: float, complete: bool) -> None:
@@ -383,7 +396,7 @@ def main() -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--distill-epochs", type=int,
                         help="label-free distillation epochs (default: per model, "
-                             "DISTILL_EPOCHS)")
+                             "DISTILL_EPOCHS; 0: calibration-only rows)")
     parser.add_argument("--feature-weight", type=float, default=1.0,
                         help="weight of matching the dense model's feature maps in "
                              "distillation (0: outputs only)")

@@ -544,6 +544,8 @@ def label_free(file: str | list[str] = "label_free_issue24.json",
                ("L2 + bias+bn", ("structprune", "l2", "bias+bn", "calibration only")),
                ("L2 + lsq+bn", ("structprune", "l2", "lsq+bn", "calibration only")),
                ("obs + lsq+bn", ("structprune", "obs", "lsq+bn", "calibration only")),
+               ("obs sequential + lsq+bn", ("structprune", "obs+sequential", "lsq+bn",
+                                            "calibration only")),
                ("+ label-free distillation", ("structprune", None, None, "distil")),
                ("Torch-Pruning L2 + bn", ("torch_pruning", "l2", "bn", "calibration only"))]
 
@@ -588,8 +590,11 @@ def label_free(file: str | list[str] = "label_free_issue24.json",
               "x 100 on 100 validation images, the dense model's boxes at confidence 0.25 as "
               "ground truth; the dense model scores itself just under 100). "
               "Calibration only: no gradient step. Distillation: "
-              f"{epochs}, on the same unlabeled samples{mix}, from the "
-              "obs + lsq+bn model, matching the dense model's outputs. Torch-Pruning: L2 "
+              f"{epochs}, on the same unlabeled samples{mix}, from the model "
+              "of the rightmost calibration-only column the run has (obs sequential + "
+              "lsq+bn where it has one), matching the dense model's outputs. obs sequential: "
+              "the same widths, each group's channels chosen on the pruned model's inputs "
+              "(`--sequential`). Torch-Pruning: L2 "
               "magnitude, classifier (YOLO: Detect head) ignored, BatchNorm statistics "
               "re-estimated on the same samples. Peak memory per row is in the JSON. "
               "The distillation column calls `fit` directly; `structprune finetune` keeps the "

@@ -332,6 +332,58 @@ def test_sequential_scores_follow_the_pruned_inputs_and_the_dense_outputs():
     assert not np.allclose(dense[second.index], got[second.index], rtol=1e-3)
 
 
+class Concatenated(nn.Module):
+    """Two groups read by one layer: ``a``'s three outputs and ``b``'s three, concatenated
+    into ``c``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.c(torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(x))], 1))
+
+
+def test_sequential_cuts_an_earlier_groups_removed_columns_out_of_a_shared_consumer():
+    """``c`` reads both groups: once the first loses a unit (``c`` refitted without it), the
+    second group's scores are the lstsq greedy over its own columns with that column gone
+    for good (not used to compensate), above the error of that state, over the energy of the
+    refitted ``c``; the ridge is 1% of the mean diagonal of the remaining columns."""
+    torch.manual_seed(1)
+    model = Concatenated().double().eval()
+    data = [torch.randn(24, 4, dtype=torch.float64) for _ in range(2)]
+    analysis = analyse(capture(model, (data[0],)))
+    first, second = sorted((next(g for g in analysis.groups if (f"{m}.weight", 0) in g.members)
+                            for m in "ab"), key=lambda g: g.index)
+    criterion = OBS(analysis, data, max_rows=10_000, max_steps=None)
+    score(analysis, criterion, [first, second], normalize="none")
+    got = criterion.rescore({first.index: 1, second.index: 1})
+
+    with torch.no_grad():
+        x = torch.cat(data)
+        xc = torch.cat([torch.tanh(model.a(x)), torch.tanh(model.b(x))], 1)
+        y, w = model.c(xc), model.c.weight
+        own = [np.flatnonzero(np.isin(np.arange(6) // 3, [k])) for k in (0, 1)]
+        mine, theirs = (own[0], own[1]) if ("a.weight", 0) in first.members else (own[1], own[0])
+        gone = mine[np.argsort(got[first.index], kind="stable")[0]]
+        lam = 0.01 * float((xc.T @ xc).diagonal().mean())
+        alive = np.setdiff1d(np.arange(6), [gone])
+        refitted, _, _ = ridge_fit(xc, y, w, lam, alive)
+        lam = 0.01 * float((xc.T @ xc).diagonal()[alive].mean())
+        base = ridge_fit(xc, y, w, lam, alive)[2]
+        energy = float(((xc @ refitted.T) ** 2).sum())
+    # the greedy over the second group's columns, the first group's removed column dropped
+    errors, removed = {}, []
+    for _ in range(3):
+        trial = {u: ridge_fit(xc, y, w, lam, np.setdiff1d(
+            alive, [theirs[v] for v in removed + [u]]))[2] for u in range(3) if u not in removed}
+        best = min(trial, key=trial.get)
+        removed.append(best)
+        errors[best] = trial[best]
+    want = (np.array([errors[u] for u in range(3)]) - base) / energy
+    np.testing.assert_allclose(got[second.index], want, rtol=1e-5, atol=1e-12)
+
+
 @pytest.mark.parametrize("model, settings", [
     (small_vgg, {"ratio": 0.5}), (small_vgg, {"macs_budget": 0.5}),
     (small_vgg, {"ratio": 0.7, "global_ranking": True, "normalize": "none"}),
