@@ -899,6 +899,9 @@ PAGES = [
             ["label_free_patient_mobilenetv2s_issue24.json",
              "label_free_patient_yolo_digits_issue24.json"],
             "Accuracy without labels, with patient distillation: more models and ratios")),
+        ("label-free-sequential", lambda: label_free(
+            ["label_free_sequential_issue24.json", "label_free_sequential_yolo_issue24.json"],
+            "Accuracy without labels: sequential selection, calibration only")),
         ("yolo-map", yolo_map),
         ("recovery-time", recover_time),
         ("int8", quantize)]),

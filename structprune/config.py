@@ -287,6 +287,9 @@ class TargetConfig(_Config):
 
     def check(self, config: PruneConfig) -> None:
         """Refuse a pass config this target cannot honour, in one line."""
+        if config.sequential:
+            raise PlanError("a speed target times many plans; sequential selection refines "
+                            "one: drop sequential (--sequential)")
         if self.goal and (config.ratio is not None or config.mode != "ratio"):
             goal = "target speedup" if self.speedup is not None else "target latency"
             raise PlanError(f"{goal} and {config.mode} both say how much goes: give one of ratio, "

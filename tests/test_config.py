@@ -85,6 +85,7 @@ def test_a_callable_criterion_is_a_setting_and_is_named_in_the_plan():
     ({"speedup": 2}, {"ratio": 0.3}, "not 2"),
     ({"speedup": 2}, {"macs_budget": 0.5}, "not 2"),
     ({}, {"threshold": 0.5, "round_to": "auto"}, "give --ratio"),
+    ({}, {"ratio": 0.5, "criterion": "obs", "sequential": True}, "drop sequential"),
 ])
 def test_target_rules_are_said_once(target, config, says):
     with pytest.raises(sp.PlanError, match=says):
@@ -104,6 +105,8 @@ def test_target_rules_are_said_once(target, config, says):
     ({"steps": 2, "finetune_epochs": 1}, {"ratio": 0.5}, {}, "--finetune-epochs needs --data"),
     ({"steps": 2}, {"ratio": 0.5, "criterion": "obs", "sequential": True}, {"data_given": True},
      "--sequential refines a plan made in one go"),
+    ({"auto": True}, {"macs_budget": 0.5, "criterion": "obs", "sequential": True},
+     {"data_given": True}, "--sequential refines a plan made in one go"),
 ])
 def test_run_rules_are_said_once(run, config, given, says):
     with pytest.raises(sp.PlanError, match=says):
@@ -132,6 +135,9 @@ def test_auto_honours_min_width_and_refuses_round_to_it_once_dropped():
     x = (torch.randn(1, 3, 16, 16),)
     with pytest.raises(sp.PlanError, match="does not combine with --round-to 4"):
         auto_plan(model, x, _val_batches(), macs_budget=0.6, round_to=4, progress=False)
+    with pytest.raises(sp.PlanError, match="drop --sequential"):
+        auto_plan(model, x, _val_batches(), macs_budget=0.6, criterion="obs", sequential=True,
+                  data=_val_batches(), progress=False)
     free, _ = auto_plan(model, x, _val_batches(), macs_budget=0.6, progress=False)
     assert min(_pruned_widths(free)) < 12  # without the bound some group goes narrower
     plan, measured = auto_plan(model, x, _val_batches(), macs_budget=0.6, min_width=12,

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import structprune as sp
 from structprune.core.analyse import analyse
 from structprune.core.capture import capture
 from structprune.core.obs import (
@@ -384,12 +385,38 @@ def test_sequential_cuts_an_earlier_groups_removed_columns_out_of_a_shared_consu
     np.testing.assert_allclose(got[second.index], want, rtol=1e-5, atol=1e-12)
 
 
-@pytest.mark.parametrize("model, settings", [
-    (small_vgg, {"ratio": 0.5}), (small_vgg, {"macs_budget": 0.5}),
-    (small_vgg, {"ratio": 0.7, "global_ranking": True, "normalize": "none"}),
+def test_prune_with_sequential_removes_what_rescore_ranks_lowest():
+    """Through ``structprune.prune``: the same widths as plain obs, and the second group
+    keeps the units ``rescore`` ranks highest, which here differ from plain obs's choice."""
+    torch.manual_seed(1)
+    model = Chain().eval()
+    data = [torch.randn(16, 4) for _ in range(2)]
+    plain = sp.prune(model, (data[0],), 0.4, criterion="obs", data=data)
+    sequential = sp.prune(model, (data[0],), 0.4, criterion="obs", data=data, sequential=True)
+    assert [g["kept"] for g in sequential.plan.groups] == [g["kept"] for g in plain.plan.groups]
+    assert sequential.verification.ok
+
+    analysis = analyse(capture(model, (data[0],)))
+    criterion = OBS(analysis, data)
+    score(analysis, criterion, analysis.prunable_groups())
+    removals = {g["index"]: g["units"] - g["kept"] for g in plain.plan.groups}
+    second = next(g for g in analysis.groups if ("b.weight", 0) in g.members)
+    ranked = np.argsort(criterion.rescore(removals)[second.index], kind="stable")
+    want = sorted(ranked[removals[second.index]:].tolist())
+
+    def kept(result):
+        return next(p["keep"] for p in result.plan.params
+                    if p["name"] == "b.weight" and p["dim"] == 0)
+    assert kept(sequential) == want and kept(plain) != want
+
+
+@pytest.mark.parametrize("settings", [
+    {"ratio": 0.5}, {"macs_budget": 0.5},
+    {"ratio": 0.7, "global_ranking": True, "normalize": "none"},
 ])
-def test_sequential_plans_keep_the_widths_and_prune_and_verify(model, settings):
-    model = randomize(model())
+def test_sequential_plans_keep_the_widths_and_prune_and_verify(settings):
+    model = randomize(small_vgg())
+    settings = dict(settings)
     ratio = settings.pop("ratio", None)
     plain = check_pruned(model, X, ratio, criterion="obs", data=calibration(), **settings)
     sequential = check_pruned(model, X, ratio, criterion="obs", data=calibration(),

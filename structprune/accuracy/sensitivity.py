@@ -162,6 +162,9 @@ def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iter
     config = make_config(config, **settings)
     if config.macs_budget is None:
         raise PlanError("auto_plan meets a MACs budget: set macs_budget (--macs-budget)")
+    if config.sequential:
+        raise PlanError("--auto measures each group alone on the dense model; sequential "
+                        "selection refines one plan: drop --sequential")
     if config.round_to != 1:
         # a ratio step that rounding swallows saves nothing, and the greedy allocation
         # never takes a step that saves nothing: the group would stay whole

@@ -51,10 +51,14 @@ others refitted by the OBS update), takes the same rows of both, and fits the co
 weights on the pruned inputs ``X`` to the dense output ``X_dense A^T`` (ridge toward the
 dense weights ``A``: ``B = A (X^T X_dense + damp)^T (X^T X + damp)^-1``, so ``B = A``
 while nothing upstream is removed); the greedy then starts from ``B`` with ``X``'s Hessian,
-and the group's units go from the working copy before the next group is measured. Columns an
-earlier group removed (a consumer reading a concatenation of groups) are cut out of the
-Hessian. The widths do not change; which channels go may. It costs one forward of both
-models over the batches per group, stopped once the group's consumers have been called.
+and the group's units go from the working copy (every member's slices zero, the consumers
+refitted) before the next group is measured. Columns an earlier group removed (a consumer
+reading a concatenation of groups) are cut out of the Hessian. A group is placed by its
+first consumer: the later consumers of a group read at several depths (a residual stream)
+are measured on the removals made so far, not on those of the groups between, an
+approximation. The widths do not change; which channels go may. It costs one forward of both
+models over the batches per group, stopped once the group's consumers have been called, and
+a copy of the model (on its device).
 """
 
 from __future__ import annotations
@@ -296,15 +300,15 @@ def compensated(hessian: torch.Tensor, weight: torch.Tensor, removed: np.ndarray
                 ) -> torch.Tensor:
     """``W`` after removing the columns ``removed`` with the compensating update
     ``W - W_S ((H^-1)_SS)^-1 (H^-1)_S:`` (the removed columns become 0)."""
-    return compensated_with_inverse(torch.linalg.inv(hessian.detach().double()),
-                                    weight.detach().double(), removed)
+    return _compensated(torch.linalg.inv(hessian.detach().double()),
+                        weight.detach().double(), removed)
 
 
 def _decouple(c: _Consumer, dead: np.ndarray) -> None:
     """Cut the columns ``dead`` (removed by an earlier group; their weights are zero) out of
     ``c``'s Hessian: no coupling to the other columns and a typical diagonal, so the inverse
     neither uses them to compensate nor lets them change the error."""
-    c.dead = dead
+    c.dead = dead.copy()
     d = torch.from_numpy(np.flatnonzero(dead)).to(c.gram.device)
     alive = torch.from_numpy(np.flatnonzero(~dead)).to(c.gram.device)
     typical = c.gram.diagonal()[alive].mean() if len(alive) else 1.0
@@ -318,25 +322,22 @@ def _decouple(c: _Consumer, dead: np.ndarray) -> None:
 
 
 def _remove_columns(c: _Consumer, columns: np.ndarray) -> None:
-    """Remove ``columns`` of consumer ``c``'s module in place: with its inverse Hessian, the
-    other columns (and the bias) take the OBS update; without, the columns are zeroed."""
+    """Remove ``columns`` of consumer ``c``'s module in place: with its refit (a full
+    Hessian), the other columns and the bias take the refit and the OBS update; otherwise the
+    columns are zeroed."""
     module = c.module
     weight = _flat_weight(module)
-    if c.inverse is not None:
-        if c.target is not None:
-            weight = c.target.clone()
-        elif c.bias:
-            weight = torch.cat([weight, module.bias.detach().double().cpu()[:, None]], 1)
-        weight = compensated_with_inverse(c.inverse, weight, columns)
+    if c.target is not None:  # the refit to the dense output (and its bias), compensated
+        weight = _compensated(c.inverse, c.target, columns)
     weight[:, torch.from_numpy(columns)] = 0
     with torch.no_grad():
         module.weight.copy_(weight[:, :c.width].reshape(module.weight.shape))
-        if c.inverse is not None and c.bias:
+        if c.target is not None and c.bias:
             module.bias.copy_(weight[:, c.width])
 
 
-def compensated_with_inverse(inverse: torch.Tensor, weight: torch.Tensor,
-                             removed: np.ndarray) -> torch.Tensor:
+def _compensated(inverse: torch.Tensor, weight: torch.Tensor, removed: np.ndarray,
+                 ) -> torch.Tensor:
     """``W - W_S ((H^-1)_SS)^-1 (H^-1)_S:`` given ``H^-1`` (float64)."""
     s = torch.from_numpy(np.asarray(removed, np.int64))
     return weight - weight[:, s] @ torch.linalg.solve(inverse[s][:, s], inverse[s])
@@ -489,8 +490,9 @@ class OBS(Criterion):
         called as often as in the first pass (the rest of the model is not needed)."""
         per_batch = max(1, math.ceil(self.max_rows / len(self.batches)))
         device = device_of(model)
-        clock = [0]
+        clock = 0
         wanted = {c.name: max(1, c.calls // len(self.batches)) for c in consumers}
+        until: dict[str, int] = {}  # the calls after which a forward may stop (none: never)
         seen: dict[str, int] = {}
         dense_rows: dict[str, list[torch.Tensor]] = {}
 
@@ -499,6 +501,7 @@ class OBS(Criterion):
                 self.seed * 1_000_003 + zlib.crc32(c.name.encode()))
 
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                nonlocal clock
                 x = args[0] if args else kwargs.get("input")
                 if not isinstance(x, torch.Tensor):
                     return
@@ -512,21 +515,23 @@ class OBS(Criterion):
                     dense_rows.setdefault(c.name, []).append(_pick(source, lead, rows).float())
                 else:
                     if c.first_call < 0:
-                        c.first_call = clock[0]
-                    clock[0] += 1
-                    c.calls += reference is None
+                        c.first_call = clock
+                    clock += 1
+                    if reference is None:
+                        c.calls += 1
                     step = max(1, _PATCH_ELEMENTS // c.width)  # never all rows at once
-                    paired = dense_rows[c.name][call] if reference is not None else None
+                    paired = dense_rows[c.name][call] if c.name in dense_rows else None
                     for i, chunk in enumerate(rows.split(step)):
                         self._add(c, _pick(source, lead, chunk).float(),
                                   None if paired is None else paired[i * step:(i + 1) * step])
-                if reference is not None and all(seen.get(k, 0) >= n
-                                                 for k, n in wanted.items()):
+                if until and all(seen.get(k, 0) >= n for k, n in until.items()):
                     raise _Enough
             return hook
 
-        def forward(on: nn.Module, inputs: Inputs) -> None:
+        def forward(on: nn.Module, inputs: Inputs, stop: dict[str, int]) -> None:
+            nonlocal until
             seen.clear()
+            until = stop
             try:
                 run_batch(on, inputs)
             except _Enough:
@@ -537,7 +542,7 @@ class OBS(Criterion):
             for c in consumers:
                 handles.append(c.module.register_forward_pre_hook(hook_for(c, False),
                                                                    with_kwargs=True))
-                if reference is not None:
+                if reference is not None and c.mode == "full":  # blocks refit nothing
                     handles.append(reference.get_submodule(c.name).register_forward_pre_hook(
                         hook_for(c, True), with_kwargs=True))
             with torch.no_grad(), evaluation(model):
@@ -545,10 +550,11 @@ class OBS(Criterion):
                                    file=sys.stderr, disable=not sys.stderr.isatty()):
                     inputs = inputs.to(device)
                     dense_rows.clear()
-                    if reference is not None:
+                    full = {c.name: wanted[c.name] for c in consumers if c.mode == "full"}
+                    if reference is not None and full:
                         with evaluation(reference):
-                            forward(reference, inputs)
-                    forward(model, inputs)
+                            forward(reference, inputs, full)
+                    forward(model, inputs, wanted if reference is not None else {})
         finally:
             for handle in handles:
                 handle.remove()
@@ -602,7 +608,8 @@ class OBS(Criterion):
             c.energy = 0.0
             return
         n = c.width
-        gram.diagonal().add_(self.damp * scale)
+        ridge = self.damp * scale
+        gram.diagonal().add_(ridge)
         if c.bias:  # the ones column: the bias refits too
             s = c.sums.double().cpu()
             gram = torch.cat([torch.cat([gram, s[:, None]], 1),
@@ -613,6 +620,7 @@ class OBS(Criterion):
             if not info:
                 break
             gram.diagonal()[:n] += 9 * self.damp * scale
+            ridge += 9 * self.damp * scale
             factor, info = torch.linalg.cholesky_ex(gram)
         del gram
         # H^-1 = L^-T L^-1: a triangular solve and a product (torch's cholesky_inverse is
@@ -626,7 +634,7 @@ class OBS(Criterion):
             # (so with unpruned inputs B = A); the columns removed before stay zero
             dense = self.model.get_submodule(c.name)
             cross, c.cross = c.cross.double().cpu(), None
-            pull = torch.full((n,), self.damp * scale, dtype=torch.float64)
+            pull = torch.full((n,), ridge, dtype=torch.float64)
             if c.dead is not None:
                 pull[torch.from_numpy(c.dead)] = 0
             cross.diagonal().add_(pull)
@@ -687,30 +695,52 @@ class OBS(Criterion):
         out[candidates] = cumulative / len(states)
         return out, order
 
-    def rescore(self, removals: Mapping[int, int]) -> dict[int, np.ndarray]:
-        """Scores again, sequentially: group by group in the order the model first calls
-        their consumers, each group's consumer Hessians measured on a copy of the model in
-        which every group before it has lost its ``removals[g]`` first units of the
-        (sequential) greedy order, its consumers compensated (their weights refitted by the
-        OBS update, the removed columns zero), so a group is chosen on the inputs the pruned
-        model will give it. One forward over the batches a group, stopped once its consumers
-        have been called. Returns the raw scores of the groups in ``removals`` that remove
-        something and have a consumer with data (the others keep their dense scores)."""
+    def rescore(self, removals: Mapping[int, int], exact_only: bool = False,
+                ) -> dict[int, np.ndarray]:
+        """Scores again, sequentially (see the module docstring): group by group in the
+        order the model first calls their consumers, each measured on a working copy of the
+        model from which every group before it has removed its ``removals[g]`` lowest-scored
+        units (among those that may go, ``exact_only`` as selection has it). Returns the raw
+        scores of the groups that remove something and have a consumer with data; the others
+        keep their scores, and their units go from the working copy first."""
         groups = [g for g in self.analysis.prunable_groups() if removals.get(g.index, 0) > 0]
         self._collect(groups)
         work = copy.deepcopy(self.model)
         modules = dict(work.named_modules())
+        parameters = dict(work.named_parameters())
         dead: dict[str, np.ndarray] = {}  # per consumer: columns removed so far
 
         def usable(group: Group) -> list[_Consumer]:
             return [self._consumers[n] for n in self.consumers_of(group)[0]
                     if self._consumers[n].mode != "skipped"]
 
-        ordered = sorted(((min(c.first_call for c in usable(g)), g.index, g)
-                          for g in groups if usable(g)), key=lambda t: t[:2])
+        def remove(group: Group, scores: np.ndarray, consumers: dict[str, _Consumer]) -> None:
+            may_go = np.flatnonzero(group.prunable(exact_only))
+            order = may_go[np.argsort(scores[may_go], kind="stable")]
+            gone = group.units[order[:removals[group.index]]]
+            # every member's slices go to zero (the channel reads as zero everywhere,
+            # functional readers too), then the measured consumers take their refits
+            with torch.no_grad():
+                for name, dim in group.members:
+                    if name in parameters and (name, dim) in self.analysis.slots:
+                        slot = self.analysis.component[self.analysis.slots[(name, dim)]]
+                        index = torch.from_numpy(np.flatnonzero(np.isin(slot, gone)))
+                        parameters[name].index_fill_(dim, index.to(parameters[name].device), 0)
+            for c in consumers.values():
+                columns = np.flatnonzero(np.isin(c.components, gone))
+                if columns.size:
+                    _remove_columns(c, columns)
+                    dead.setdefault(c.name, np.zeros(c.width, bool))[columns] = True
+
+        measured = [g for g in groups if usable(g)]
+        for group in groups:  # no consumer with data: chosen as before, removed first
+            if not usable(group):
+                remove(group, self._measure(group)[0], {})
         out: dict[int, np.ndarray] = {}
-        for _, _, group in tqdm(ordered, desc="obs: sequential", unit="group", leave=False,
-                                file=sys.stderr, disable=not sys.stderr.isatty()):
+        ordered = sorted(measured, key=lambda g: (min(c.first_call for c in usable(g)),
+                                                  g.index))
+        for group in tqdm(ordered, desc="obs: sequential", unit="group", leave=False,
+                          file=sys.stderr, disable=not sys.stderr.isatty()):
             fresh = {c.name: replace(c, module=modules[c.name], rows=0, gram=None, sums=None,
                                      energy=None, inverse=None, block_energy=None)
                      for c in usable(group)}
@@ -719,14 +749,7 @@ class OBS(Criterion):
                 if c.name in dead and c.mode == "full":
                     _decouple(c, dead[c.name])
             out[group.index], _ = self._measure(group, fresh)
-            candidates = np.flatnonzero(~group.blocked)  # as selection ranks them
-            order = candidates[np.argsort(out[group.index][candidates], kind="stable")]
-            gone = group.units[order[:removals[group.index]]]
-            for c in fresh.values():
-                columns = np.flatnonzero(np.isin(c.components, gone))
-                if columns.size:
-                    _remove_columns(c, columns)
-                    dead.setdefault(c.name, np.zeros(c.width, bool))[columns] = True
+            remove(group, out[group.index], fresh)
         return out
 
     def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
