@@ -548,6 +548,10 @@ def label_free(file: str | list[str] = "label_free_issue24.json",
                                             "calibration only")),
                ("+ label-free distillation", ("structprune", None, None, "distil")),
                ("Torch-Pruning L2 + bn", ("torch_pruning", "l2", "bn", "calibration only"))]
+    epochs = data["distill_epochs"]
+    distilled = any(epochs.values()) if isinstance(epochs, dict) else bool(epochs)
+    if not distilled:  # a calibration-only run
+        columns = [c for c in columns if c[1][3] != "distil"]
 
     def find(model, ratio, key):
         tool, selection, recovery, step = key
@@ -581,25 +585,25 @@ def label_free(file: str | list[str] = "label_free_issue24.json",
     mix = f", each batch blended by mixup (Beta {data['mix']})" if data.get("mix") else ""
     if data.get("feature_weight"):
         mix += f", feature maps matched (weight {data['feature_weight']})"
-    epochs = data["distill_epochs"]
     epochs = ", ".join(f"{n} epochs for {model}" for model, n in epochs.items()) \
         if isinstance(epochs, dict) else f"{epochs} epochs"  # per model, or one for all
+    distillation = (f"Distillation: {epochs}, on the same unlabeled samples{mix}, from the "
+                    "model of the rightmost calibration-only column the run has (obs "
+                    "sequential + lsq+bn where it has one), matching the dense model's "
+                    "outputs; it calls `fit` directly, where `structprune finetune` keeps the "
+                    "calibrated model if distillation moves it away from the dense one (the "
+                    "digits rows). " if distilled else "No distillation in this run. ")
     lines += ["", "Validation accuracy (labels used only to measure it) and, in brackets, the "
               "wall time of selection plus recovery (of distillation in its column); for "
               "YOLOv8n the fidelity of the pruned model's boxes to the dense model's (mAP50-95 "
               "x 100 on 100 validation images, the dense model's boxes at confidence 0.25 as "
               "ground truth; the dense model scores itself just under 100). "
-              "Calibration only: no gradient step. Distillation: "
-              f"{epochs}, on the same unlabeled samples{mix}, from the model "
-              "of the rightmost calibration-only column the run has (obs sequential + "
-              "lsq+bn where it has one), matching the dense model's outputs. obs sequential: "
+              "Calibration only: no gradient step. " + distillation + "obs sequential: "
               "the same widths, each group's channels chosen on the pruned model's inputs "
               "(`--sequential`). Torch-Pruning: L2 "
               "magnitude, classifier (YOLO: Detect head) ignored, BatchNorm statistics "
               "re-estimated on the same samples. Peak memory per row is in the JSON. "
-              "The distillation column calls `fit` directly; `structprune finetune` keeps the "
-              "calibrated model where distillation moves it away from the dense one (the "
-              "digits rows). `python benchmarks/label_free.py`."
+              "`python benchmarks/label_free.py`."
               + (f" {data['note'][0].upper()}{data['note'][1:]}." if data.get("note") else "")]
     return "\n".join(lines)
 
