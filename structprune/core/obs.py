@@ -58,7 +58,8 @@ first consumer: the later consumers of a group read at several depths (a residua
 are measured on the removals made so far, not on those of the groups between, an
 approximation. The widths do not change; which channels go may. It costs one forward of both
 models over the batches per group, stopped once the group's consumers have been called, and
-a copy of the model (on its device).
+a copy of the model (on its device); one group's Hessians are held at a time, beside the
+dense pass's, so the peak is at most twice ``memory_budget``.
 """
 
 from __future__ import annotations
