@@ -449,9 +449,6 @@ class RunConfig(_Config):
         if plan_given and (self.steps > 1 or self.auto):
             raise PlanError("--plan is applied as it is: it does not combine with --steps or "
                             "--auto")
-        if config.sequential and (self.steps > 1 or self.auto or target is not None):
-            raise PlanError("--sequential refines a plan made in one go: it does not combine "
-                            "with --steps, --auto or --target")
         if self.steps > 1 and config.ratio is None:
             raise PlanError("--steps reaches a --ratio step by step: give --ratio")
         if self.steps > 1 and config.round_to == "auto":

@@ -66,6 +66,14 @@ def test_sequential_obs_keeps_the_widths_of_obs_and_records_the_setting(factory,
     assert report["criterion"]["name"] == "obs"
     assert sp.load(sequential, "structprune:digits_cnn") is not None
 
+    stepped = tmp_path / "stepped"  # in two steps, ending on the same widths
+    assert run(*common, "--sequential", "--steps", "2", "--recover", "lsq", "--out",
+               stepped) == 0
+    plan = sp.Plan.load(stepped / "plan.json")
+    assert [g["kept"] * g["width"] for g in plan.groups] == \
+        [g["kept"] * g["width"] for g in plans[0].groups]
+    assert json.loads((stepped / "report.json").read_text())["steps"]["steps"] == 2
+
 
 def test_auto_meets_the_budget_from_measured_sensitivity(factory, tmp_path):
     out = tmp_path / "auto"

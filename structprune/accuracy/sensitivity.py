@@ -31,6 +31,7 @@ from structprune.core.selection import (
     group_keep,
     plan_from_keep,
     prunable_units,
+    refine,
     removal_order,
     removed_units,
 )
@@ -162,9 +163,6 @@ def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iter
     config = make_config(config, **settings)
     if config.macs_budget is None:
         raise PlanError("auto_plan meets a MACs budget: set macs_budget (--macs-budget)")
-    if config.sequential:
-        raise PlanError("--auto measures each group alone on the dense model; sequential "
-                        "selection refines one plan: drop --sequential")
     if config.round_to != 1:
         # a ratio step that rounding swallows saves nothing, and the greedy allocation
         # never takes a step that saves nothing: the group would stay whole
@@ -177,6 +175,8 @@ def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iter
     cost = PruneCost(prepared.analysis, registry)
     chosen = allocate(measured, selection, cost.macs_after, config.macs_budget)
     plan = selection.plan(chosen)
+    if prepared.rescore is not None:  # the chosen widths, channels chosen on pruned inputs
+        plan = refine(prepared.analysis, prepared.scores, config, plan, prepared.rescore)
     plan.settings.update(auto=True, group_ratios={str(g): r for g, r in chosen.items()})
     measured["group_ratios"] = plan.settings["group_ratios"]
     measured["macs_ratio_predicted"] = \

@@ -19,7 +19,7 @@ from structprune.core.counts import count_macs, count_params
 from structprune.core.plan import Plan, sized_attributes, sliced_params
 from structprune.core.prepare import prepare
 from structprune.core.registry import RuleRegistry
-from structprune.core.selection import make_plan, plan_toward
+from structprune.core.selection import make_plan, refine
 from structprune.core.verify import (
     Verification,
     compare,
@@ -96,11 +96,7 @@ def prune(
         plan = make_plan(analysis, prepared.scores, config,
                          cost=PruneCost(analysis, registry) if budget else None)
         if prepared.rescore is not None:  # the same widths, channels chosen on pruned inputs
-            removals = {g["index"]: g["units"] - g["kept"] for g in plan.groups}
-            scores = {**prepared.scores, **prepared.rescore(removals)}
-            extra = plan.extra
-            plan = plan_toward(analysis, scores, config, plan, 1.0)
-            plan.extra = extra
+            plan = refine(analysis, prepared.scores, config, plan, prepared.rescore)
     else:
         check_plan(model, plan)
     t4 = time.perf_counter()

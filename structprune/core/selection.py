@@ -11,7 +11,7 @@ through the same functions, and so do the steps of iterative pruning (:func:`pla
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -125,6 +125,18 @@ def plan_toward(analysis: Analysis, scores: Mapping[int, np.ndarray], config: Pr
                         f"{next(iter(final))[0]}, cannot be narrowed on this model: prune the "
                         "model the plan was made for, in one step")
     return plan_from_keep(analysis, keep, removal_order(scores, candidates), config)
+
+
+def refine(analysis: Analysis, scores: Mapping[int, np.ndarray], config: PruneConfig,
+           plan: Plan, rescore: Callable[[Mapping[int, int]], dict[int, np.ndarray]]) -> Plan:
+    """``plan`` with every group's width, its units chosen again: by ``rescore`` (given the
+    units each group loses, the new scores of the groups it measures; a criterion's
+    sequential scoring) where it gives scores, by ``scores`` elsewhere. The plan's settings
+    and extras stay."""
+    removals = {g["index"]: g["units"] - g["kept"] for g in plan.groups}
+    refined = plan_toward(analysis, {**scores, **rescore(removals)}, config, plan, 1.0)
+    refined.settings, refined.extra = plan.settings, plan.extra
+    return refined
 
 
 def removal_order(scores: Mapping[int, np.ndarray], candidates: Mapping[int, np.ndarray],
@@ -265,4 +277,4 @@ def _budget(analysis: Analysis, candidates: dict[int, np.ndarray],
 
 
 __all__ = ["check_names", "group_keep", "keep_bounds", "make_plan", "plan_from_keep",
-           "plan_toward", "prunable_units", "removal_order", "removed_units"]
+           "plan_toward", "prunable_units", "refine", "removal_order", "removed_units"]

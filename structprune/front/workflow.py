@@ -45,7 +45,7 @@ from structprune.core.plan import Plan, compose
 from structprune.core.prepare import prepare
 from structprune.core.registry import RuleRegistry
 from structprune.core.score import calibration
-from structprune.core.selection import make_plan, plan_toward
+from structprune.core.selection import make_plan, plan_toward, refine
 from structprune.deploy.export import export_onnx, export_pair, onnx_parity, parity_batch
 from structprune.deploy.speed import prune_for_target
 from structprune.deploy.tune import fastest_rounding
@@ -218,10 +218,12 @@ def _iterative(model: nn.Module, example_inputs: Sequence[Any], config: PruneCon
                            leaf_modules=leaf_modules)
         if target is None:  # the widths one step would reach; the steps end on them
             target = make_plan(prepared.analysis, prepared.scores, config)
+        plan = plan_toward(prepared.analysis, prepared.scores, config, target,
+                           (step + 1) / run.steps)
+        if prepared.rescore is not None:  # the step's widths, channels on pruned inputs
+            plan = refine(prepared.analysis, prepared.scores, config, plan, prepared.rescore)
         result = prune(current, example_inputs, config=config, registry=registry,
-                       leaf_modules=leaf_modules,
-                       plan=plan_toward(prepared.analysis, prepared.scores, config, target,
-                                        (step + 1) / run.steps))
+                       leaf_modules=leaf_modules, plan=plan)
         composed = result.plan if composed is None else compose(composed, result.plan)
         if recover_with:  # toward the step's starting model, before it is fine-tuned
             progress(f"step {step + 1}/{run.steps}: recover")
