@@ -449,6 +449,9 @@ class RunConfig(_Config):
         if plan_given and (self.steps > 1 or self.auto):
             raise PlanError("--plan is applied as it is: it does not combine with --steps or "
                             "--auto")
+        if plan_given and config.sequential:
+            raise PlanError("--plan is applied as it is: --sequential chooses channels for a "
+                            "plan being made; drop one")
         if self.steps > 1 and config.ratio is None:
             raise PlanError("--steps reaches a --ratio step by step: give --ratio")
         if self.steps > 1 and config.round_to == "auto":

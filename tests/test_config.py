@@ -99,6 +99,8 @@ def test_target_rules_are_said_once(target, config, says):
     ({"steps": 2}, {"threshold": 0.5}, {}, "give --ratio"),
     ({"steps": 2}, {"ratio": 0.5, "round_to": "auto"}, {}, "does not combine with --steps"),
     ({"steps": 2}, {"ratio": 0.5}, {"plan_given": True}, "--plan is applied as it is"),
+    ({}, {"ratio": 0.5, "criterion": "obs", "sequential": True}, {"plan_given": True},
+     "--sequential chooses channels for a plan being made"),
     ({"auto": True}, {"macs_budget": 0.5}, {}, "--auto measures sensitivity"),
     ({"auto": True}, {"ratio": 0.5}, {"data_given": True}, "--auto measures sensitivity"),
     ({"recover": "bn"}, {"ratio": 0.5}, {}, "--recover needs calibration data"),

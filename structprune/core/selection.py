@@ -39,7 +39,8 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray],
     """Choose the units each group keeps and list the resulting tensor slices.
 
     ``cost`` is the cost model for a MACs or parameter budget (built from ``analysis`` with
-    the default registry when not given)."""
+    the default registry when not given). ``config.sequential`` plays no part here: the
+    channels are chosen again by :func:`refine` (as :func:`structprune.prune` does)."""
     config = config or PruneConfig()
     if config.round_to == "auto":
         raise PlanError("round_to 'auto' is chosen by timing candidates on a runtime: use "
@@ -135,7 +136,7 @@ def refine(analysis: Analysis, scores: Mapping[int, np.ndarray], config: PruneCo
     and extras stay."""
     removals = {g["index"]: g["units"] - g["kept"] for g in plan.groups}
     refined = plan_toward(analysis, {**scores, **rescore(removals)}, config, plan, 1.0)
-    refined.settings, refined.extra = plan.settings, plan.extra
+    refined.settings, refined.extra = dict(plan.settings), dict(plan.extra)
     return refined
 
 
