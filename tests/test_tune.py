@@ -29,6 +29,28 @@ def test_fastest_rounding_picks_the_fastest_candidate(monkeypatch, times, chosen
     assert result.verification.ok
 
 
+def test_fastest_rounding_times_candidates_without_the_sequential_pass(monkeypatch):
+    """Only the chosen candidate's channels are chosen sequentially: its widths are what was
+    timed; every candidate skips the pass."""
+    monkeypatch.setattr(tune, "_runners", lambda models, *a, **k: [None] * len(models))
+    monkeypatch.setattr(bench, "interleaved_many",
+                        lambda runners, **k: [[t] * 3 for t in [10, 9, 5, 8]])
+    calls = []
+    real = tune.prune
+    monkeypatch.setattr(tune, "prune", lambda *a, config, **k: calls.append(config.sequential)
+                        or real(*a, config=config, **k))
+    torch.manual_seed(0)
+    data = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    result = tune.fastest_rounding(small_vgg(), (torch.randn(1, 3, 16, 16),), 0.5,
+                                   candidates=(1, 8, 16), runtime="ort-cpu", criterion="obs",
+                                   data=data, sequential=True)
+    assert calls == [False, False, False, True]
+    assert result.plan.settings["round_to"] == 8 and result.plan.settings["sequential"]
+    timed = result.figures["rounding"]["candidates"][1]["macs_ratio"]
+    assert result.figures["macs_ratio"] == pytest.approx(timed)
+    assert result.verification.ok
+
+
 def _hidden_widths(model: nn.Module) -> list[int]:
     """Output widths of every convolution and linear layer but the last (the classes)."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

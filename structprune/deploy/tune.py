@@ -69,7 +69,9 @@ def fastest_rounding(model: nn.Module, example_inputs: Sequence[Any], ratio: flo
         example_inputs = (example_inputs,)
     target = runtime if isinstance(runtime, Target) else \
         make_target(runtime or default_runtime(), batch=batch)
-    trials = {c: prune(model, example_inputs, config=config.replace(round_to=c, check=False),
+    # timing depends on the widths alone: the candidates skip the sequential channel choice
+    trials = {c: prune(model, example_inputs,
+                       config=config.replace(round_to=c, check=False, sequential=False),
                        data=data, registry=registry, leaf_modules=leaf_modules)
               for c in candidates}
     with tempfile.TemporaryDirectory() as tmp:
