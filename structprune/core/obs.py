@@ -538,6 +538,7 @@ class OBS(Criterion):
             except _Enough:
                 pass
 
+        full = {c.name: wanted[c.name] for c in consumers if c.mode == "full"}  # refitted
         handles = []
         try:
             for c in consumers:
@@ -551,7 +552,6 @@ class OBS(Criterion):
                                    file=sys.stderr, disable=not sys.stderr.isatty()):
                     inputs = inputs.to(device)
                     dense_rows.clear()
-                    full = {c.name: wanted[c.name] for c in consumers if c.mode == "full"}
                     if reference is not None and full:
                         with evaluation(reference):
                             forward(reference, inputs, full)
@@ -674,15 +674,14 @@ class OBS(Criterion):
             c.energy
 
     def _measure(self, group: Group, consumers: Mapping[str, _Consumer] | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The group's scores and its greedy order of removal (candidate positions; None
-        when it fell back to ``l2``), over ``consumers`` (default: the dense pass's)."""
+                 ) -> np.ndarray:
+        """The group's scores over ``consumers`` (default: the dense pass's)."""
         consumers = self._consumers if consumers is None else consumers
         names, others = self.consumers_of(group)
         usable = [consumers[n] for n in names if n in consumers and consumers[n].mode != "skipped"]
         candidates = np.flatnonzero(~group.blocked)
         if not candidates.size:
-            return np.zeros(group.size), None
+            return np.zeros(group.size)
         states = [s for s in (self._state(c, group, candidates) for c in usable) if s]
         read = np.unique(np.concatenate([c.components for c in usable])) if usable else []
         if not states or not np.isin(group.units[candidates], read).all():
@@ -690,11 +689,11 @@ class OBS(Criterion):
             self.notes["fallback_reasons"][group.index] = (
                 f"a unit is read by no consumer with data (linear or ungrouped conv layers "
                 f"called on the batches; other readers: {missing})")
-            return self.fall_back(group), None
-        order, cumulative = greedy_order(states, len(candidates), self.max_steps)
+            return self.fall_back(group)
+        _, cumulative = greedy_order(states, len(candidates), self.max_steps)
         out = np.full(group.size, cumulative.max() / len(states))
         out[candidates] = cumulative / len(states)
-        return out, order
+        return out
 
     def rescore(self, removals: Mapping[int, int], exact_only: bool = False,
                 ) -> dict[int, np.ndarray]:
@@ -711,9 +710,8 @@ class OBS(Criterion):
         parameters = dict(work.named_parameters())
         dead: dict[str, np.ndarray] = {}  # per consumer: columns removed so far
 
-        def usable(group: Group) -> list[_Consumer]:
-            return [self._consumers[n] for n in self.consumers_of(group)[0]
-                    if self._consumers[n].mode != "skipped"]
+        usable = {g.index: [self._consumers[n] for n in self.consumers_of(g)[0]
+                            if self._consumers[n].mode != "skipped"] for g in groups}
 
         def remove(group: Group, scores: np.ndarray, consumers: dict[str, _Consumer]) -> None:
             may_go = np.flatnonzero(group.prunable(exact_only))
@@ -733,30 +731,29 @@ class OBS(Criterion):
                     _remove_columns(c, columns)
                     dead.setdefault(c.name, np.zeros(c.width, bool))[columns] = True
 
-        measured = [g for g in groups if usable(g)]
         for group in groups:  # no consumer with data: chosen as before, removed first
-            if not usable(group):
-                remove(group, self._measure(group)[0], {})
+            if not usable[group.index]:
+                remove(group, self._measure(group), {})
         out: dict[int, np.ndarray] = {}
-        ordered = sorted(measured, key=lambda g: (min(c.first_call for c in usable(g)),
-                                                  g.index))
+        ordered = sorted((g for g in groups if usable[g.index]),
+                         key=lambda g: (min(c.first_call for c in usable[g.index]), g.index))
         for group in tqdm(ordered, desc="obs: sequential", unit="group", leave=False,
                           file=sys.stderr, disable=not sys.stderr.isatty()):
             fresh = {c.name: replace(c, module=modules[c.name], rows=0, gram=None, sums=None,
                                      energy=None, inverse=None, block_energy=None)
-                     for c in usable(group)}
+                     for c in usable[group.index]}
             self._gather(work, list(fresh.values()), "obs: pruned inputs", self.model)
             for c in fresh.values():
                 if c.name in dead and c.mode == "full":
                     _decouple(c, dead[c.name])
-            out[group.index], _ = self._measure(group, fresh)
+            out[group.index] = self._measure(group, fresh)
             remove(group, out[group.index], fresh)
         return out
 
     def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
         # every prunable group's consumers at once: one pass over the data, one memory plan
         self._collect([*self.analysis.prunable_groups(), *groups])
-        return {group.index: self._measure(group)[0]
+        return {group.index: self._measure(group)
                 for group in tqdm(groups, desc="obs: greedy", unit="group", leave=False,
                                   file=sys.stderr, disable=not sys.stderr.isatty())}
 

@@ -69,9 +69,9 @@ def prepare(model: nn.Module, example_inputs: Sequence[Any] | Any,
         report = criterion_report(measure, name)
         if config.sequential:
             def rescore(removals: Mapping[int, int]) -> dict[int, np.ndarray]:
-                scores = measure.rescore(removals, config.exact_only)
+                rescored = measure.rescore(removals, config.exact_only)
                 report.update(criterion_report(measure, name))  # fallbacks found on the way
-                return {g: normalise(s, config.normalize) for g, s in scores.items()}
+                return {g: normalise(s, config.normalize) for g, s in rescored.items()}
     t3 = time.perf_counter()
     return Prepared(analysis, scores, {"capture": t1 - t0, "analyse": t2 - t1,
                                        "score": t3 - t2}, report, rescore)
