@@ -133,10 +133,13 @@ def test_auto_with_sequential_obs_keeps_the_chosen_widths_and_refines_the_channe
     model = randomize(small_vgg().eval())
     x = (torch.randn(1, 3, 16, 16),)
     data = [torch.randn(8, 3, 16, 16) for _ in range(2)]
-    plain, _ = auto_plan(model, x, _val_batches(), macs_budget=0.3, criterion="obs",
-                         data=data, progress=False)
-    sequential, _ = auto_plan(model, x, _val_batches(), macs_budget=0.3, criterion="obs",
-                              data=data, sequential=True, progress=False)
+    plain, plain_measured = auto_plan(model, x, _val_batches(), macs_budget=0.3,
+                                      criterion="obs", data=data, progress=False)
+    sequential, measured = auto_plan(model, x, _val_batches(), macs_budget=0.3,
+                                     criterion="obs", data=data, sequential=True,
+                                     progress=False)
+    # sensitivity.json says its channels are not the plan's
+    assert "channels" in measured and "channels" not in plain_measured
     assert [g["kept"] for g in sequential.groups] == [g["kept"] for g in plain.groups]
     # several groups pruned: past the first, the channels chosen on pruned inputs differ
     assert [p["keep"] for p in sequential.params] != [p["keep"] for p in plain.params]

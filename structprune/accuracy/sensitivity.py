@@ -177,6 +177,9 @@ def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iter
     plan = selection.plan(chosen)
     if prepared.rescore is not None:  # the chosen widths, channels chosen on pruned inputs
         plan = refine(prepared.analysis, prepared.scores, config, plan, prepared.rescore)
+        measured["channels"] = ("each group's accuracy above was measured with the channels "
+                                "the criterion's dense scores drop; the plan keeps the widths "
+                                "allocated from it, with channels chosen sequentially")
     plan.settings.update(auto=True, group_ratios={str(g): r for g, r in chosen.items()})
     measured["group_ratios"] = plan.settings["group_ratios"]
     measured["macs_ratio_predicted"] = \
