@@ -686,6 +686,29 @@ def recover_time() -> str:
     return "\n".join(lines)
 
 
+def sequential_cost() -> str:
+    data = load("sequential_cost_issue24.json")
+    if not data:
+        return ""
+    lines = [f"## Sequential selection's cost ({data['machine'].get('cpu', '?')}, "
+             f"{data['threads']} thread{'s' if data['threads'] > 1 else ''})", "",
+             "| model | ratio | MACs kept | dense model run again per group: select + "
+             "recover | dense rows kept: select + recover | task time saved | same model |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in data["rows"]:
+        anew, kept = r["dense_rerun"], r["rows_kept"]
+        lines.append(f"| {r['model']} | {r['ratio']:g} | {kept['macs_kept']:.0%} | "
+                     f"{anew['select_seconds']:.1f} + {anew['recover_seconds']:.1f} s | "
+                     f"{kept['select_seconds']:.1f} + {kept['recover_seconds']:.1f} s | "
+                     f"{r['task_saved']:.0%} | {'yes' if r['identical'] else 'no'} |")
+    lines += ["", "A user's whole task, `prune(..., criterion='obs', sequential=True)` then "
+              "`recover(..., ['lsq', 'bn'])`, run both ways in one process on the label-free "
+              "benchmark's models and 512 unlabeled images (YOLOv8n: 256 at 192 px); "
+              "\"same model\": every pruned weight equal. The load average is in the JSON. "
+              "`python benchmarks/sequential_cost.py`."]
+    return "\n".join(lines)
+
+
 def quantize() -> str:
     data = load("quantize_issue26.json")
     if not data:
@@ -906,6 +929,7 @@ PAGES = [
         ("label-free-sequential", lambda: label_free(
             ["label_free_sequential_issue24.json", "label_free_sequential_yolo_issue24.json"],
             "Accuracy without labels: sequential selection, calibration only")),
+        ("sequential-cost", sequential_cost),
         ("yolo-map", yolo_map),
         ("recovery-time", recover_time),
         ("int8", quantize)]),

@@ -296,18 +296,25 @@ def ridge_fit(x, y, w, lam, kept):
     return weight, solution[-1], float(((design @ solution - target) ** 2).sum())
 
 
-def test_sequential_scores_follow_the_pruned_inputs_and_the_dense_outputs():
-    """``rescore``: the first group scores as on the dense model; the second group's scores
-    are the cumulative errors of an independent lstsq greedy on the inputs the model gives
-    once the first group lost its two lowest units and ``b`` was refitted to the dense
-    output (ridge toward the dense weights), with the dense model's output as the target,
-    above the error of the full refit, over the output energy."""
+def chain_groups():
+    """The seeded double ``Chain``, two batches, its analysis and the groups of ``a`` and
+    ``b``'s outputs."""
     torch.manual_seed(0)
     model = Chain().double().eval()
     data = [torch.randn(16, 4, dtype=torch.float64) for _ in range(2)]
     analysis = analyse(capture(model, (data[0],)))
     first, second = (next(g for g in analysis.groups if (f"{m}.weight", 0) in g.members)
                      for m in "ab")
+    return model, data, analysis, first, second
+
+
+def test_sequential_scores_follow_the_pruned_inputs_and_the_dense_outputs():
+    """``rescore``: the first group scores as on the dense model; the second group's scores
+    are the cumulative errors of an independent lstsq greedy on the inputs the model gives
+    once the first group lost its two lowest units and ``b`` was refitted to the dense
+    output (ridge toward the dense weights), with the dense model's output as the target,
+    above the error of the full refit, over the output energy."""
+    model, data, analysis, first, second = chain_groups()
     criterion = OBS(analysis, data, max_rows=10_000, max_steps=None)
     dense = score(analysis, criterion, [first, second], normalize="none")
     got = criterion.rescore({first.index: 2, second.index: 2})
@@ -331,6 +338,41 @@ def test_sequential_scores_follow_the_pruned_inputs_and_the_dense_outputs():
     np.testing.assert_allclose(got[second.index], want, rtol=1e-5, atol=1e-12)
     # the dense scores of the second group differ: its inputs changed
     assert not np.allclose(dense[second.index], got[second.index], rtol=1e-3)
+
+
+@pytest.mark.parametrize("budget", [2 << 30, 300_000])
+def test_sequential_reads_the_dense_rows_the_first_pass_kept(budget):
+    """With ``expect_rescore`` the dense pass keeps each consumer's rows (here ``b``'s and
+    ``c``'s, or with a budget for one of them, ``b``'s alone): ``rescore`` gives the same
+    scores as when it runs the dense model again, and the dense model's consumers whose rows
+    were kept are not called during it."""
+    model, data, analysis, first, second = chain_groups()
+    removals = {first.index: 2, second.index: 2}
+    anew = OBS(analysis, data, max_rows=10_000, max_steps=None, memory_budget=budget)
+    score(analysis, anew, [first, second], normalize="none")
+    want = anew.rescore(removals)
+
+    kept = OBS(analysis, data, max_rows=10_000, max_steps=None, memory_budget=budget)
+    kept.expect_rescore()
+    score(analysis, kept, [first, second], normalize="none")
+    calls = {"b": 0, "c": 0}  # of the dense model's modules (rescore's copy has the hooks)
+    dense = {n: getattr(model, n) for n in calls}
+    handles = [dense[n].register_forward_pre_hook(
+        lambda m, a, n=n: calls.__setitem__(n, calls[n] + (m is dense[n]))) for n in calls]
+    try:
+        got = kept.rescore(removals)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for index in want:
+        np.testing.assert_array_equal(got[index], want[index])
+    # c's dense rows drawn anew: the dense model runs as far as c, on both batches
+    assert calls == ({"b": 0, "c": 0} if budget > 1e6 else {"b": 2, "c": 2})
+    # the kept rows are let go: a second rescore draws them from the dense model, alike
+    again = kept.rescore(removals)
+    for index in want:
+        np.testing.assert_array_equal(again[index], want[index])
+    assert kept._dense_rows is None
 
 
 class Concatenated(nn.Module):

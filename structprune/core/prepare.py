@@ -64,6 +64,8 @@ def prepare(model: nn.Module, example_inputs: Sequence[Any] | Any,
         measure = make_criterion(name, analysis, data=data, seed=config.seed,
                                  batches=config.calibration_batches) \
             if name is not None else config.criterion
+        if config.sequential:  # the dense pass keeps what rescore will read again
+            measure.expect_rescore()
         scores = score(analysis, measure, analysis.prunable_groups(),
                        normalize=config.normalize)
         report = criterion_report(measure, name)
