@@ -546,6 +546,8 @@ def label_free(file: str | list[str] = "label_free_issue24.json",
                ("obs + lsq+bn", ("structprune", "obs", "lsq+bn", "calibration only")),
                ("obs sequential + lsq+bn", ("structprune", "obs+sequential", "lsq+bn",
                                             "calibration only")),
+               ("obs global + lsq+bn (MACs kept)", ("structprune", "obs+global", "lsq+bn",
+                                                    "calibration only")),
                ("+ label-free distillation", ("structprune", None, None, "distil")),
                ("Torch-Pruning L2 + bn", ("torch_pruning", "l2", "bn", "calibration only"))]
     epochs = data["distill_epochs"]
@@ -579,6 +581,12 @@ def label_free(file: str | list[str] = "label_free_issue24.json",
                 found = find(model, ratio, key)
                 if found is None or found.get("failed") or found.get("error"):
                     cells.append("fails" if found else "-")
+                elif key[1] == "obs+global":  # its own MACs
+                    cells.append(f"{found['accuracy']:.1f}% ({100 * found['macs_kept']:.0f}%, "
+                                 f"{found['seconds']:.0f} s)")
+                elif key[3] == "distil" and found["selection"] == "obs+global":
+                    cells.append(f"{found['accuracy']:.1f}% (from global, "
+                                 f"{found['seconds']:.0f} s)")
                 else:
                     cells.append(f"{found['accuracy']:.1f}% ({found['seconds']:.0f} s)")
             lines.append(f"| {model} ({dense:.1f}%) | {head} | " + " | ".join(cells) + " |")
@@ -589,7 +597,9 @@ def label_free(file: str | list[str] = "label_free_issue24.json",
         if isinstance(epochs, dict) else f"{epochs} epochs"  # per model, or one for all
     distillation = (f"Distillation: {epochs}, on the same unlabeled samples{mix}, from the "
                     "model of the rightmost calibration-only column the run has (obs "
-                    "sequential + lsq+bn where it has one), matching the dense model's "
+                    "sequential + lsq+bn where it has one; in runs with a global column, "
+                    "the most accurate calibration-only model that keeps no more MACs than "
+                    "the per-group ratio), matching the dense model's "
                     "outputs; it calls `fit` directly, where `structprune finetune` keeps the "
                     "calibrated model if distillation moves it away from the dense one (the "
                     "digits rows). " if distilled else "No distillation in this run. ")
@@ -600,7 +610,8 @@ def label_free(file: str | list[str] = "label_free_issue24.json",
               "ground truth; the dense model scores itself just under 100). "
               "Calibration only: no gradient step. " + distillation + "obs sequential: "
               "the same widths, each group's channels chosen on the pruned model's inputs "
-              "(`--sequential`). Torch-Pruning: L2 "
+              "(`--sequential`); obs global: ranked across groups at the same ratio "
+              "(`--global`), its own share of the MACs in brackets. Torch-Pruning: L2 "
               "magnitude, classifier (YOLO: Detect head) ignored, BatchNorm statistics "
               "re-estimated on the same samples. Peak memory per row is in the JSON. "
               "`python benchmarks/label_free.py`."
@@ -928,7 +939,10 @@ PAGES = [
             "Accuracy without labels, with patient distillation: more models and ratios")),
         ("label-free-sequential", lambda: label_free(
             ["label_free_sequential_issue24.json", "label_free_sequential_yolo_issue24.json"],
-            "Accuracy without labels: sequential selection, calibration only")),
+            "Accuracy without labels: sequential and global selection, calibration only")),
+        ("label-free-pitch", lambda: label_free(
+            "label_free_pitch_issue24.json",
+            "Accuracy without labels: CREPE's pitch network, trained here")),
         ("sequential-cost", sequential_cost),
         ("yolo-map", yolo_map),
         ("recovery-time", recover_time),
