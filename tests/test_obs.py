@@ -340,19 +340,24 @@ def test_sequential_scores_follow_the_pruned_inputs_and_the_dense_outputs():
     assert not np.allclose(dense[second.index], got[second.index], rtol=1e-3)
 
 
-@pytest.mark.parametrize("budget", [2 << 30, 300_000])
-def test_sequential_reads_the_dense_rows_the_first_pass_kept(budget):
-    """With ``expect_rescore`` the dense pass keeps each consumer's rows (here ``b``'s and
-    ``c``'s, or with a budget for one of them, ``b``'s alone): ``rescore`` gives the same
-    scores as when it runs the dense model again, and the dense model's consumers whose rows
-    were kept are not called during it."""
+@pytest.mark.parametrize("max_rows, budget, dense_calls", [
+    (10_000, 2 << 30, {"b": 0, "c": 0}),  # every row, both consumers' kept
+    (8, 2 << 30, {"b": 0, "c": 0}),  # 4 seeded draws of 16 rows a batch
+    (10_000, 300_000, {"b": 2, "c": 2}),  # a budget for b's rows alone: c's drawn anew
+])
+def test_sequential_reads_the_dense_rows_the_first_pass_kept(max_rows, budget, dense_calls):
+    """With ``expect_rescore`` the dense pass keeps each consumer's rows: ``rescore`` gives the
+    same scores as when it runs the dense model again, the dense model's consumers whose rows
+    were kept are not called during it (the dense model runs as far as ``c`` on both batches
+    when ``c``'s rows did not fit), and the rows are let go afterwards."""
     model, data, analysis, first, second = chain_groups()
     removals = {first.index: 2, second.index: 2}
-    anew = OBS(analysis, data, max_rows=10_000, max_steps=None, memory_budget=budget)
+    settings = {"max_rows": max_rows, "max_steps": None, "memory_budget": budget}
+    anew = OBS(analysis, data, **settings)
     score(analysis, anew, [first, second], normalize="none")
     want = anew.rescore(removals)
 
-    kept = OBS(analysis, data, max_rows=10_000, max_steps=None, memory_budget=budget)
+    kept = OBS(analysis, data, **settings)
     kept.expect_rescore()
     score(analysis, kept, [first, second], normalize="none")
     calls = {"b": 0, "c": 0}  # of the dense model's modules (rescore's copy has the hooks)
@@ -361,18 +366,64 @@ def test_sequential_reads_the_dense_rows_the_first_pass_kept(budget):
         lambda m, a, n=n: calls.__setitem__(n, calls[n] + (m is dense[n]))) for n in calls]
     try:
         got = kept.rescore(removals)
+        assert calls == dense_calls
+        # the kept rows are let go: a second rescore draws them from the dense model, alike
+        calls.update(b=0, c=0)
+        again = kept.rescore(removals)
+        assert calls == {"b": 4, "c": 2}  # as far as b for the first group, c for the second
     finally:
         for handle in handles:
             handle.remove()
     for index in want:
         np.testing.assert_array_equal(got[index], want[index])
-    # c's dense rows drawn anew: the dense model runs as far as c, on both batches
-    assert calls == ({"b": 0, "c": 0} if budget > 1e6 else {"b": 2, "c": 2})
-    # the kept rows are let go: a second rescore draws them from the dense model, alike
-    again = kept.rescore(removals)
-    for index in want:
         np.testing.assert_array_equal(again[index], want[index])
-    assert kept._dense_rows is None
+
+
+class Repeated(nn.Module):
+    """``c`` is called as often as ``reps`` says, which a pre-hook sets per batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+        self.reps = 1
+
+    def forward(self, x):
+        y = torch.tanh(self.b(torch.tanh(self.a(x))))
+        out = 0
+        for _ in range(self.reps):
+            out = out + self.c(y)
+            y = y * 0.9
+        return out
+
+
+def test_sequential_draws_anew_the_rows_of_a_layer_called_unevenly_across_batches():
+    """``c`` is called 2, 0 and 1 times in three batches: the sequential pass stops each batch
+    at one call, so the rows the dense pass drew of it would fall out of step; they are not
+    kept, and the scores equal those of running the dense model again (random draws)."""
+    torch.manual_seed(0)
+    model = Repeated().double().eval()
+    data = [torch.randn(16, 4, dtype=torch.float64) for _ in range(3)]
+    analysis = analyse(capture(model, (data[0],)))
+    reps = {float(d[0, 0]): r for d, r in zip(data, (2, 0, 1), strict=True)}
+    handle = model.register_forward_pre_hook(
+        lambda m, args: setattr(m, "reps", reps.get(float(args[0][0, 0]), 1)))
+    try:
+        groups = [next(g for g in analysis.groups if (f"{m}.weight", 0) in g.members)
+                  for m in "ab"]
+        removals = {g.index: 2 for g in groups}
+        found = []
+        for keep in (False, True):
+            criterion = OBS(analysis, data, max_rows=12, max_steps=None)
+            if keep:
+                criterion.expect_rescore()
+            score(analysis, criterion, groups, normalize="none")
+            if keep:
+                assert sorted(criterion._dense_rows) == ["b"]  # c's let go
+            found.append(criterion.rescore(removals))
+    finally:
+        handle.remove()
+    for index in found[0]:
+        np.testing.assert_array_equal(found[1][index], found[0][index])
 
 
 class Concatenated(nn.Module):

@@ -60,12 +60,13 @@ approximation. The widths do not change; which channels go may. It costs one for
 copy over the batches per group, stopped once the group's consumers have been called, and a
 copy of the model (on its device); one group's Hessians are held at a time, beside the dense
 pass's. The dense rows are the ones the dense pass drew: told that ``rescore`` will follow
-(:meth:`OBS.expect_rescore`), that pass keeps them, for the consumers that fit a second
-``memory_budget`` (about ``max_rows`` rows each), and the dense model runs again only for the
-others; the peak is at most three times ``memory_budget``. Keeping them gives identical
-scores and saves 39% of the time of sequential selection and ``lsq,bn`` recovery together
-on ResNet-20, 70% on a MobileNetV2-style network and 52% on YOLOv8n
-(``benchmarks/sequential_cost.py``).
+(:meth:`OBS.expect_rescore`), that pass keeps them (on the model's device) for each
+consumer that fits a second ``memory_budget`` (about ``max_rows`` rows each, one call a
+batch) and is called equally often in every batch, and the dense model runs again only for
+the others; the peak is at most twice ``memory_budget`` on the CPU (Hessians) and once on
+the model's device (kept rows). The rows and so the scores are the same either way; it
+saves about half of the sequential selection's time on ResNet-20, YOLOv8n and a
+MobileNetV2-style network (``benchmarks/sequential_cost.py``).
 """
 
 from __future__ import annotations
@@ -476,11 +477,11 @@ class OBS(Criterion):
 
     def expect_rescore(self) -> None:
         """Say, before scoring, that :meth:`rescore` will follow: the dense pass then keeps
-        the rows it draws of each consumer (while they fit a second ``memory_budget``, in
-        the order the consumers are described), so that ``rescore`` takes them from there
-        instead of running the dense model again for every group. The rows are the same
-        either way (the same seeded draws) and are let go when ``rescore`` returns; the
-        module docstring says what it saves."""
+        the rows it draws of each consumer whose rows fit what is left of a second
+        ``memory_budget`` (by name) and that is called equally often in every batch, so
+        that ``rescore`` takes them from there instead of running the dense model again for
+        every group. The rows are the same either way (the same seeded draws); they are let
+        go when ``rescore`` returns or fails. The module docstring says what it saves."""
         if self._dense_rows is None:
             self._dense_rows = {}
 
@@ -502,6 +503,18 @@ class OBS(Criterion):
                 kept.append(c.name)
         return kept
 
+    def _settle_rows(self, consumers: list[_Consumer]) -> None:
+        """Let go of the kept rows of a consumer not called equally often in every batch:
+        the sequential pass stops each batch at ``calls // batches`` calls, so its draws
+        would fall out of step with the kept ones (its dense rows are drawn anew instead)."""
+        if self._dense_rows is None:
+            return
+        for c in consumers:
+            rows = self._dense_rows.get(c.name)
+            if rows is not None and len({len(calls) for calls in rows}) > 1:
+                del self._dense_rows[c.name]
+                self._rows_used -= self._row_bytes(c)
+
     def _collect(self, groups: list[Group]) -> None:
         """One pass of the model over the batches, accumulating ``X^T X`` for every consumer
         of ``groups`` not gathered yet."""
@@ -511,8 +524,10 @@ class OBS(Criterion):
             return
         new = [self._describe(name) for name in names]
         self._plan_memory(new)
+        kept = self._plan_rows(new)
         self._gather(self.model, [c for c in new if c.mode != "skipped"], "obs: input Hessians",
-                     keep=self._plan_rows(new))
+                     keep=kept)
+        self._settle_rows([c for c in new if c.name in kept])
         for c in new:
             if c.mode != "skipped" and c.rows == 0:
                 c.mode, c.reason = "skipped", "not called on the calibration batches"
@@ -550,6 +565,11 @@ class OBS(Criterion):
                 x = args[0] if args else kwargs.get("input")
                 if not isinstance(x, torch.Tensor):
                     return
+                if dense and c.name in kept:  # its rows are kept: counted, for the stop
+                    seen[c.name] = seen.get(c.name, 0) + 1
+                    if all(seen.get(k, 0) >= n for k, n in until.items()):
+                        raise _Enough
+                    return
                 source, lead = _source(module, x.detach())
                 total = math.prod(lead)
                 rows = torch.randperm(total, generator=generator)[:per_batch].sort().values \
@@ -579,6 +599,7 @@ class OBS(Criterion):
             keeping[c.name] += rows.numel() * 4
             if keeping[c.name] > self._row_bytes(c):  # called more often than planned
                 del keeping[c.name], kept[c.name]
+                self._rows_used -= self._row_bytes(c)
                 return
             kept[c.name][batch_index].append(rows)
 
@@ -591,9 +612,12 @@ class OBS(Criterion):
             except _Enough:
                 pass
 
-        # the refitted consumers (blocks refit nothing) whose dense rows must be drawn anew
-        full = {c.name: wanted[c.name] for c in consumers
-                if c.mode == "full" and c.name not in kept}
+        # the refitted consumers (blocks refit nothing): the dense model runs when the rows
+        # of one of them are not kept, as far as the working copy will (the kept ones are
+        # counted there, not drawn again)
+        full = {c.name: wanted[c.name] for c in consumers if c.mode == "full"}
+        if all(name in kept for name in full):
+            full = {}
         handles = []
         try:
             for c in consumers:
@@ -796,20 +820,23 @@ class OBS(Criterion):
         out: dict[int, np.ndarray] = {}
         ordered = sorted((g for g in groups if usable[g.index]),
                          key=lambda g: (min(c.first_call for c in usable[g.index]), g.index))
-        for group in tqdm(ordered, desc="obs: sequential", unit="group", leave=False,
-                          file=sys.stderr, disable=not sys.stderr.isatty()):
-            fresh = {c.name: replace(c, module=modules[c.name], rows=0, gram=None, sums=None,
-                                     energy=None, inverse=None, block_energy=None)
-                     for c in usable[group.index]}
-            self._gather(work, list(fresh.values()), "obs: pruned inputs", self.model)
-            for c in fresh.values():
-                if c.name in dead and c.mode == "full":
-                    _decouple(c, dead[c.name])
-            out[group.index] = self._measure(group, fresh)
-            remove(group, out[group.index], fresh)
-        # the kept rows are spent: their memory goes back before pruning and recovery (a
-        # second rescore runs the dense model again)
-        self._dense_rows, self._rows_used = None, 0
+        try:
+            for group in tqdm(ordered, desc="obs: sequential", unit="group", leave=False,
+                              file=sys.stderr, disable=not sys.stderr.isatty()):
+                fresh = {c.name: replace(c, module=modules[c.name], rows=0, gram=None,
+                                         sums=None, energy=None, inverse=None,
+                                         block_energy=None)
+                         for c in usable[group.index]}
+                self._gather(work, list(fresh.values()), "obs: pruned inputs", self.model)
+                for c in fresh.values():
+                    if c.name in dead and c.mode == "full":
+                        _decouple(c, dead[c.name])
+                out[group.index] = self._measure(group, fresh)
+                remove(group, out[group.index], fresh)
+        finally:
+            # the kept rows are spent: their memory goes back before pruning and recovery
+            # (a second rescore runs the dense model again)
+            self._dense_rows, self._rows_used = None, 0
         return out
 
     def scores(self, groups: list[Group]) -> dict[int, np.ndarray]:
