@@ -65,7 +65,7 @@ consumer that fits a second ``memory_budget`` (about ``max_rows`` rows each, one
 batch) and is called equally often in every batch, and the dense model runs again only for
 the others; the peak is at most twice ``memory_budget`` on the CPU (Hessians) and once on
 the model's device (kept rows). The rows and so the scores are the same either way; it
-saves about half of the sequential selection's time on ResNet-20, YOLOv8n and a
+saves 43-47% of the sequential selection's time on ResNet-20, YOLOv8n and a
 MobileNetV2-style network (``benchmarks/sequential_cost.py``).
 """
 
