@@ -193,16 +193,6 @@ def pitch_data(seed: int = 0):
     return (x_train, y_train), (x_val, y_val)
 
 
-@torch.no_grad()
-def pitch_accuracy(model: nn.Module, val) -> float:
-    """Raw pitch accuracy (the predicted bin within 50 cents of the label's), x 100."""
-    model.eval()
-    x, y = val
-    hits = sum(int(synthetic_pitch.pitch_accuracy(model(x[i:i + 500]), y[i:i + 500]).sum())
-               for i in range(0, len(x), 500))
-    return 100.0 * hits / len(x)
-
-
 def digits_data():
     from structprune.accuracy.data import digits
 
@@ -220,11 +210,18 @@ def loader(x: torch.Tensor, y: torch.Tensor | None, batch: int, shuffle: bool, s
     return [(x[p], y[p]) if y is not None else x[p] for p in parts]
 
 
+def top1(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(1) == y
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, val) -> float:
+def accuracy(model: nn.Module, val, hit: Callable[[torch.Tensor, torch.Tensor],
+                                                  torch.Tensor] = top1) -> float:
+    """Percent of ``val`` the model gets right: top-1 by default; ``hit(logits, labels)``
+    says per sample otherwise (the pitch network's raw pitch accuracy)."""
     model.eval()
     x, y = val
-    hits = sum(int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum())
+    hits = sum(int(hit(model(x[i:i + 500]), y[i:i + 500]).sum())
                for i in range(0, len(x), 500))
     return 100.0 * hits / len(x)
 
@@ -496,8 +493,8 @@ def main() -> int:
             x = torch.randn(1, 3, 32, 32)
         # the calibration samples: the first 512 training images, without their labels
         calib = [b for b in loader(train[0][:CALIBRATION], None, 64, False)]
-        measure = pitch_accuracy if name == "pitch" else accuracy
-        run_model(name, dense, x, lambda m, val=val, measure=measure: measure(m, val), calib,
+        hit = synthetic_pitch.pitch_accuracy if name == "pitch" else top1
+        run_model(name, dense, x, lambda m, val=val, hit=hit: accuracy(m, val, hit), calib,
                   args.ratios, rows, distill_epochs_of(args, name), args.mix,
                   args.feature_weight, written)
     save(args, rows, start, complete=True)

@@ -485,9 +485,13 @@ class OBS(Criterion):
         if self._dense_rows is None:
             self._dense_rows = {}
 
+    def _per_batch(self) -> int:
+        """Rows drawn of a consumer per call, so that the batches give about ``max_rows``."""
+        return max(1, math.ceil(self.max_rows / len(self.batches)))
+
     def _row_bytes(self, c: _Consumer) -> int:
         """The bytes of the rows one call a batch draws of ``c`` (float32)."""
-        return 4 * math.ceil(self.max_rows / len(self.batches)) * len(self.batches) * c.width
+        return 4 * self._per_batch() * len(self.batches) * c.width
 
     def _plan_rows(self, consumers: list[_Consumer]) -> list[str]:
         """The consumers whose dense rows the pass keeps (full Hessians only: blocks refit
@@ -545,7 +549,7 @@ class OBS(Criterion):
         running each batch through it first, and ``X^T X_dense`` accumulates too; both
         forwards stop once every consumer has been called as often as in the first pass
         (the rest of the model is not needed)."""
-        per_batch = max(1, math.ceil(self.max_rows / len(self.batches)))
+        per_batch = self._per_batch()
         device = device_of(model)
         clock = 0
         wanted = {c.name: max(1, c.calls // len(self.batches)) for c in consumers}
@@ -567,8 +571,7 @@ class OBS(Criterion):
                     return
                 if dense and c.name in kept:  # its rows are kept: counted, for the stop
                     seen[c.name] = seen.get(c.name, 0) + 1
-                    if all(seen.get(k, 0) >= n for k, n in until.items()):
-                        raise _Enough
+                    stop_when_done()
                     return
                 source, lead = _source(module, x.detach())
                 total = math.prod(lead)
@@ -591,9 +594,12 @@ class OBS(Criterion):
                     for i, chunk in enumerate(rows.split(step)):
                         self._add(c, _pick(source, lead, chunk).float(),
                                   None if paired is None else paired[i * step:(i + 1) * step])
-                if until and all(seen.get(k, 0) >= n for k, n in until.items()):
-                    raise _Enough
+                stop_when_done()
             return hook
+
+        def stop_when_done() -> None:
+            if until and all(seen.get(k, 0) >= n for k, n in until.items()):
+                raise _Enough
 
         def keep_rows(c: _Consumer, rows: torch.Tensor) -> None:
             keeping[c.name] += rows.numel() * 4
