@@ -128,21 +128,23 @@ def allocate(sensitivity: Mapping[str, Any], selection: GroupRatios,
     while current > budget * dense_macs:
         best = None
         for group, ratio in chosen.items():
-            if ratio + step > ceiling + 1e-9:
+            # the next ratio that removes another unit: in a group of fewer than 1 / step
+            # units one step removes none, and the group would never be pruned
+            after = round(ratio + step, 6)
+            while after <= ceiling + 1e-9:
+                macs = macs_after(selection.removed({**chosen, group: after}))
+                if macs < current:
+                    break
+                after = round(after + step, 6)
+            else:
                 continue
-            trial = {**chosen, group: round(ratio + step, 6)}
-            macs = macs_after(selection.removed(trial))
-            saved = current - macs
-            if saved <= 0:
-                continue
-            cost = (loss(group, ratio + step) - loss(group, ratio)) / saved
+            cost = (loss(group, after) - loss(group, ratio)) / (current - macs)
             if best is None or cost < best[0]:
-                best = (cost, group, macs)
+                best = (cost, group, after, macs)
         if best is None:
             raise PlanError(f"no ratios up to {ceiling:g} per group reach {budget:g} of the "
                             f"MACs (lowest {current / dense_macs:.3f}): raise the budget")
-        _, group, current = best
-        chosen[group] = round(chosen[group] + step, 6)
+        _, group, chosen[group], current = best
     return {g: r for g, r in chosen.items() if r > 0}
 
 
