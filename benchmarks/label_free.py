@@ -40,7 +40,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -445,6 +445,38 @@ def save(args: argparse.Namespace, rows: list[dict], start: float, complete: boo
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
 
+def run_grid(doc: str, out_name: str, what: str,
+             rows_of: Callable[[str, float, tuple, tuple], list[dict]],
+             ratios: Sequence[float] = (0.5,)) -> int:
+    """The main of a study on the shapes models: ``rows_of(model, ratio, train, val)`` for
+    each model and ratio asked (``--models``, ``--ratios``), the JSON rewritten after each."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2s"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=list(ratios))
+    parser.add_argument("--out", default=str(ROOT / "results" / out_name))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    start = time.perf_counter()
+    train, val = shapes_data()
+    rows: list[dict] = []
+    for name in args.models:
+        for ratio in args.ratios:
+            rows += rows_of(name, ratio, train, val)
+            out = {"what": what, "date": datetime.datetime.now(datetime.timezone.utc)
+                   .isoformat(timespec="seconds"), "machine": bench.machine(),
+                   "load_average": os.getloadavg(), "calibration_samples": CALIBRATION,
+                   "seconds": time.perf_counter() - start, "rows": rows}
+            Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def shapes_model(name: str, train) -> nn.Module:
+    """ResNet-20 or MobileNetV2-small, trained (cached) on the shapes training split."""
+    build = ResNet20 if name == "resnet20" else MobileNetV2Small
+    return trained(name, build, train, EPOCHS[name])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+",
@@ -488,8 +520,7 @@ def main() -> int:
         else:
             shapes = shapes or shapes_data()
             train, val = shapes
-            build = ResNet20 if name == "resnet20" else MobileNetV2Small
-            dense = trained(name, build, train, EPOCHS[name])
+            dense = shapes_model(name, train)
             x = torch.randn(1, 3, 32, 32)
         # the calibration samples: the first 512 training images, without their labels
         calib = [b for b in loader(train[0][:CALIBRATION], None, 64, False)]

@@ -721,6 +721,52 @@ def sequential_cost() -> str:
     return "\n".join(lines)
 
 
+def auto_allocation() -> str:
+    data = load("auto_allocation_issue24.json")
+    if not data:
+        return ""
+    lines = [f"## --auto against the uniform ratio ({data['machine'].get('cpu', '?')})", "",
+             "| model | ratio | allocation | MACs kept | accuracy after lsq,bn | dense | "
+             "planning |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | {r['ratio']:g} | {r['allocation']} | "
+                     f"{r['macs_kept']:.1%} | {r['accuracy']:.2f} | {r['dense_accuracy']:.2f} | "
+                     f"{r['plan_seconds']:.0f} s |")
+    lines += ["", "`--auto` at the MACs the uniform ratio keeps, its sensitivity measured on "
+              f"the {data['calibration_samples']} unlabeled calibration samples (top-1 "
+              "agreement with the dense model): each trial as it is (raw), or after its "
+              "BatchNorm statistics are re-estimated on them (recalibrated, what `prune "
+              "--auto` does when `bn` recovery follows). Every plan is recovered with lsq,bn "
+              "and evaluated on the labeled validation split; `obs` selection, sequential. "
+              "`python benchmarks/auto_allocation.py`."]
+    return "\n".join(lines)
+
+
+def capacity_ceiling() -> str:
+    data = load("capacity_ceiling_issue24.json")
+    if not data:
+        return ""
+    lines = [f"## How accurate the pruned architectures can be ({data['machine'].get('cpu', '?')})",
+             "", "| model | ratio | MACs kept | calibration only | trained with labels, from "
+             "the recovered weights | from a fresh initialisation | epochs | dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    pairs: dict[tuple, dict] = {}
+    for r in data["rows"]:
+        pairs.setdefault((r["model"], r["ratio"]), {})[r["start"]] = r
+    for (model, ratio), by in pairs.items():
+        first = next(iter(by.values()))
+        cell = {k: f"{by[k]['accuracy']:.2f}" if k in by else "" for k in ("recovered", "fresh")}
+        lines.append(f"| {model} | {ratio:g} | {first['macs_kept']:.1%} | "
+                     f"{first['calibration_only_accuracy']:.2f} | {cell['recovered']} | "
+                     f"{cell['fresh']} | {first['epochs']} | {first['dense_accuracy']:.2f} |")
+    lines += ["", "The pruned architectures of the label-free benchmark (`obs` selection, "
+              "sequential) trained with labels on the whole training split (6,000 images, "
+              "twelve times the calibration samples) for twice the dense model's epochs, by "
+              "its recipe: what label-free distillation on 512 samples can be expected to "
+              "reach at most. `python benchmarks/capacity_ceiling.py`."]
+    return "\n".join(lines)
+
+
 def quantize() -> str:
     data = load("quantize_issue26.json")
     if not data:
@@ -945,6 +991,8 @@ PAGES = [
             "label_free_pitch_issue24.json",
             "Accuracy without labels: CREPE's pitch network, trained here")),
         ("sequential-cost", sequential_cost),
+        ("auto-allocation", auto_allocation),
+        ("capacity-ceiling", capacity_ceiling),
         ("yolo-map", yolo_map),
         ("recovery-time", recover_time),
         ("int8", quantize)]),

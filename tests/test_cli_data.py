@@ -10,7 +10,9 @@ import torch
 import structprune as sp
 from structprune.accuracy.data import from_factory
 from structprune.accuracy.evaluate import evaluate
+from structprune.accuracy.recover import recover
 from structprune.core.plan import sized_attributes, sliced_params
+from structprune.core.score import calibration
 from structprune.front.cli import main
 from structprune.front.models import build_model
 
@@ -96,8 +98,13 @@ def test_auto_meets_the_budget_from_measured_sensitivity(factory, tmp_path):
     gone = units[np.argsort(scores[group.index][units], kind="stable")][:len(units) // 2]
     removed = np.zeros(analysis.n_components, bool)
     removed[group.units[gone]] = True
-    alone = sp.apply_plan(model, sp.Plan(sliced_params(analysis, removed),
-                                         attributes=sized_attributes(analysis, removed)))
+    plan = sp.Plan(sliced_params(analysis, removed),
+                   attributes=sized_attributes(analysis, removed))
+    alone = sp.apply_plan(model, plan)
+    # measured after BatchNorm recalibration on the calibration batches, as the default
+    # recovery (bn) that follows
+    assert "recalibrated" in sensitivity
+    recover(alone, model, plan, analysis, calibration(from_factory(factory).train), "bn")
     assert evaluate(alone, from_factory(factory).val).accuracy == \
         pytest.approx(row["accuracy"][at])
     assert np.isclose(report["macs_ratio"], sensitivity["macs_ratio_predicted"])
@@ -114,8 +121,9 @@ def test_auto_without_labels_measures_sensitivity_as_agreement_with_the_dense_mo
     assert report["macs_ratio"] <= 0.5 and "fidelity" in report
     assert sensitivity["measured"] == "top-1 agreement with the dense model"
     assert sensitivity["dense_accuracy"] == 1.0
-    # one measured point, recomputed: that group alone pruned at that ratio, its argmax
-    # compared with the dense model's on the validation images
+    # one measured point, recomputed: that group alone pruned at that ratio, its BatchNorm
+    # statistics re-estimated, its argmax compared with the dense model's on the validation
+    # images
     model = build_model("structprune:digits_cnn")
     analysis = sp.analyse(sp.capture(model, (torch.randn(1, 1, 32, 32),)))
     scores = sp.score(analysis, "l2", [g for g in analysis.groups if (~g.blocked).any()])
@@ -125,8 +133,10 @@ def test_auto_without_labels_measures_sensitivity_as_agreement_with_the_dense_mo
     gone = units[np.argsort(scores[group.index][units], kind="stable")][:len(units) // 2]
     removed = np.zeros(analysis.n_components, bool)
     removed[group.units[gone]] = True
-    alone = sp.apply_plan(model, sp.Plan(sliced_params(analysis, removed),
-                                         attributes=sized_attributes(analysis, removed)))
+    plan = sp.Plan(sliced_params(analysis, removed),
+                   attributes=sized_attributes(analysis, removed))
+    alone = sp.apply_plan(model, plan)
+    recover(alone, model, plan, analysis, calibration(from_factory(images).train), "bn")
     val = torch.cat(list(from_factory(images).val))
     with torch.no_grad():
         same = (alone.eval()(val).argmax(1) == model.eval()(val).argmax(1)).double().mean()

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import structprune as sp
-from structprune.accuracy.sensitivity import RATIOS, GroupRatios, allocate, auto_plan
+from structprune.accuracy.sensitivity import auto_plan
 from structprune.config import PruneConfig, RunConfig, TargetConfig
 from structprune.core.analyse import analyse
 from structprune.core.capture import capture
-from structprune.core.cost import PruneCost
 from structprune.core.prepare import prepare
 from structprune.front import cli
 from structprune.front.cli import arguments
@@ -164,26 +163,6 @@ def test_auto_honours_min_width_and_refuses_round_to_it_once_dropped():
     pruned = sp.prune(model, x, plan=plan)
     assert pruned.figures["macs_ratio"] <= 0.6
     assert np.isclose(pruned.figures["macs_ratio"], measured["macs_ratio_predicted"])
-
-
-def test_auto_allocation_prunes_a_group_narrower_than_one_ratio_step():
-    """A 16-unit group loses no unit at a 0.05 step; the allocation goes on to the next
-    ratio that removes one (it used to stop there: such groups were never pruned, and
-    ResNet-20's 16-wide stage could not be narrowed at all)."""
-    model = randomize(small_vgg().eval())
-    config = PruneConfig(macs_budget=0.9)
-    prepared = prepare(model, X, config)
-    selection = GroupRatios(prepared.analysis, prepared.scores, config)
-    narrow = next(g for g in selection.candidates if prepared.analysis.groups[g].size == 16)
-    # the narrow group costs nothing to prune, every other group loses accuracy
-    sensitivity = {"dense_accuracy": 1.0, "ratios": list(RATIOS),
-                   "groups": [{"group": g, "accuracy": [1.0 if g == narrow else 1.0 - r
-                                                        for r in RATIOS]}
-                              for g in selection.candidates]}
-    macs_after = PruneCost(prepared.analysis).macs_after
-    dense = macs_after(np.zeros(prepared.analysis.n_components, bool))
-    budget = macs_after(selection.removed({narrow: 0.5})) / dense
-    assert allocate(sensitivity, selection, macs_after, budget) == {narrow: 0.5}
 
 
 def test_the_front_half_settles_literals_for_every_caller(capsys, monkeypatch):

@@ -27,7 +27,7 @@ ORDER = [
     ["accuracy", "accuracy.distributed", "deploy"],
     ["accuracy.data", "accuracy.evaluate", "accuracy.train", "accuracy.sparsity",
      "deploy.export", "deploy.bench"],
-    ["accuracy.recover", "accuracy.sensitivity", "deploy.runtimes", "deploy.quantize"],
+    ["accuracy.recover", "deploy.runtimes", "deploy.quantize"], ["accuracy.sensitivity"],
     ["deploy.latency"], ["deploy.widths"], ["deploy.tune"], ["deploy.speed"],
     ["front", "front.models", "front.onnx_in", "front.plots", "front.quantize"], ["front.io"],
     ["front.runs"],

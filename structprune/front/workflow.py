@@ -116,8 +116,12 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
         progress("prune + verify")
         sensitivity = None
         if run.auto:
+            # measured as the model will be used: after BatchNorm recalibration, if it follows
+            recalibrate = (calibration(data.train, config.calibration_batches)
+                           if "bn" in run.recovery(True) else None)
             plan, sensitivity = auto_plan(model, example_inputs, data.val, config, data=train,
-                                          registry=registry, leaf_modules=leaf_modules)
+                                          registry=registry, leaf_modules=leaf_modules,
+                                          recalibrate=recalibrate)
             (staging / "sensitivity.json").write_text(json.dumps(sensitivity, indent=1) + "\n")
             plot_sensitivity(sensitivity, staging / "sensitivity.png")
         if run.steps > 1:
