@@ -762,8 +762,9 @@ def capacity_ceiling() -> str:
     lines += ["", "The pruned architectures of the label-free benchmark (`obs` selection, "
               "sequential) trained with labels on the whole training split (6,000 images, "
               "twelve times the calibration samples) for twice the dense model's epochs, by "
-              "its recipe: what label-free distillation on 512 samples can be expected to "
-              "reach at most. `python benchmarks/capacity_ceiling.py`."]
+              "its recipe: with twelve times the samples, and their labels, a practical "
+              "ceiling for label-free distillation on the 512 unlabeled ones. "
+              "`python benchmarks/capacity_ceiling.py`."]
     return "\n".join(lines)
 
 
