@@ -148,14 +148,11 @@ def test_auto_with_sequential_obs_keeps_the_chosen_widths_and_refines_the_channe
     assert sp.prune(model, x, plan=sequential).verification.ok
 
 
-def test_auto_honours_min_width_and_round_to_it_once_dropped():
+def test_auto_honours_min_width_and_refuses_round_to_it_once_dropped():
     model = randomize(small_vgg().eval())
     x = (torch.randn(1, 3, 16, 16),)
-    rounded, _ = auto_plan(model, x, _val_batches(), macs_budget=0.6, round_to=8,
-                           progress=False)
-    widths = _pruned_widths(rounded)
-    assert widths and all(w % 8 == 0 for w in widths)
-    assert sp.prune(model, x, plan=rounded).figures["macs_ratio"] <= 0.6
+    with pytest.raises(sp.PlanError, match="does not combine with --round-to 4"):
+        auto_plan(model, x, _val_batches(), macs_budget=0.6, round_to=4, progress=False)
     free, _ = auto_plan(model, x, _val_batches(), macs_budget=0.6, progress=False)
     assert min(_pruned_widths(free)) < 12  # without the bound some group goes narrower
     plan, measured = auto_plan(model, x, _val_batches(), macs_budget=0.6, min_width=12,

@@ -177,14 +177,19 @@ def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iter
     The pass settings are ``config`` with ``settings`` (its field names) replaced, as
     :func:`structprune.prune` takes them; ``macs_budget`` must be set. Each group's units go
     least important first (``criterion``, on ``data`` for the data-driven ones), within
-    ``exact_only``, ``ignore``, ``min_width``, ``max_group_ratio`` and ``round_to`` (each
-    group's ratio rises to the next that removes a multiple). The plan's check is :func:`structprune.prune`'s when it is applied. With
+    ``exact_only``, ``ignore``, ``min_width`` and ``max_group_ratio``; ``round_to`` is
+    refused. The plan's check is :func:`structprune.prune`'s when it is applied. With
     ``recalibrate`` (calibration batches: pass them when BatchNorm recalibration, ``bn``,
     will follow), each trial is measured after its BatchNorm statistics are re-estimated
     (:func:`measure`)."""
     config = make_config(config, **settings)
     if config.macs_budget is None:
         raise PlanError("auto_plan meets a MACs budget: set macs_budget (--macs-budget)")
+    if config.round_to != 1:
+        # a ratio step that rounding swallows saves nothing, and the greedy allocation
+        # never takes a step that saves nothing: the group would stay whole
+        raise PlanError(f"--auto chooses each group's ratio unit by unit: it does not combine "
+                        f"with --round-to {config.round_to}")
     prepared = prepare(model, example_inputs, config, data=data, registry=registry,
                        leaf_modules=leaf_modules)
     selection = GroupRatios(prepared.analysis, prepared.scores, config)
