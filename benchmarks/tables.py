@@ -738,6 +738,8 @@ def auto_allocation() -> str:
               "BatchNorm statistics are re-estimated on them (recalibrated, what `prune "
               "--auto` does when `bn` recovery follows). Every plan is recovered with lsq,bn "
               "and evaluated on the labeled validation split; `obs` selection, sequential. "
+              "Planning: wall time of the plan, measured beside other jobs on the same cores "
+              "(the load average is in the JSON); recalibration about doubles it. "
               "`python benchmarks/auto_allocation.py`."]
     return "\n".join(lines)
 

@@ -120,6 +120,7 @@ def test_auto_without_labels_measures_sensitivity_as_agreement_with_the_dense_mo
     sensitivity = json.loads((out / "sensitivity.json").read_text())
     assert report["macs_ratio"] <= 0.5 and "fidelity" in report
     assert sensitivity["measured"] == "top-1 agreement with the dense model"
+    assert "recalibrated" in sensitivity  # bn recovery follows by default
     assert sensitivity["dense_accuracy"] == 1.0
     # one measured point, recomputed: that group alone pruned at that ratio, its BatchNorm
     # statistics re-estimated, its argmax compared with the dense model's on the validation

@@ -86,12 +86,17 @@ def test_the_allocation_prunes_a_group_narrower_than_one_ratio_step():
     selection = _selection(model, config)
     analysis = selection.analysis
     narrow = next(g for g in selection.candidates if analysis.groups[g].size == 16)
-    # the narrow group costs nothing to prune, every other group loses accuracy
-    sensitivity = {"dense_accuracy": 1.0, "ratios": list(RATIOS),
-                   "groups": [{"group": g, "accuracy": [1.0 if g == narrow else 1.0 - r
-                                                        for r in RATIOS]}
-                              for g in selection.candidates]}
     macs_after = PruneCost(analysis).macs_after
     dense = macs_after(np.zeros(analysis.n_components, bool))
     budget = macs_after(selection.removed({narrow: 0.5})) / dense
-    assert allocate(sensitivity, selection, macs_after, budget) == {narrow: 0.5}
+
+    def curves(narrow_loss: float, others_loss: float) -> dict:
+        return {"dense_accuracy": 1.0, "ratios": list(RATIOS),
+                "groups": [{"group": g, "accuracy": [
+                    1.0 - (narrow_loss if g == narrow else others_loss) * r for r in RATIOS]}
+                    for g in selection.candidates]}
+
+    # the narrow group costs little to prune, every other group loses much
+    assert allocate(curves(0.01, 1.0), selection, macs_after, budget) == {narrow: 0.5}
+    # and the other way round it is left whole: the cost is the loss per MAC saved
+    assert narrow not in allocate(curves(1.0, 0.01), selection, macs_after, budget)

@@ -86,7 +86,7 @@ def quality(model: nn.Module, dense: nn.Module, batches: list[Any]) -> tuple[flo
 
 def measure(model: nn.Module, selection: GroupRatios, batches: Iterable[Any],
             ratios: Sequence[float] = RATIOS, progress: bool = True,
-            recalibrate: Sequence[Any] | None = None) -> dict[str, Any]:
+            recalibrate: Iterable[Any] | None = None) -> dict[str, Any]:
     """Accuracy on ``batches`` with each prunable group alone pruned at each ratio (on
     batches without labels, fidelity to the dense model: :func:`quality`; ``measured``
     says which). With ``recalibrate`` (calibration batches), each trial's BatchNorm
@@ -95,8 +95,9 @@ def measure(model: nn.Module, selection: GroupRatios, batches: Iterable[Any],
     not mistaken for a sensitive one (Li et al. 2020, "EagleEye": accuracy after adaptive
     BatchNorm predicts accuracy after fine-tuning, raw accuracy does not)."""
     batches = list(batches)
+    recalibrate = list(recalibrate or ())
     if not any(isinstance(m, BATCH_NORMS) for m in model.modules()):
-        recalibrate = None  # nothing to re-estimate
+        recalibrate = []  # nothing to re-estimate
     dense, what = quality(model, model, batches)
     groups = [g for g in selection.analysis.groups if g.index in selection.candidates]
     rows = []
@@ -160,7 +161,7 @@ def allocate(sensitivity: Mapping[str, Any], selection: GroupRatios,
         if best is None:
             raise PlanError(f"no ratios up to {ceiling:g} per group reach {budget:g} of the "
                             f"MACs (lowest {current / dense_macs:.3f}): raise the budget")
-        _, group, chosen[group], current = best
+        _, group, chosen[group], current = best  # group first, then its ratio
     return {g: r for g, r in chosen.items() if r > 0}
 
 
@@ -168,7 +169,7 @@ def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iter
               config: PruneConfig | None = None, *, data: Iterable | None = None,
               registry: RuleRegistry | None = None, leaf_modules: Sequence[type] = (),
               ratios: Sequence[float] = RATIOS, progress: bool = True,
-              recalibrate: Sequence[Any] | None = None,
+              recalibrate: Iterable[Any] | None = None,
               **settings: Any) -> tuple[Plan, dict[str, Any]]:
     """A plan keeping at most ``macs_budget`` of the dense MACs, its per-group ratios chosen
     from each group's measured sensitivity on ``val_batches``; returns it with the
@@ -186,8 +187,8 @@ def auto_plan(model: nn.Module, example_inputs: Sequence[Any], val_batches: Iter
     if config.macs_budget is None:
         raise PlanError("auto_plan meets a MACs budget: set macs_budget (--macs-budget)")
     if config.round_to != 1:
-        # a ratio step that rounding swallows saves nothing, and the greedy allocation
-        # never takes a step that saves nothing: the group would stay whole
+        # rounded widths jump several units at once: the allocation would read a step's
+        # loss off the measured curve at its nominal ratio, not at the share it removes
         raise PlanError(f"--auto chooses each group's ratio unit by unit: it does not combine "
                         f"with --round-to {config.round_to}")
     prepared = prepare(model, example_inputs, config, data=data, registry=registry,

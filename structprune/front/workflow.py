@@ -114,9 +114,10 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
     with staged(out) as staging:
         start = time.perf_counter()
         progress("prune + verify")
-        sensitivity = None
+        sensitivity = recalibrate = None
         if run.auto:
             # measured as the model will be used: after BatchNorm recalibration, if it follows
+            # (on the batches the recovery below takes)
             recalibrate = (calibration(data.train, config.calibration_batches)
                            if "bn" in run.recovery(True) else None)
             plan, sensitivity = auto_plan(model, example_inputs, data.val, config, data=train,
@@ -156,7 +157,7 @@ def prune_to_dir(model: nn.Module, example_inputs: Sequence[Any], out: str | os.
         recovery = None
         if recover_with:
             progress("recover")
-            batches = calibration(data.train, config.calibration_batches)
+            batches = recalibrate or calibration(data.train, config.calibration_batches)
             recovery = recover(result.model, model, result.plan, result.analysis, batches,
                                list(recover_with), memory_budget=run.memory_budget,
                                progress=sys.stderr.isatty())
