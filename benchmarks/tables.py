@@ -739,7 +739,7 @@ def auto_allocation() -> str:
               "--auto` does when `bn` recovery follows). Every plan is recovered with lsq,bn "
               "and evaluated on the labeled validation split; `obs` selection, sequential. "
               "Planning: wall time of the plan, measured beside other jobs on the same cores "
-              "(the load average is in the JSON); recalibration about doubles it. "
+              "(the load average is in the JSON); recalibration takes two to three times as long. "
               "`python benchmarks/auto_allocation.py`."]
     return "\n".join(lines)
 
