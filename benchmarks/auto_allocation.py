@@ -37,12 +37,13 @@ def rows_of(name: str, ratio: float, train, val) -> list[dict]:
     calib = lf.loader(train[0][:lf.CALIBRATION], None, 64, False)
     x = (torch.randn(1, 3, 32, 32),)
     settings = {"criterion": "obs", "data": calib, "sequential": True}
+    dense_accuracy = lf.accuracy(dense, val)
     rows: list[dict] = []
 
     def row(allocation: str, result, seconds: float, sensitivity=None) -> None:
         recover(result.model, dense, result.plan, result.analysis, calib, ["lsq", "bn"])
         rows.append({"model": name, "ratio": ratio, "allocation": allocation,
-                     "recovery": "lsq+bn", "dense_accuracy": lf.accuracy(dense, val),
+                     "recovery": "lsq+bn", "dense_accuracy": dense_accuracy,
                      "accuracy": lf.accuracy(result.model, val),
                      "macs_kept": result.figures["macs_ratio"], "plan_seconds": seconds,
                      **({"group_ratios": sensitivity["group_ratios"]} if sensitivity else {})})

@@ -41,16 +41,7 @@ def ceiling_rows(name: str, ratio: float, train, val) -> list[dict]:
     recover(result.model, dense, result.plan, result.analysis, calib, ["lsq", "bn"])
     recovered = lf.accuracy(result.model, val)
     epochs = 2 * lf.EPOCHS[name]
-    x, y = train
-
-    class Epochs:  # a fresh shuffle each epoch, as the dense model was trained
-        def __init__(self):
-            self.epoch = 0
-
-        def __iter__(self):
-            self.epoch += 1
-            return iter(lf.loader(x, y, 128, True, seed=self.epoch))
-
+    dense_accuracy = lf.accuracy(dense, val)
     rows = []
     for start in ("recovered", "fresh"):
         model = copy.deepcopy(result.model)
@@ -62,10 +53,10 @@ def ceiling_rows(name: str, ratio: float, train, val) -> list[dict]:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         began = time.perf_counter()
-        fit(model, Epochs(), epochs, lr=3e-3, seed=0, progress=False)
+        fit(model, lf.Epochs(*train), epochs, lr=3e-3, seed=0, progress=False)  # as dense
         rows.append({"model": name, "ratio": ratio, "selection": "obs+sequential",
-                     "start": start, "labels": f"all {len(x)} training images",
-                     "epochs": epochs, "dense_accuracy": lf.accuracy(dense, val),
+                     "start": start, "labels": f"all {len(train[0])} training images",
+                     "epochs": epochs, "dense_accuracy": dense_accuracy,
                      "calibration_only_accuracy": recovered,
                      "accuracy": lf.accuracy(model, val),
                      "macs_kept": result.figures["macs_ratio"],

@@ -226,6 +226,17 @@ def accuracy(model: nn.Module, val, hit: Callable[[torch.Tensor, torch.Tensor],
     return 100.0 * hits / len(x)
 
 
+class Epochs:
+    """The training batches of 128, in a fresh seeded shuffle each epoch (each iteration)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y, self.epoch = x, y, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        return iter(loader(self.x, self.y, 128, True, seed=self.epoch))
+
+
 def trained(name: str, build: Callable[[], nn.Module], train, epochs: int) -> nn.Module:
     """The model trained on the training split, cached by name and epoch count."""
     from safetensors.torch import load_file, save_file
@@ -236,20 +247,11 @@ def trained(name: str, build: Callable[[], nn.Module], train, epochs: int) -> nn
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
-    x, y = train
-
-    class Epochs:  # a fresh shuffle each epoch
-        def __init__(self):
-            self.epoch = 0
-
-        def __iter__(self):
-            self.epoch += 1
-            return iter(loader(x, y, 128, True, seed=self.epoch))
-
     def report(epoch: int, optimizer) -> None:
         print(f"{name}: epoch {epoch}/{epochs} done", flush=True)
 
-    fit(model, Epochs(), epochs, lr=3e-3, seed=0, progress=False, on_epoch_end=report)
+    fit(model, Epochs(*train), epochs, lr=3e-3, seed=0, progress=False,
+        on_epoch_end=report)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model.eval()
